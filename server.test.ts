@@ -1,0 +1,488 @@
+// The core service, end to end: real servers on port 0, real sessions, real WebSocket clients.
+import { describe, expect, test } from "bun:test";
+import { existsSync, mkdirSync } from "node:fs";
+import { join } from "node:path";
+import { parseConfig, readSettings } from "./server.ts";
+import { BUN, Client, newSession, ROOT, serve, spawnServer, tempDir, until } from "./test/helpers.ts";
+
+describe("chat", () => {
+  test("a message reaches every member, sender included, with the author's name", async () => {
+    await using chat = await serve();
+    const [alice, bob] = [await newSession(chat.url), await newSession(chat.url)];
+    const a = await Client.connect(chat.url, alice);
+    const b = await Client.connect(chat.url, bob);
+    await a.join("general");
+    await b.join("general");
+    const sent = await a.say("general", "hello bob", "r1");
+    const got = await b.next((f) => f.type === "message");
+    expect(sent).toMatchObject({ room: "general", text: "hello bob", ref: "r1", user: { id: alice.id, name: alice.name } });
+    expect(got).toEqual(sent);
+    const reply = await b.say("general", "hi alice");
+    expect((await a.next((f) => f.type === "message")) as unknown).toEqual(reply);
+    expect(reply.id).toBeGreaterThan(sent.id);
+    expect(Math.abs(sent.ts - Date.now())).toBeLessThan(60_000);
+  });
+
+  test("default names are user<N> and unique; the public id is not the cookie", async () => {
+    await using chat = await serve();
+    const sessions = await Promise.all(Array.from({ length: 5 }, () => newSession(chat.url)));
+    expect(new Set(sessions.map((s) => s.name)).size).toBe(5);
+    for (const s of sessions) {
+      expect(s.name).toMatch(/^user\d+$/);
+      expect(s.cookie).not.toContain(s.id);
+    }
+  });
+
+  test("the session cookie is signed, HttpOnly, SameSite=Lax, Path=/ and holds only a random id", async () => {
+    await using chat = await serve();
+    const res = await fetch(`${chat.url}/`);
+    expect(res.headers.get("content-type")).toBe("text/html; charset=utf-8");
+    const cookie = res.headers.get("set-cookie")!;
+    expect(cookie).toMatch(/^sid=[A-Za-z0-9_-]{32}\.[^;]+;/);
+    expect(cookie).toContain("HttpOnly");
+    expect(cookie).toContain("SameSite=Lax");
+    expect(cookie).toContain("Path=/");
+    expect(cookie).not.toContain("Secure");
+    const secure = await fetch(`${chat.url}/`, { headers: { "x-forwarded-proto": "https" } });
+    expect(secure.headers.get("set-cookie")).toContain("Secure");
+    // the page alone writes no session row; the first /api call does
+    expect(await chat.store.countSessions()).toBe(0);
+    const me = await fetch(`${chat.url}/api/me`, { headers: { cookie: cookie.split(";")[0] } });
+    expect(me.headers.get("set-cookie")).toBeNull();
+    expect(await chat.store.countSessions()).toBe(1);
+  });
+
+  test("a rename reaches every room the user is in, and the name sticks", async () => {
+    await using chat = await serve();
+    const [alice, bob, carol] = [await newSession(chat.url), await newSession(chat.url), await newSession(chat.url)];
+    const a = await Client.connect(chat.url, alice);
+    const b = await Client.connect(chat.url, bob);
+    const c = await Client.connect(chat.url, carol);
+    await a.join("one");
+    await a.join("two");
+    await b.join("one");
+    await b.join("two");
+    await c.join("three");
+    const res = await fetch(`${chat.url}/api/me`, {
+      method: "PUT",
+      headers: { cookie: alice.cookie, "content-type": "application/json" },
+      body: JSON.stringify({ name: "  Alice  " }),
+    });
+    expect(await res.json()).toEqual({ id: alice.id, name: "Alice" });
+    const renamed = await b.next((f) => f.type === "renamed");
+    expect(renamed).toEqual({ type: "renamed", user: { id: alice.id, name: "Alice" }, previous: alice.name });
+    await a.next((f) => f.type === "renamed");
+    // bob shares two rooms with alice but hears of it once; carol shares none
+    await b.say("one", "after rename");
+    expect(b.untaken().filter((f) => f.type === "renamed")).toEqual([]);
+    expect(c.frames.some((f) => f.type === "renamed")).toBe(false);
+    expect((await a.say("two", "it's me")).user.name).toBe("Alice");
+    const me = await fetch(`${chat.url}/api/me`, { headers: { cookie: alice.cookie } });
+    expect(await me.json()).toEqual({ id: alice.id, name: "Alice" });
+
+    // the nick frame does the same
+    b.send({ type: "nick", name: "Bob" });
+    expect(await a.next((f) => f.type === "renamed")).toMatchObject({ user: { id: bob.id, name: "Bob" }, previous: bob.name });
+  });
+
+  test("a bad or taken name is refused with a clear error", async () => {
+    await using chat = await serve();
+    const [alice, bob] = [await newSession(chat.url), await newSession(chat.url)];
+    const put = (session: typeof alice, body: string) =>
+      fetch(`${chat.url}/api/me`, { method: "PUT", headers: { cookie: session.cookie, "content-type": "application/json" }, body });
+    for (const body of ["{", "{}", JSON.stringify({ name: "" }), JSON.stringify({ name: "   " }), JSON.stringify({ name: "x".repeat(33) }), JSON.stringify({ name: "a\u0007b" }), JSON.stringify({ name: "ok", extra: 1 })]) {
+      const res = await put(alice, body);
+      expect(res.status).toBe(400);
+      const json = (await res.json()) as { error: { code: string; message: string } };
+      expect(json.error.code).toBe("bad_request");
+      expect(json.error.message.length).toBeGreaterThan(0);
+    }
+    expect((await put(alice, JSON.stringify({ name: "Zoë" }))).status).toBe(200);
+    const taken = await put(bob, JSON.stringify({ name: "zoë" }));
+    expect(taken.status).toBe(409);
+    expect(((await taken.json()) as any).error.code).toBe("name_taken");
+    const b = await Client.connect(chat.url, bob);
+    b.send({ type: "nick", name: "ZOË" });
+    expect(await b.next((f) => f.type === "error")).toMatchObject({ code: "name_taken" });
+  });
+
+  test("presence counts a user with two tabs once; joined and left fire on the first and last tab", async () => {
+    await using chat = await serve();
+    const [alice, bob] = [await newSession(chat.url), await newSession(chat.url)];
+    const b = await Client.connect(chat.url, bob);
+    await b.join("room");
+    const tab1 = await Client.connect(chat.url, alice);
+    const { presence } = await tab1.join("room");
+    expect(presence.users).toEqual([{ id: bob.id, name: bob.name }, { id: alice.id, name: alice.name }]);
+    expect(await b.next((f) => f.type === "joined")).toEqual({ type: "joined", room: "room", user: { id: alice.id, name: alice.name } });
+    const tab2 = await Client.connect(chat.url, alice);
+    const second = await tab2.join("room");
+    expect(second.presence.users).toHaveLength(2);
+    await tab1.close();
+    // bob hears nothing about alice's first tab going; a message from tab2 proves the order
+    await tab2.say("room", "still here");
+    await b.next((f) => f.type === "message");
+    expect(b.untaken().some((f) => f.type === "joined" || f.type === "left")).toBe(false);
+    await tab2.close();
+    expect(await b.next((f) => f.type === "left")).toEqual({ type: "left", room: "room", user: { id: alice.id, name: alice.name } });
+    const rooms = (await (await fetch(`${chat.url}/api/rooms`)).json()) as { name: string; online: number }[];
+    expect(rooms.find((r) => r.name === "room")?.online).toBe(1);
+  });
+
+  test("a leave frame ends membership: no more messages, say answers not_joined", async () => {
+    await using chat = await serve();
+    const [alice, bob] = [await newSession(chat.url), await newSession(chat.url)];
+    const a = await Client.connect(chat.url, alice);
+    const b = await Client.connect(chat.url, bob);
+    await a.join("room");
+    await b.join("room");
+    b.send({ type: "leave", room: "room" });
+    expect(await a.next((f) => f.type === "left")).toMatchObject({ user: { id: bob.id } });
+    await a.say("room", "bob is gone");
+    b.send({ type: "say", room: "room", text: "can I?", ref: "x" });
+    expect(await b.next((f) => f.type === "error")).toMatchObject({ code: "not_joined", ref: "x" });
+    expect(b.frames.some((f) => f.type === "message")).toBe(false);
+  });
+
+  test("typing reaches the others in the room, not the typist, and is never stored", async () => {
+    await using chat = await serve();
+    const [alice, bob] = [await newSession(chat.url), await newSession(chat.url)];
+    const a = await Client.connect(chat.url, alice);
+    const b = await Client.connect(chat.url, bob);
+    await a.join("room");
+    await b.join("room");
+    a.send({ type: "typing", room: "room" });
+    expect(await b.next((f) => f.type === "typing")).toEqual({ type: "typing", room: "room", user: { id: alice.id, name: alice.name } });
+    await a.say("room", "done typing");
+    expect(a.frames.some((f) => f.type === "typing")).toBe(false);
+    const c = await Client.connect(chat.url, await newSession(chat.url));
+    const { history } = await c.join("room");
+    expect(history.messages.map((m) => m.text)).toEqual(["done typing"]);
+  });
+
+  test("join sends the last HISTORY_ON_JOIN messages, and complete says whether older ones exist", async () => {
+    await using chat = await serve({ historyOnJoin: 3 });
+    const a = await Client.connect(chat.url, await newSession(chat.url));
+    const first = await a.join("room");
+    expect(first.history).toEqual({ type: "history", room: "room", messages: [], complete: true });
+    for (let i = 1; i <= 5; i++) await a.say("room", `m${i}`);
+    const b = await Client.connect(chat.url, await newSession(chat.url));
+    const { history } = await b.join("room");
+    expect(history.messages.map((m) => m.text)).toEqual(["m3", "m4", "m5"]);
+    expect(history.complete).toBe(false);
+    expect(history.messages.map((m) => m.id)).toEqual([3, 4, 5]);
+    // scrollback fills in the older ones
+    const older = await fetch(`${chat.url}/api/rooms/room/messages?before=3&limit=10`, { headers: { cookie: (await newSession(chat.url)).cookie } });
+    expect(((await older.json()) as any).messages.map((m: any) => m.text)).toEqual(["m1", "m2"]);
+  });
+
+  test("a client that rejoins with since gets exactly what it missed", async () => {
+    await using chat = await serve({ recoveryLimit: 4 });
+    const [alice, bob] = [await newSession(chat.url), await newSession(chat.url)];
+    const a = await Client.connect(chat.url, alice);
+    await a.join("room");
+    const seen = await a.say("room", "before");
+    await a.close();
+    const b = await Client.connect(chat.url, bob);
+    await b.join("room");
+    for (const text of ["x", "y", "z"]) await b.say("room", text);
+    const back = await Client.connect(chat.url, alice);
+    const { history } = await back.join("room", seen.id);
+    expect(history.complete).toBe(true);
+    expect(history.messages.map((m) => [m.id, m.text])).toEqual([[2, "x"], [3, "y"], [4, "z"]]);
+    // live messages continue right after, with no duplicate
+    await b.say("room", "live");
+    const live = await back.next((f) => f.type === "message");
+    expect(live).toMatchObject({ id: 5, text: "live" });
+
+    // nothing missed: an empty, complete history
+    const again = await Client.connect(chat.url, alice);
+    expect((await again.join("room", 5)).history).toEqual({ type: "history", room: "room", messages: [], complete: true });
+
+    // more missed than RECOVERY_LIMIT: the newest RECOVERY_LIMIT and complete: false
+    for (let i = 0; i < 6; i++) await b.say("room", `more${i}`);
+    const late = await Client.connect(chat.url, alice);
+    const recovered = (await late.join("room", 5)).history;
+    expect(recovered.complete).toBe(false);
+    expect(recovered.messages.map((m) => m.id)).toEqual([8, 9, 10, 11]);
+  });
+
+  test("joining twice on one socket re-sends history and presence without a second membership", async () => {
+    await using chat = await serve();
+    const session = await newSession(chat.url);
+    const a = await Client.connect(chat.url, session);
+    await a.join("room");
+    const m = await a.say("room", "one");
+    const { history, presence } = await a.join("room", 0);
+    expect(history.messages).toEqual([m]);
+    expect(presence.users).toEqual([{ id: session.id, name: session.name }]);
+    await a.say("room", "two");
+    expect(a.untaken().filter((f) => f.type === "message")).toEqual([]);
+  });
+
+  test("history and sessions survive a restart on the same database file", async () => {
+    using tmp = tempDir();
+    const databaseUrl = `sqlite://${tmp.dir}/chat.db`;
+    let alice, sent;
+    {
+      await using chat = await serve({ databaseUrl });
+      alice = await newSession(chat.url);
+      await fetch(`${chat.url}/api/me`, { method: "PUT", headers: { cookie: alice.cookie, "content-type": "application/json" }, body: '{"name":"Alice"}' });
+      const a = await Client.connect(chat.url, alice);
+      await a.join("room");
+      sent = await a.say("room", "remember me");
+    }
+    expect(existsSync(`${tmp.dir}/chat.db-wal`) || existsSync(`${tmp.dir}/chat.db`)).toBe(true);
+    await using chat = await serve({ databaseUrl });
+    const me = await fetch(`${chat.url}/api/me`, { headers: { cookie: alice.cookie } });
+    expect(me.headers.get("set-cookie")).toBeNull();
+    expect(await me.json()).toEqual({ id: alice.id, name: "Alice" });
+    const a = await Client.connect(chat.url, alice);
+    const { history } = await a.join("room");
+    expect(history.messages).toEqual([{ ...sent, user: { id: alice.id, name: "Alice" } }]);
+    expect((await a.say("room", "next")).id).toBe(sent.id + 1);
+  });
+
+  test("every kind of bad frame gets a bad_request error, the socket stays usable and nobody else hears it", async () => {
+    await using chat = await serve();
+    const [alice, bob] = [await newSession(chat.url), await newSession(chat.url)];
+    const a = await Client.connect(chat.url, alice);
+    const b = await Client.connect(chat.url, bob);
+    await a.join("room");
+    await b.join("room");
+    const bad: [string | Uint8Array | object, RegExp][] = [
+      ["not json", /invalid JSON/],
+      ["", /invalid JSON/],
+      ["[]", /JSON object/],
+      ["null", /JSON object/],
+      ["42", /JSON object/],
+      [{ type: "shout", room: "room" }, /type/],
+      [{ room: "room", text: "no type" }, /type/],
+      [{ type: "say", room: "room" }, /text/],
+      [{ type: "say", room: "Room!", text: "x" }, /room/],
+      [{ type: "say", room: "room", text: 5 }, /text/],
+      [{ type: "say", room: "room", text: "" }, /text/],
+      [{ type: "say", room: "room", text: "a\u0000b" }, /text/],
+      [{ type: "say", room: "room", text: "x", extra: true }, /extra/],
+      [{ type: "say", room: "room", text: "x", ref: "r".repeat(65) }, /ref/],
+      [{ type: "join", room: "room", since: -1 }, /since/],
+      [{ type: "join", room: "room", since: 1.5 }, /since/],
+      [{ type: "nick", name: "" }, /name/],
+      [new Uint8Array([1, 2, 3]), /binary/],
+      ['{"type":"say","room":"room","text":"\\ud800"}', /surrogate/],
+      ['{"__proto__":{"type":"say"},"type":"say","room":"room","text":"x"}', /__proto__/],
+    ];
+    for (const [frame, message] of bad) {
+      a.send(frame);
+      const error = await a.next((f) => f.type === "error");
+      expect(error.code).toBe("bad_request");
+      expect(error.message).toMatch(message);
+    }
+    // a schema error echoes a usable ref
+    a.send({ type: "say", room: "room", text: "", ref: "mine" });
+    expect(await a.next((f) => f.type === "error")).toMatchObject({ code: "bad_request", ref: "mine" });
+    // too long for MAX_TEXT
+    a.send({ type: "say", room: "room", text: "x".repeat(2001), ref: "long" });
+    expect(await a.next((f) => f.type === "error")).toMatchObject({ code: "bad_request", ref: "long" });
+    const ok = await a.say("room", "still works");
+    expect(ok.id).toBe(1);
+    await b.next((f) => f.type === "message");
+    expect(b.frames.filter((f) => f.type === "error" || f.type === "message")).toEqual([ok]);
+    const metrics = await (await fetch(`${chat.url}/metrics`)).text();
+    expect(metrics).toContain(`chat_frames_rejected_total ${bad.length + 2}`);
+  });
+
+  test("a frame over 64 KiB closes the socket with 1009", async () => {
+    await using chat = await serve();
+    const a = await Client.connect(chat.url, await newSession(chat.url));
+    a.send({ type: "say", room: "room", text: "x".repeat(64 * 1024) });
+    expect((await a.closed).code).toBe(1009);
+  });
+
+  test("the rate limit answers rate_limited with retryAfterMs and stores nothing extra", async () => {
+    await using chat = await serve({ rateLimit: "3/60s" });
+    const a = await Client.connect(chat.url, await newSession(chat.url));
+    await a.join("room");
+    for (let i = 0; i < 3; i++) await a.say("room", `ok ${i}`);
+    a.send({ type: "say", room: "room", text: "too many", ref: "r4" });
+    const error = await a.next((f) => f.type === "error");
+    expect(error).toMatchObject({ code: "rate_limited", ref: "r4" });
+    expect(error.retryAfterMs).toBeGreaterThan(10_000);
+    expect(error.retryAfterMs).toBeLessThanOrEqual(20_000);
+    const b = await Client.connect(chat.url, await newSession(chat.url));
+    const { history } = await b.join("room");
+    expect(history.messages.map((m) => m.text)).toEqual(["ok 0", "ok 1", "ok 2"]);
+    expect(await (await fetch(`${chat.url}/metrics`)).text()).toContain("chat_rate_limited_total 1");
+  });
+
+  test("the upgrade answers 426 to plain GET, 401 without a session, 403 to a foreign origin", async () => {
+    await using chat = await serve();
+    const session = await newSession(chat.url);
+    expect((await fetch(`${chat.url}/chat`, { headers: { cookie: session.cookie } })).status).toBe(426);
+    const upgrade = { connection: "Upgrade", upgrade: "websocket", "sec-websocket-version": "13", "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==" };
+    expect((await fetch(`${chat.url}/chat`, { headers: upgrade })).status).toBe(401);
+    const foreign = await fetch(`${chat.url}/chat`, { headers: { ...upgrade, cookie: session.cookie, origin: "https://evil.example" } });
+    expect(foreign.status).toBe(403);
+    await expect(Client.connect(chat.url, session, { origin: "https://evil.example" })).rejects.toThrow();
+    // same host is fine, as is no Origin at all (non-browser clients)
+    const host = new URL(chat.url).host;
+    await (await Client.connect(chat.url, session, { origin: `http://${host}` })).close();
+    await (await Client.connect(chat.url, session)).close();
+  });
+
+  test("ALLOWED_ORIGINS replaces the same-host rule", async () => {
+    await using chat = await serve({ allowedOrigins: "https://chat.example.com, https://other.example" });
+    const session = await newSession(chat.url);
+    await (await Client.connect(chat.url, session, { origin: "https://chat.example.com" })).close();
+    await expect(Client.connect(chat.url, session, { origin: `http://${new URL(chat.url).host}` })).rejects.toThrow();
+  });
+
+  test("a tampered, forged or other-secret cookie is not a session", async () => {
+    await using chat = await serve();
+    await using other = await serve();
+    const session = await newSession(chat.url);
+    const [value, signature] = session.cookie.slice(4).split(".");
+    const flip = (s: string) => s.slice(0, -1) + (s.at(-1) === "A" ? "B" : "A");
+    const fakes = [
+      `sid=${flip(value)}.${signature}`,
+      `sid=${value}.${flip(signature)}`,
+      `sid=${value}`,
+      `sid=${value}.`,
+      `sid=${value.slice(0, 10)}.${signature}`,
+      (await newSession(other.url)).cookie, // signed with another server's secret
+    ];
+    for (const cookie of fakes) {
+      await expect(Client.connect(chat.url, { cookie, id: "", name: "" })).rejects.toThrow();
+      const me = await fetch(`${chat.url}/api/me`, { headers: { cookie } });
+      expect(((await me.json()) as { id: string }).id).not.toBe(session.id);
+      expect(me.headers.get("set-cookie")).toStartWith("sid=");
+    }
+  });
+
+  test("health and metrics report the server's state", async () => {
+    await using chat = await serve();
+    const health = await fetch(`${chat.url}/healthz`);
+    expect(health.status).toBe(200);
+    expect(await health.json()).toEqual({ status: "ok" });
+    const a = await Client.connect(chat.url, await newSession(chat.url));
+    await a.join("room");
+    await a.say("room", "count me");
+    const res = await fetch(`${chat.url}/metrics`);
+    expect(res.headers.get("content-type")).toStartWith("text/plain; version=0.0.4");
+    const text = await res.text();
+    for (const line of ["chat_connections 1", "chat_rooms 1", "chat_messages_received_total 1", "chat_messages_published_total 1", "chat_frames_rejected_total 0", "chat_rate_limited_total 0", "chat_slow_consumers_closed_total 0"]) {
+      expect(text).toContain(`\n${line}\n`);
+    }
+    expect(text).toContain("# TYPE chat_connections gauge");
+  });
+
+  test("the REST API lists rooms and pages back through history", async () => {
+    await using chat = await serve();
+    const session = await newSession(chat.url);
+    const a = await Client.connect(chat.url, session);
+    await a.join("alpha");
+    await a.join("beta");
+    for (let i = 1; i <= 7; i++) await a.say("alpha", `a${i}`);
+    await a.say("beta", "b1");
+    const get = (path: string) => fetch(`${chat.url}${path}`, { headers: { cookie: session.cookie } });
+    expect(await (await get("/api/rooms")).json()).toEqual([
+      { name: "alpha", online: 1, lastId: 7 },
+      { name: "beta", online: 1, lastId: 1 },
+    ]);
+    const page1 = (await (await get("/api/rooms/alpha/messages?limit=3")).json()) as any;
+    expect(page1.messages.map((m: any) => m.id)).toEqual([5, 6, 7]);
+    const page2 = (await (await get("/api/rooms/alpha/messages?before=5&limit=3")).json()) as any;
+    expect(page2.messages.map((m: any) => m.text)).toEqual(["a2", "a3", "a4"]);
+    for (const path of ["/api/rooms/Bad!/messages", "/api/rooms/alpha/messages?limit=0", "/api/rooms/alpha/messages?limit=101", "/api/rooms/alpha/messages?before=x"]) {
+      const res = await get(path);
+      expect(res.status).toBe(400);
+      expect(((await res.json()) as any).error.code).toBe("bad_request");
+    }
+  });
+});
+
+describe("process", () => {
+  test("invalid config fails at start with one clear line and exit code 2", async () => {
+    for (const [env, pattern] of [
+      [{ PORT: "nope" }, /^Cannot parse PORT="nope": /],
+      [{ RATE_LIMIT: "20 per 10s" }, /^Cannot parse RATE_LIMIT="20 per 10s": expected <count>\/<seconds>s/],
+      [{ MAX_TEXT: "0" }, /^Cannot parse MAX_TEXT="0": /],
+      [{ ALLOWED_ORIGINS: "not a url" }, /^Cannot parse ALLOWED_ORIGINS=/],
+    ] as const) {
+      const proc = Bun.spawn([BUN, "server.ts"], { cwd: ROOT, env: { ...process.env, ...env }, stdout: "pipe", stderr: "pipe" });
+      expect(await proc.exited).toBe(2);
+      const stderr = await new Response(proc.stderr).text();
+      expect(stderr.trim().split("\n")).toHaveLength(1);
+      expect(stderr).toMatch(pattern);
+    }
+    const flag = Bun.spawn([BUN, "server.ts", "--bogus"], { cwd: ROOT, stdout: "pipe", stderr: "pipe" });
+    expect(await flag.exited).toBe(2);
+    const help = Bun.spawn([BUN, "server.ts", "--help"], { cwd: ROOT, stdout: "pipe", stderr: "pipe" });
+    expect(await help.exited).toBe(0);
+    const text = await new Response(help.stdout).text();
+    for (const word of ["--port", "--host", "--db", "PORT", "DATABASE_URL", "SESSION_SECRET", "RATE_LIMIT"]) expect(text).toContain(word);
+  });
+
+  test("flags win over env and parse into typed config", () => {
+    const config = parseConfig(readSettings({ PORT: "1", RATE_LIMIT: "5/2s" }, ["--port", "4000", "--db=:memory:", "--host", "::1"]));
+    expect(config).toMatchObject({ port: 4000, databaseUrl: ":memory:", host: "::1", rateLimit: { count: 5, perMs: 2000 }, historyOnJoin: 50, recoveryLimit: 500, maxText: 2000 });
+  });
+
+  test("SIGTERM: health turns 503, accepted messages are stored, sockets close with 1001, exit 0", async () => {
+    using tmp = tempDir();
+    const env = { DATABASE_URL: `sqlite://${tmp.dir}/chat.db` };
+    let sentIds: number[];
+    {
+      await using child = await spawnServer(env);
+      const session = await newSession(child.url);
+      const a = await Client.connect(child.url, session);
+      await a.join("room");
+      // a burst, then SIGTERM before the echoes: everything accepted must be stored
+      for (let i = 0; i < 50; i++) a.send({ type: "say", room: "room", text: `burst ${i}`, ref: String(i) });
+      const first = await a.next((f) => f.type === "message");
+      child.proc.kill("SIGTERM");
+      const closed = await a.closed;
+      expect(closed.code).toBe(1001);
+      expect(await child.proc.exited).toBe(0);
+      sentIds = [first, ...a.untaken()].filter((f) => f.type === "message").map((f) => (f as { id: number }).id);
+      expect(child.lines.some((l) => l.includes('"event":"stopped"'))).toBe(true);
+    }
+    await using again = await spawnServer(env);
+    const b = await Client.connect(again.url, await newSession(again.url));
+    const { history } = await b.join("room");
+    const stored = history.messages.map((m) => m.id);
+    expect(stored).toEqual(sentIds);
+    expect(stored).toEqual(Array.from({ length: 50 }, (_, i) => i + 1));
+  });
+
+  test("while shutting down, health answers 503 and new sockets are refused", async () => {
+    const chat = await serve();
+    const session = await newSession(chat.url);
+    const a = await Client.connect(chat.url, session);
+    await a.join("room");
+    chat.drain();
+    const health = await fetch(`${chat.url}/healthz`);
+    expect(health.status).toBe(503);
+    expect(await health.json()).toEqual({ status: "shutting_down" });
+    await expect(Client.connect(chat.url, session)).rejects.toThrow();
+    expect((await a.say("room", "still served while draining")).id).toBe(1);
+    await chat.stop();
+    expect((await a.closed).code).toBe(1001);
+  });
+
+  test("the compiled binary serves the page and chats from another directory", async () => {
+    using out = tempDir("chat-bin-");
+    const build = Bun.spawn([BUN, "build", "--compile", join(ROOT, "server.ts"), "--outfile", join(out.dir, "chat")], { cwd: ROOT, stdout: "pipe", stderr: "pipe" });
+    expect(await build.exited).toBe(0);
+    const elsewhere = join(out.dir, "run");
+    mkdirSync(elsewhere);
+    await using child = await spawnServer({ DATABASE_URL: "sqlite://chat.db" }, [join(out.dir, "chat")], elsewhere);
+    const page = await fetch(`${child.url}/`);
+    expect(page.status).toBe(200);
+    expect(await page.text()).toContain('<script type="module">');
+    const a = await Client.connect(child.url, await newSession(child.url));
+    await a.join("general");
+    expect((await a.say("general", "from the binary")).text).toBe("from the binary");
+    await until(() => existsSync(join(elsewhere, "chat.db")), 5000, "chat.db in the working directory");
+  }, 120_000);
+});

@@ -1,0 +1,190 @@
+// Test helpers: real servers, real sessions over HTTP, real WebSocket clients.
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { ServerMessage, startServer, type ServerOptions } from "../server.ts";
+
+export const ROOT = join(import.meta.dir, "..");
+export const BUN = process.execPath;
+
+/** A fresh temp folder, removed by the returned cleanup. */
+export function tempDir(prefix = "chat-test-") {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  return { dir, [Symbol.dispose]: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+/** Starts an in-process server on a free port with an in-memory database unless told otherwise. */
+export async function serve(options: ServerOptions = {}) {
+  const chat = await startServer({ port: 0, host: "127.0.0.1", databaseUrl: ":memory:", ...options });
+  return Object.assign(chat, { [Symbol.asyncDispose]: () => chat.stop() });
+}
+
+export type Session = { cookie: string; id: string; name: string };
+
+/** Gets a new session the way a browser does: GET /api/me without a cookie. */
+export async function newSession(baseUrl: string): Promise<Session> {
+  const res = await fetch(`${baseUrl}/api/me`);
+  if (res.status !== 200) throw new Error(`GET /api/me answered ${res.status}`);
+  const setCookie = res.headers.get("set-cookie");
+  if (!setCookie) throw new Error("GET /api/me set no cookie");
+  const me = (await res.json()) as { id: string; name: string };
+  return { cookie: setCookie.split(";")[0], ...me };
+}
+
+type Frame = ServerMessage;
+type Pred<T extends Frame> = (f: Frame) => f is T;
+
+/** A WebSocket client that validates every frame with the server's own schema. */
+export class Client {
+  readonly frames: Frame[] = [];
+  readonly closed: Promise<{ code: number; reason: string }>;
+  private taken = new Set<number>();
+  private wake: (() => void) | null = null;
+  private problem: Error | null = null;
+  private constructor(readonly ws: WebSocket) {
+    const { promise, resolve } = Promise.withResolvers<{ code: number; reason: string }>();
+    this.closed = promise;
+    ws.addEventListener("message", (e) => {
+      if (typeof e.data !== "string") this.problem ??= new Error("server sent a binary frame");
+      else {
+        const parsed = ServerMessage.safeParse(JSON.parse(e.data));
+        if (!parsed.success) this.problem ??= new Error(`frame breaks the schema: ${e.data}\n${parsed.error.message}`);
+        else this.frames.push(parsed.data);
+      }
+      this.wake?.();
+    });
+    ws.addEventListener("close", (e) => {
+      resolve({ code: e.code, reason: e.reason });
+      this.wake?.();
+    });
+  }
+
+  /** Opens /chat with a session cookie and waits for the welcome frame. */
+  static async connect(baseUrl: string, session: Session | null, headers: Record<string, string> = {}) {
+    const url = `${baseUrl.replace(/^http/, "ws")}/chat`;
+    const ws = new WebSocket(url, { headers: { ...(session ? { cookie: session.cookie } : {}), ...headers } } as never);
+    const client = new Client(ws);
+    const opened = Promise.withResolvers<void>();
+    ws.addEventListener("open", () => opened.resolve());
+    ws.addEventListener("error", () => opened.reject(new Error(`cannot open ${url}`)));
+    await opened.promise;
+    await client.next((f) => f.type === "welcome");
+    return client;
+  }
+
+  send(msg: object | string | Uint8Array) {
+    this.ws.send(typeof msg === "object" && !(msg instanceof Uint8Array) ? JSON.stringify(msg) : msg);
+  }
+
+  /** Waits for the first frame not yet taken that matches, and takes it. */
+  async next<T extends Frame>(pred: Pred<T> | ((f: Frame) => boolean), timeoutMs = 5000): Promise<T> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      if (this.problem) throw this.problem;
+      const i = this.frames.findIndex((f, i) => !this.taken.has(i) && pred(f));
+      if (i >= 0) {
+        this.taken.add(i);
+        return this.frames[i] as T;
+      }
+      if (this.ws.readyState === WebSocket.CLOSED) throw new Error(`socket closed while waiting; frames: ${JSON.stringify(this.untaken())}`);
+      const left = deadline - Date.now();
+      if (left <= 0) throw new Error(`timed out waiting for a frame; untaken: ${JSON.stringify(this.untaken()).slice(0, 2000)}`);
+      const { promise, resolve } = Promise.withResolvers<void>();
+      this.wake = resolve;
+      const timer = setTimeout(resolve, left);
+      await promise;
+      clearTimeout(timer);
+      this.wake = null;
+    }
+  }
+
+  /** Takes frames of one type (and room) until `count` have arrived. */
+  async collect<K extends Frame["type"]>(type: K, count: number, timeoutMs = 10_000) {
+    const out: Extract<Frame, { type: K }>[] = [];
+    const deadline = Date.now() + timeoutMs;
+    while (out.length < count) out.push(await this.next((f) => f.type === type, Math.max(1, deadline - Date.now())));
+    return out;
+  }
+
+  untaken(): Frame[] {
+    return this.frames.filter((_, i) => !this.taken.has(i));
+  }
+
+  /** Joins a room and returns its history (presence follows and is taken too). */
+  async join(room: string, since?: number) {
+    this.send(since === undefined ? { type: "join", room } : { type: "join", room, since });
+    const history = await this.next((f): f is Extract<Frame, { type: "history" }> => f.type === "history" && f.room === room);
+    const presence = await this.next((f): f is Extract<Frame, { type: "presence" }> => f.type === "presence" && f.room === room);
+    return { history, presence };
+  }
+
+  /** Says something and waits for its own copy to come back. */
+  async say(room: string, text: string, ref = crypto.randomUUID()) {
+    this.send({ type: "say", room, text, ref });
+    return this.next((f): f is Extract<Frame, { type: "message" }> => f.type === "message" && f.ref === ref);
+  }
+
+  close() {
+    this.ws.close();
+    return this.closed;
+  }
+}
+
+/** Spawns `bun server.ts` (or another command) and waits for its JSON ready line. */
+export async function spawnServer(env: Record<string, string>, cmd: string[] = [BUN, join(ROOT, "server.ts")], cwd = ROOT) {
+  const proc = Bun.spawn(cmd, { cwd, env: { ...process.env, PORT: "0", HOST: "127.0.0.1", ...env }, stdout: "pipe", stderr: "pipe" });
+  const lines: string[] = [];
+  const reader = proc.stdout.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  const ready = (async () => {
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) throw new Error(`server exited before ready: ${lines.join("\n")}\n${await new Response(proc.stderr).text()}`);
+      buffer += decoder.decode(value, { stream: true });
+      let nl;
+      while ((nl = buffer.indexOf("\n")) >= 0) {
+        const line = buffer.slice(0, nl);
+        buffer = buffer.slice(nl + 1);
+        lines.push(line);
+        try {
+          const event = JSON.parse(line);
+          if (event.event === "ready") return event as { port: number; url: string };
+        } catch {}
+      }
+    }
+  })();
+  const timeout = setTimeout(() => proc.kill(9), 30_000);
+  const { port } = await ready.finally(() => clearTimeout(timeout));
+  // keep draining stdout so the child never blocks on a full pipe
+  void (async () => {
+    for (;;) {
+      const { value, done } = await reader.read().catch(() => ({ value: undefined, done: true }));
+      if (done) return;
+      buffer += decoder.decode(value, { stream: true });
+      lines.push(...buffer.split("\n").slice(0, -1));
+      buffer = buffer.slice(buffer.lastIndexOf("\n") + 1);
+    }
+  })();
+  return {
+    proc,
+    port,
+    url: `http://127.0.0.1:${port}`,
+    lines,
+    async [Symbol.asyncDispose]() {
+      if (proc.exitCode === null && proc.signalCode === null) proc.kill(9);
+      await proc.exited;
+    },
+  };
+}
+
+/** Polls `check` until it returns a truthy value or the time is up. */
+export async function until<T>(check: () => T | Promise<T>, timeoutMs = 5000, what = "condition"): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await Bun.sleep(20);
+  }
+}
