@@ -2,7 +2,7 @@
 // sessions, zod for the wire format, Bun.SQL (SQLite or Postgres) for history.
 // Read top to bottom: config → protocol → store → server state → HTTP →
 // WebSocket → startup.
-import { type Server, type ServerWebSocket, SQL } from "bun";
+import { RedisClient, type Server, type ServerWebSocket, SQL } from "bun";
 import { Hono, type Context } from "hono";
 import { getSignedCookie, setSignedCookie } from "hono/cookie";
 import * as z from "zod";
@@ -262,16 +262,20 @@ export async function openStore(url: string) {
     await sql`PRAGMA synchronous = NORMAL`;
     await sql`PRAGMA busy_timeout = 5000`;
   }
-  await sql`CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)`;
-  await sql`CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL)`;
-  await sql`CREATE TABLE IF NOT EXISTS sessions (
-    sid TEXT PRIMARY KEY, user_id TEXT NOT NULL UNIQUE, name TEXT NOT NULL, name_key TEXT NOT NULL UNIQUE,
-    created BIGINT NOT NULL, used INTEGER NOT NULL DEFAULT 0)`;
-  await sql`CREATE INDEX IF NOT EXISTS sessions_unused ON sessions (used, created)`;
-  await sql`CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, last_id BIGINT NOT NULL)`;
-  await sql`CREATE TABLE IF NOT EXISTS messages (
-    room TEXT NOT NULL, id BIGINT NOT NULL, user_id TEXT NOT NULL, name TEXT NOT NULL,
-    text TEXT NOT NULL, ts BIGINT NOT NULL, ref TEXT, PRIMARY KEY (room, id))`;
+  // the same DDL on both; on Postgres several nodes may start at once, so take a lock
+  await sql.begin(async (tx) => {
+    if (postgres) await tx`SELECT pg_advisory_xact_lock(727274)`;
+    await tx`CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)`;
+    await tx`CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL)`;
+    await tx`CREATE TABLE IF NOT EXISTS sessions (
+      sid TEXT PRIMARY KEY, user_id TEXT NOT NULL UNIQUE, name TEXT NOT NULL, name_key TEXT NOT NULL UNIQUE,
+      created BIGINT NOT NULL, used INTEGER NOT NULL DEFAULT 0)`;
+    await tx`CREATE INDEX IF NOT EXISTS sessions_unused ON sessions (used, created)`;
+    await tx`CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, last_id BIGINT NOT NULL)`;
+    await tx`CREATE TABLE IF NOT EXISTS messages (
+      room TEXT NOT NULL, id BIGINT NOT NULL, user_id TEXT NOT NULL, name TEXT NOT NULL,
+      text TEXT NOT NULL, ts BIGINT NOT NULL, ref TEXT, PRIMARY KEY (room, id))`;
+  });
 
   const nameKey = (name: string) => name.normalize("NFKC").toLowerCase();
 
@@ -360,7 +364,8 @@ export async function openStore(url: string) {
             list ? list.push(i) : byRoom.set(m.room, [i]);
           });
           const ids = new Array<number>(batch.length);
-          for (const [room, indexes] of byRoom) {
+          // rooms in name order, so two nodes' batches never wait on each other's locks in a cycle
+          for (const [room, indexes] of [...byRoom].sort(([a], [b]) => (a < b ? -1 : 1))) {
             const [{ last_id }] = await tx`INSERT INTO rooms (name, last_id) VALUES (${room}, ${indexes.length})
               ON CONFLICT (name) DO UPDATE SET last_id = rooms.last_id + ${indexes.length} RETURNING last_id`;
             let id = num(last_id) - indexes.length;
@@ -382,10 +387,10 @@ export async function openStore(url: string) {
         return { lastId: r ? num(r.last_id) : 0, messages: rows.reverse().map(toMessage) as Message[] };
       }),
 
-    /** Messages with after < id < before, oldest first. */
+    /** Messages with after < id < before, oldest first (at most 10,000). */
     between: (room: string, after: number, before: number) =>
       serial(async () => {
-        const rows = await sql`SELECT * FROM messages WHERE room = ${room} AND id > ${after} AND id < ${before} ORDER BY id`;
+        const rows = await sql`SELECT * FROM messages WHERE room = ${room} AND id > ${after} AND id < ${before} ORDER BY id LIMIT 10000`;
         return rows.map(toMessage) as Message[];
       }),
 
@@ -411,6 +416,217 @@ function randomId(bytes: number): string {
   return Buffer.from(crypto.getRandomValues(new Uint8Array(bytes))).toString("base64url");
 }
 
+// ── Cluster: Redis fan-out and presence (only with REDIS_URL) ────────────────
+
+// Presence in Redis: chat:node:<node> holds what each node registered ("room\nuser" → name);
+// chat:count:<room> counts the nodes holding each user; chat:presence:<room> names them.
+// joined/left are published from inside the scripts, so they fire once cluster-wide.
+const PRESENCE_LUA = String.raw`
+local function joinRoom(node, room, user, name)
+  if redis.call('HSETNX', 'chat:node:' .. node, room .. '\n' .. user, name) == 0 then return end
+  redis.call('HSET', 'chat:presence:' .. room, user, name)
+  if redis.call('HINCRBY', 'chat:count:' .. room, user, 1) == 1 then
+    redis.call('PUBLISH', 'chat:room:' .. room, 'p\t' .. cjson.encode({k = 'joined', user = {id = user, name = name}}))
+  end
+end
+local function leaveRoom(node, room, user)
+  if redis.call('HDEL', 'chat:node:' .. node, room .. '\n' .. user) == 0 then return end
+  if redis.call('HINCRBY', 'chat:count:' .. room, user, -1) <= 0 then
+    local name = redis.call('HGET', 'chat:presence:' .. room, user) or ''
+    redis.call('HDEL', 'chat:count:' .. room, user)
+    redis.call('HDEL', 'chat:presence:' .. room, user)
+    redis.call('PUBLISH', 'chat:room:' .. room, 'p\t' .. cjson.encode({k = 'left', user = {id = user, name = name}}))
+  end
+end
+local function split(field)
+  local at = string.find(field, '\n', 1, true)
+  return string.sub(field, 1, at - 1), string.sub(field, at + 1)
+end
+local op, node = ARGV[1], ARGV[2]
+if op == 'join' then joinRoom(node, ARGV[3], ARGV[4], ARGV[5])
+elseif op == 'leave' then leaveRoom(node, ARGV[3], ARGV[4])
+elseif op == 'rename' then
+  -- ARGV: op, node, user, room..., name
+  local name = ARGV[#ARGV]
+  for i = 4, #ARGV - 1 do
+    if redis.call('HEXISTS', 'chat:node:' .. node, ARGV[i] .. '\n' .. ARGV[3]) == 1 then
+      redis.call('HSET', 'chat:node:' .. node, ARGV[i] .. '\n' .. ARGV[3], name)
+      redis.call('HSET', 'chat:presence:' .. ARGV[i], ARGV[3], name)
+    end
+  end
+elseif op == 'sync' or op == 'drop' then
+  -- sync: make the node's registrations exactly ARGV[3] (a JSON list of [room, user, name]); drop: remove them all
+  local want = {}
+  if op == 'sync' then for _, e in ipairs(cjson.decode(ARGV[3])) do want[e[1] .. '\n' .. e[2]] = e end end
+  local have = redis.call('HGETALL', 'chat:node:' .. node)
+  for i = 1, #have, 2 do
+    if not want[have[i]] then local room, user = split(have[i]); leaveRoom(node, room, user) end
+  end
+  for _, e in pairs(want) do joinRoom(node, e[1], e[2], e[3]) end
+  if op == 'sync' then redis.call('SADD', 'chat:nodes', node) else redis.call('SREM', 'chat:nodes', node) end
+end
+return 1
+`;
+const HEARTBEAT_MS = 5_000;
+const NODE_TTL_MS = 15_000; // a node silent this long is dead: its members leave presence
+
+type FanoutEvents = {
+  message(room: string, id: number, frame: string, sentAt: number): void;
+  typing(room: string, frame: string): void;
+  presence(room: string, kind: "joined" | "left", user: User): void;
+  renamed(user: User, previous: string): void;
+  /** After a reconnect: resubscribed; the state may have missed events. */
+  reconnected(): void;
+};
+
+/** Redis pub/sub between nodes: one publisher and one subscriber connection per process. */
+export async function openFanout(url: string, node: string, on: FanoutEvents, log: (e: Record<string, unknown>) => void) {
+  const options = { autoReconnect: true, maxRetries: 1_000_000, enableOfflineQueue: false, connectionTimeout: 2_000 };
+  const pub = new RedisClient(url, options);
+  const sub = new RedisClient(url, options);
+  const channels = new Set<string>(["chat:users"]);
+  let subscribed = false;
+
+  function listener(payload: string, channel: string) {
+    const tab = payload.indexOf("\t");
+    const kind = payload.slice(0, tab);
+    if (channel === "chat:users") {
+      const [origin, json] = [payload.slice(tab + 1, payload.indexOf("\t", tab + 1)), payload.slice(payload.indexOf("\t", tab + 1) + 1)];
+      if (kind === "r" && origin !== node) {
+        const { user, previous } = JSON.parse(json);
+        on.renamed(user, previous);
+      }
+      return;
+    }
+    const room = channel.slice("chat:room:".length);
+    if (kind === "m") {
+      // m \t sentAt \t id \t frame
+      const t2 = payload.indexOf("\t", tab + 1);
+      const t3 = payload.indexOf("\t", t2 + 1);
+      on.message(room, Number(payload.slice(t2 + 1, t3)), payload.slice(t3 + 1), Number(payload.slice(tab + 1, t2)));
+    } else if (kind === "t") {
+      const t2 = payload.indexOf("\t", tab + 1);
+      if (payload.slice(tab + 1, t2) !== node) on.typing(room, payload.slice(t2 + 1));
+    } else if (kind === "p") {
+      const { k, user } = JSON.parse(payload.slice(tab + 1));
+      on.presence(room, k, { id: String(user.id), name: String(user.name) });
+    }
+  }
+
+  // A reconnect loses the server-side subscriptions but Bun keeps the old listeners:
+  // each (re)subscription gets listeners of a new epoch, and older ones fall silent.
+  let epoch = 0;
+  const current = () => {
+    const mine = epoch;
+    return (payload: string, channel: string) => void (mine === epoch && listener(payload, channel));
+  };
+  function unsubscribe(channel: string) {
+    try {
+      sub.unsubscribe(channel)?.catch?.(() => {});
+    } catch {} // throws when the client is not in subscriber mode
+  }
+  async function subscribeAll() {
+    epoch++;
+    for (const channel of channels) {
+      unsubscribe(channel);
+      await sub.subscribe(channel, current());
+    }
+  }
+
+  let first = true;
+  sub.onconnect = () => {
+    if (first) return;
+    subscribed = false;
+    subscribeAll().then(
+      () => {
+        subscribed = true;
+        log({ event: "redis", state: "resubscribed", channels: channels.size });
+        on.reconnected();
+      },
+      (error) => log({ event: "error", where: "redis resubscribe", error: String(error) }),
+    );
+  };
+  sub.onclose = () => {
+    subscribed = false;
+  };
+  await Promise.all([pub.connect(), sub.connect()]);
+  await subscribeAll();
+  subscribed = true;
+  first = false;
+
+  const eval_ = (...args: string[]) => pub.send("EVAL", [PRESENCE_LUA, "0", ...args]);
+  const quiet = (what: string) => (error: unknown) => log({ event: "error", where: `redis ${what}`, error: String(error) });
+
+  // Heartbeat: announce this node, and clear the registrations of nodes that stopped announcing.
+  async function heartbeat() {
+    if (!pub.connected) return;
+    await pub.send("SET", [`chat:alive:${node}`, String(Date.now()), "PX", String(NODE_TTL_MS)]);
+    await pub.send("SADD", ["chat:nodes", node]);
+    const nodes = (await pub.send("SMEMBERS", ["chat:nodes"])) as string[];
+    for (const other of nodes) {
+      if (other === node) continue;
+      if ((await pub.send("EXISTS", [`chat:alive:${other}`])) === 0) {
+        log({ event: "redis", state: "node expired", node: other });
+        await eval_("drop", other);
+      }
+    }
+  }
+  const beat = setInterval(() => void heartbeat().catch(quiet("heartbeat")), HEARTBEAT_MS);
+  beat.unref();
+  await heartbeat();
+
+  return {
+    get connected() {
+      return pub.connected && sub.connected && subscribed;
+    },
+    async subscribeRoom(room: string) {
+      const channel = `chat:room:${room}`;
+      if (channels.has(channel)) return;
+      channels.add(channel);
+      // while Redis is down this fails; the reconnect subscribes every channel again
+      if (sub.connected) await sub.subscribe(channel, current()).catch(quiet("subscribe"));
+    },
+    unsubscribeRoom(room: string) {
+      const channel = `chat:room:${room}`;
+      channels.delete(channel);
+      if (sub.connected) unsubscribe(channel);
+    },
+    publishMessage(room: string, id: number, frame: string) {
+      if (pub.connected) pub.publish(`chat:room:${room}`, `m\t${Date.now()}\t${id}\t${frame}`).catch(quiet("publish"));
+    },
+    publishTyping(room: string, frame: string) {
+      if (pub.connected) pub.publish(`chat:room:${room}`, `t\t${node}\t${frame}`).catch(quiet("publish"));
+    },
+    publishRename(user: User, previous: string, rooms: string[]) {
+      if (!pub.connected) return;
+      pub.publish("chat:users", `r\t${node}\t${JSON.stringify({ user, previous })}`).catch(quiet("publish"));
+      if (rooms.length) eval_("rename", node, user.id, ...rooms, user.name).catch(quiet("rename"));
+    },
+    join(room: string, user: User) {
+      if (pub.connected) eval_("join", node, room, user.id, user.name).catch(quiet("join"));
+    },
+    leave(room: string, userId: string) {
+      if (pub.connected) eval_("leave", node, room, userId).catch(quiet("leave"));
+    },
+    /** Makes this node's registrations exactly `entries` (after a reconnect). */
+    sync: (entries: [room: string, user: string, name: string][]) => eval_("sync", node, JSON.stringify(entries)),
+    async members(room: string): Promise<User[]> {
+      const hash = (await pub.send("HGETALL", [`chat:presence:${room}`])) as Record<string, string>;
+      return Object.entries(hash ?? {}).map(([id, name]) => ({ id, name }));
+    },
+    async online(rooms: string[]): Promise<number[]> {
+      return Promise.all(rooms.map(async (r) => Number(await pub.send("HLEN", [`chat:presence:${r}`]))));
+    },
+    async close() {
+      clearInterval(beat);
+      if (pub.connected) await eval_("drop", node).catch(quiet("drop"));
+      sub.close();
+      pub.close();
+    },
+  };
+}
+export type Fanout = Awaited<ReturnType<typeof openFanout>>;
+
 // ── Server state: everything lives inside startServer, so each call starts empty ──
 
 type Bucket = { tokens: number; at: number };
@@ -418,15 +634,17 @@ type LocalUser = { id: string; name: string; sid: string; sockets: Set<ChatSocke
 /** rooms: true once joined (history sent, subscribed); false while the join waits for the room to load. */
 type SocketData = { user: LocalUser; rooms: Map<string, boolean>; buffered: number; closed: boolean };
 type ChatSocket = ServerWebSocket<SocketData>;
+type Entry = { id: number; frame: string }; // a message as sent on the wire
 /** A room as this process sees it: local sockets, presence and the recent tail. */
 type RoomState = {
   name: string;
   topic: string;
-  sockets: Set<ChatSocket>;
-  members: Map<string, { user: User; conns: number }>;
-  lastId: number;
-  ring: { id: number; frame: string }[]; // the newest messages, as sent
-  waiting: Message[] | null; // messages held while the room loads or a gap fills
+  sockets: Set<ChatSocket>; // local sockets, joined or joining
+  local: Map<string, number>; // user id → local joined sockets
+  members: Map<string, User>; // everyone in the room (on every node, in cluster mode)
+  lastId: number; // the last id delivered here; ids are 1, 2, 3… without gaps
+  ring: Entry[]; // the newest messages, enough for any join or recovery
+  waiting: Entry[] | null; // held while the room loads or a gap is filled from the store
   ready: Promise<void>;
   historyFrame: string | null; // cached reply to a join without `since`
 };
@@ -440,6 +658,7 @@ export type ServerOptions = Partial<ConfigInput> & {
 export async function startServer(options: ServerOptions = {}) {
   const { log = () => {}, ...input } = options;
   const config = Config.parse(input);
+  const nodeId = config.nodeId ?? `${process.pid}-${randomId(4)}`;
   const store = await openStore(config.databaseUrl);
   const secret = config.sessionSecret ?? (await store.secret(randomId(32)));
   const ringSize = Math.max(config.recoveryLimit, config.historyOnJoin);
@@ -458,10 +677,34 @@ export async function startServer(options: ServerOptions = {}) {
     slowConsumersClosed: 0,
     connectionsRefused: 0,
     storeErrors: 0,
+    fanoutReceived: 0,
+    fanoutLagMs: 0,
+    gapsFilled: 0,
   };
   let shuttingDown = false;
   let stopped = false;
   let server!: Server<SocketData>;
+
+  const fanout = config.redisUrl
+    ? await openFanout(config.redisUrl, nodeId, {
+        message(name, id, frame, sentAt) {
+          metrics.fanoutReceived++;
+          metrics.fanoutLagMs = Math.max(0, Date.now() - sentAt);
+          const room = rooms.get(name);
+          if (room) deliver(room, { id, frame });
+        },
+        typing(name, frame) {
+          const room = rooms.get(name);
+          if (room) server.publish(room.topic, frame);
+        },
+        presence(name, kind, user) {
+          const room = rooms.get(name);
+          if (room) (kind === "joined" ? addMember : removeMember)(room, user);
+        },
+        renamed: (user, previous) => applyRename(user, previous),
+        reconnected: () => void reconcile().catch((error) => log({ event: "error", where: "reconcile", error: String(error) })),
+      }, log)
+    : null;
 
   /** Takes one token from a bucket; returns 0 or the ms until one is free. */
   function take(buckets: Map<string, Bucket>, key: string, rate: { count: number; perMs: number }): number {
@@ -485,51 +728,66 @@ export async function startServer(options: ServerOptions = {}) {
     send(ws, { type: "error", code, message, ...extra });
   }
 
+  function userOf(ws: ChatSocket): User {
+    return { id: ws.data.user.id, name: ws.data.user.name };
+  }
+
   // Rooms: loaded on the first local join, dropped when the last local socket leaves.
 
   function getRoom(name: string): RoomState {
     let room = rooms.get(name);
     if (room) return room;
     room = {
-      name, topic: TOPIC_PREFIX + name, sockets: new Set(), members: new Map(), lastId: 0, ring: [],
-      waiting: [], ready: Promise.resolve(), historyFrame: null,
+      name, topic: TOPIC_PREFIX + name, sockets: new Set(), local: new Map(), members: new Map(), lastId: 0,
+      ring: [], waiting: [], ready: Promise.resolve(), historyFrame: null,
     };
     rooms.set(name, room);
     room.ready = load(room);
     return room;
   }
 
+  /** Fills a new room from the store (and, in a cluster, Redis): subscribe first, then read, so nothing falls between. */
   async function load(room: RoomState) {
     try {
+      if (fanout) {
+        await fanout.subscribeRoom(room.name);
+        for (const user of await fanout.members(room.name)) room.members.set(user.id, user);
+      }
       const { lastId, messages } = await store.tail(room.name, ringSize);
       room.ring = messages.map((m) => ({ id: m.id, frame: JSON.stringify(m) }));
       room.lastId = Math.max(lastId, messages.at(-1)?.id ?? 0);
       await catchUp(room);
     } catch (error) {
       log({ event: "error", where: "load room", room: room.name, error: String(error) });
-      rooms.delete(room.name);
       room.waiting = null;
+      unload(room, true);
+      return;
     }
-    if (room.sockets.size === 0) rooms.delete(room.name);
+    if (room.sockets.size === 0) unload(room);
+  }
+
+  function unload(room: RoomState, force = false) {
+    if (rooms.get(room.name) !== room || (!force && (room.sockets.size > 0 || room.waiting))) return;
+    rooms.delete(room.name);
+    fanout?.unsubscribeRoom(room.name);
   }
 
   /** Delivers messages in id order, exactly once; ids at or below lastId were delivered already. */
-  function deliver(room: RoomState, msg: Message) {
-    if (room.waiting) return void room.waiting.push(msg);
-    if (msg.id <= room.lastId) return;
-    if (msg.id === room.lastId + 1) return apply(room, msg);
+  function deliver(room: RoomState, entry: Entry) {
+    if (room.waiting) return void room.waiting.push(entry);
+    if (entry.id <= room.lastId) return;
+    if (entry.id === room.lastId + 1) return apply(room, entry);
     // a gap: ids commit in order, so the missing ones are in the store; fetch them first
-    room.waiting = [msg];
+    room.waiting = [entry];
     room.ready = catchUp(room);
   }
 
-  function apply(room: RoomState, msg: Message) {
-    const frame = JSON.stringify(msg);
-    room.lastId = msg.id;
-    room.ring.push({ id: msg.id, frame });
+  function apply(room: RoomState, entry: Entry) {
+    room.lastId = entry.id;
+    room.ring.push(entry);
     if (room.ring.length >= ringSize * 2) room.ring = room.ring.slice(-ringSize);
     room.historyFrame = null;
-    server.publish(room.topic, frame);
+    server.publish(room.topic, entry.frame);
     metrics.messagesPublished++;
   }
 
@@ -549,14 +807,47 @@ export async function startServer(options: ServerOptions = {}) {
         log({ event: "error", where: "fill gap", room: room.name, error: String(error) });
         return [] as Message[];
       });
+      metrics.gapsFilled += missing.length ? 1 : 0;
       if (missing.length === 0 && ++failures >= 5) {
         room.lastId = rest[0].id - 1; // the store cannot fill it: move on; clients see the gap and rejoin with since
       } else if (missing.length === 0) {
         await Bun.sleep(50 * failures);
       }
-      room.waiting!.push(...missing, ...rest);
+      room.waiting!.push(...missing.map((m) => ({ id: m.id, frame: JSON.stringify(m) })), ...rest);
     }
     room.waiting = null;
+  }
+
+  /** Delivers whatever the store has past lastId (a cluster node may lag its peers, or have missed fan-out). */
+  function refresh(room: RoomState): Promise<void> {
+    if (room.waiting) return room.ready;
+    room.waiting = [];
+    room.ready = (async () => {
+      try {
+        const newer = await store.between(room.name, room.lastId, Number.MAX_SAFE_INTEGER);
+        for (const m of newer) room.waiting!.push({ id: m.id, frame: JSON.stringify(m) });
+      } catch (error) {
+        log({ event: "error", where: "refresh room", room: room.name, error: String(error) });
+      }
+      await catchUp(room);
+    })();
+    return room.ready;
+  }
+
+  /** After Redis comes back: re-register local members, refresh presence, deliver what fan-out missed. */
+  async function reconcile() {
+    if (!fanout) return;
+    const entries: [string, string, string][] = [];
+    for (const room of rooms.values()) {
+      for (const userId of room.local.keys()) entries.push([room.name, userId, users.get(userId)?.name ?? ""]);
+    }
+    await fanout.sync(entries);
+    for (const room of [...rooms.values()]) {
+      const now = new Map((await fanout.members(room.name)).map((u) => [u.id, u]));
+      for (const user of now.values()) addMember(room, user);
+      for (const user of [...room.members.values()]) if (!now.has(user.id)) removeMember(room, user);
+      await refresh(room);
+    }
   }
 
   /** The history frame for a join, from the in-memory tail: exact and synchronous. */
@@ -580,12 +871,22 @@ export async function startServer(options: ServerOptions = {}) {
     return frame;
   }
 
-  function presenceOf(room: RoomState): User[] {
-    return [...room.members.values()].map((m) => ({ id: m.user.id, name: m.user.name }));
+  // Presence: `members` is who is in the room; joined/left go out when it changes.
+
+  function addMember(room: RoomState, user: User, joiner?: ChatSocket) {
+    const known = room.members.get(user.id);
+    room.members.set(user.id, user);
+    if (known) return;
+    const frame = JSON.stringify({ type: "joined", room: room.name, user } satisfies ServerMessage);
+    if (joiner) joiner.publish(room.topic, frame); // everyone but the joiner, who gets presence
+    else server.publish(room.topic, frame);
   }
 
-  function userOf(ws: ChatSocket): User {
-    return { id: ws.data.user.id, name: ws.data.user.name };
+  function removeMember(room: RoomState, user: User) {
+    const known = room.members.get(user.id);
+    if (!known) return;
+    room.members.delete(user.id);
+    server.publish(room.topic, JSON.stringify({ type: "left", room: room.name, user: known } satisfies ServerMessage));
   }
 
   // Joining and leaving
@@ -599,6 +900,8 @@ export async function startServer(options: ServerOptions = {}) {
     const rejoin = data.rooms.get(roomName) === true;
     if (!rejoin) data.rooms.set(roomName, false); // reserved: a leave or close meanwhile cleans up
     room.sockets.add(ws);
+    // a cluster node may not have received the newest messages yet: ask the store before saying "you are ahead"
+    if (fanout && since !== undefined && since > room.lastId) await refresh(room);
     while (room.waiting) await room.ready;
     if (data.closed || !data.rooms.has(roomName)) return;
     if (rooms.get(roomName) !== room) {
@@ -611,14 +914,14 @@ export async function startServer(options: ServerOptions = {}) {
       data.rooms.set(roomName, true);
       ws.subscribe(room.topic);
       const user = userOf(ws);
-      const member = room.members.get(user.id);
-      if (member) member.conns++;
-      else {
-        room.members.set(user.id, { user, conns: 1 });
-        ws.publish(room.topic, JSON.stringify({ type: "joined", room: roomName, user } satisfies ServerMessage));
+      const conns = (room.local.get(user.id) ?? 0) + 1;
+      room.local.set(user.id, conns);
+      if (conns === 1) {
+        addMember(room, user, ws);
+        fanout?.join(roomName, user);
       }
     }
-    send(ws, { type: "presence", room: roomName, users: presenceOf(room) });
+    send(ws, { type: "presence", room: roomName, users: [...room.members.values()] });
   }
 
   function leave(ws: ChatSocket, roomName: string) {
@@ -631,13 +934,17 @@ export async function startServer(options: ServerOptions = {}) {
     room.sockets.delete(ws);
     if (joined) {
       if (!data.closed) ws.unsubscribe(room.topic);
-      const member = room.members.get(data.user.id);
-      if (member && --member.conns === 0) {
-        room.members.delete(data.user.id);
-        server.publish(room.topic, JSON.stringify({ type: "left", room: roomName, user: member.user } satisfies ServerMessage));
+      const userId = data.user.id;
+      const conns = (room.local.get(userId) ?? 1) - 1;
+      if (conns > 0) room.local.set(userId, conns);
+      else {
+        room.local.delete(userId);
+        // in a cluster the user may still be here through another node: Redis decides and announces
+        if (fanout) fanout.leave(roomName, userId);
+        else removeMember(room, room.members.get(userId) ?? userOf(ws));
       }
     }
-    if (room.sockets.size === 0 && !room.waiting) rooms.delete(roomName);
+    unload(room);
   }
 
   // Saying: validated frames queue up and are stored in one transaction per event-loop turn,
@@ -667,8 +974,10 @@ export async function startServer(options: ServerOptions = {}) {
           const { ws, ...m } = batch[i];
           const msg: Message = { type: "message", room: m.room, id: ids[i], user: m.user, text: m.text, ts: m.ts };
           if (m.ref !== undefined) msg.ref = m.ref;
+          const frame = JSON.stringify(msg);
           const room = rooms.get(m.room);
-          if (room) deliver(room, msg);
+          if (room) deliver(room, { id: ids[i], frame });
+          fanout?.publishMessage(m.room, ids[i], frame);
         }
       } catch (error) {
         metrics.storeErrors++;
@@ -706,7 +1015,9 @@ export async function startServer(options: ServerOptions = {}) {
     const now = performance.now();
     if (now - (typingSeen.get(key) ?? -Infinity) < 1000) return;
     typingSeen.set(key, now);
-    ws.publish(TOPIC_PREFIX + roomName, JSON.stringify({ type: "typing", room: roomName, user: userOf(ws) } satisfies ServerMessage));
+    const frame = JSON.stringify({ type: "typing", room: roomName, user: userOf(ws) } satisfies ServerMessage);
+    ws.publish(TOPIC_PREFIX + roomName, frame);
+    fanout?.publishTyping(roomName, frame);
   }
 
   type Refusal = { ok: false; code: ErrorCode; message: string; retryAfterMs?: number };
@@ -720,7 +1031,12 @@ export async function startServer(options: ServerOptions = {}) {
     }
     const previous = await store.rename(userId, name);
     if (previous === undefined) return { ok: false, code: "name_taken", message: `Cannot rename: ${name} is taken` };
-    if (previous !== name) applyRename({ id: userId, name }, previous);
+    if (previous !== name) {
+      const user = { id: userId, name };
+      applyRename(user, previous);
+      const localRooms = [...rooms.values()].filter((r) => r.local.has(userId)).map((r) => r.name);
+      fanout?.publishRename(user, previous, localRooms);
+    }
     return { ok: true };
   }
 
@@ -730,9 +1046,8 @@ export async function startServer(options: ServerOptions = {}) {
     if (local) local.name = user.name;
     const recipients = new Set<ChatSocket>(local?.sockets);
     for (const room of rooms.values()) {
-      const member = room.members.get(user.id);
-      if (!member) continue;
-      member.user = { ...user };
+      if (!room.members.has(user.id)) continue;
+      room.members.set(user.id, user);
       for (const ws of room.sockets) if (ws.data.rooms.get(room.name)) recipients.add(ws);
     }
     const frame = JSON.stringify({ type: "renamed", user, previous } satisfies ServerMessage);
@@ -767,11 +1082,13 @@ export async function startServer(options: ServerOptions = {}) {
 
   app.get("/healthz", (c) => {
     if (shuttingDown) return c.json({ status: "shutting_down" }, 503);
+    // without Redis this node still serves its own clients, and history fills the gaps later
+    if (fanout && !fanout.connected) return c.json({ status: "degraded", redis: "disconnected" });
     return c.json({ status: "ok" });
   });
 
   app.get("/metrics", (c) => {
-    const lines = [
+    const lines: [string, string, string, number][] = [
       ["chat_connections", "gauge", "Open WebSocket connections", sockets.size],
       ["chat_rooms", "gauge", "Rooms with members on this process", rooms.size],
       ["chat_messages_received_total", "counter", "Chat messages accepted from clients", metrics.messagesReceived],
@@ -781,8 +1098,18 @@ export async function startServer(options: ServerOptions = {}) {
       ["chat_slow_consumers_closed_total", "counter", "Sockets closed with unsent data buffered (slow or dead readers)", metrics.slowConsumersClosed],
       ["chat_connections_refused_total", "counter", "Connections refused by a connection limit", metrics.connectionsRefused],
       ["chat_store_errors_total", "counter", "Failed writes of chat messages", metrics.storeErrors],
-    ] as const;
-    const text = lines.map(([name, type, help, value]) => `# HELP ${name} ${help}\n# TYPE ${name} ${type}\n${name} ${value}\n`).join("");
+      ["chat_gaps_filled_total", "counter", "Out-of-order arrivals filled from the store", metrics.gapsFilled],
+    ];
+    if (fanout) {
+      lines.push(
+        ["chat_redis_connected", "gauge", "1 while the Redis fan-out is connected and subscribed", fanout.connected ? 1 : 0],
+        ["chat_fanout_received_total", "counter", "Messages received from other nodes through Redis", metrics.fanoutReceived],
+        ["chat_fanout_lag_ms", "gauge", "Publish-to-receive delay of the last message from Redis", metrics.fanoutLagMs],
+      );
+    }
+    const text =
+      `# HELP chat_node_info This process\n# TYPE chat_node_info gauge\nchat_node_info{node="${nodeId}",cluster="${fanout ? 1 : 0}"} 1\n` +
+      lines.map(([name, type, help, value]) => `# HELP ${name} ${help}\n# TYPE ${name} ${type}\n${name} ${value}\n`).join("");
     return c.text(text, 200, { "content-type": "text/plain; version=0.0.4; charset=utf-8" });
   });
 
@@ -828,10 +1155,12 @@ export async function startServer(options: ServerOptions = {}) {
     const list = new Map(stored.map((r) => [r.name, { name: r.name, online: 0, lastId: r.lastId }]));
     for (const room of rooms.values()) {
       const entry = list.get(room.name) ?? { name: room.name, online: 0, lastId: room.lastId };
-      entry.online = room.members.size;
       entry.lastId = Math.max(entry.lastId, room.lastId);
       list.set(room.name, entry);
     }
+    const names = [...list.keys()];
+    const online = fanout ? await fanout.online(names) : names.map((n) => rooms.get(n)?.members.size ?? 0);
+    names.forEach((n, i) => (list.get(n)!.online = online[i]));
     return c.json([...list.values()].sort((a, b) => b.online - a.online || b.lastId - a.lastId));
   });
 
@@ -980,6 +1309,7 @@ export async function startServer(options: ServerOptions = {}) {
     }
     for (const ws of sockets) ws.close(1001, "server shutting down");
     await server.stop();
+    await fanout?.close(); // removes this node's members from presence at once
     await store.close();
   }
 

@@ -1,0 +1,202 @@
+// Cluster mode: real redis-server, real Postgres and three real server processes on loopback.
+import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
+import { Client, newSession, spawnServer } from "./helpers.ts";
+import { missingServices, startPostgres, startRedis } from "./services.ts";
+
+const skip = missingServices();
+
+type Node = Awaited<ReturnType<typeof spawnServer>>;
+type Redis = Awaited<ReturnType<typeof startRedis>>;
+type Postgres = Awaited<ReturnType<typeof startPostgres>>;
+
+describe.skipIf(!!skip)("cluster", () => {
+  let redis: Redis;
+  let pg: Postgres;
+  let nodes: Node[] = [];
+  let nodeCount = 0;
+
+  beforeAll(async () => {
+    [redis, pg] = await Promise.all([startRedis(), startPostgres()]);
+  });
+  afterEach(async () => {
+    for (const node of nodes) await node[Symbol.asyncDispose]();
+    nodes = [];
+  });
+  afterAll(async () => {
+    await redis?.[Symbol.asyncDispose]();
+    await pg?.[Symbol.asyncDispose]();
+  });
+
+  /** Starts `count` nodes on a fresh database, sharing one Redis. */
+  async function startCluster(count: number, options: { redisUrl?: string; databaseUrl?: string } = {}) {
+    const databaseUrl = options.databaseUrl ?? (await pg.createDatabase());
+    const started: Node[] = [];
+    for (let i = 0; i < count; i++) {
+      // one at a time: the first creates the tables and the shared session secret
+      const node = await spawnServer({ REDIS_URL: options.redisUrl ?? redis.url, DATABASE_URL: databaseUrl, NODE_ID: `n${++nodeCount}`, RATE_LIMIT: "1000/1s" });
+      nodes.push(node);
+      started.push(node);
+    }
+    return { nodes: started, databaseUrl };
+  }
+
+  test("a message from one node reaches members on every node once, with names, presence and renames crossing nodes", async () => {
+    const { nodes: [a, b, c] } = await startCluster(3);
+    // a cookie issued by node a is valid on every node
+    const alice = await newSession(a.url);
+    const bob = await newSession(a.url);
+    const carol = await newSession(a.url);
+    const ca = await Client.connect(a.url, alice);
+    const cb = await Client.connect(b.url, bob);
+    const cc = await Client.connect(c.url, carol);
+    await ca.join("lobby");
+    await cb.join("lobby");
+    const { presence } = await cc.join("lobby");
+    expect(presence.users.map((u) => u.id).sort()).toEqual([alice.id, bob.id, carol.id].sort());
+    expect(await ca.next((f) => f.type === "joined" && f.user.id === carol.id)).toMatchObject({ room: "lobby" });
+
+    const sent = await ca.say("lobby", "hello from a");
+    expect(sent.user).toEqual({ id: alice.id, name: alice.name });
+    for (const client of [cb, cc]) expect(await client.next((f) => f.type === "message")).toEqual(sent);
+
+    // rename on node b reaches rooms on every node
+    const put = await fetch(`${b.url}/api/me`, { method: "PUT", headers: { cookie: bob.cookie, "content-type": "application/json" }, body: '{"name":"Bob"}' });
+    expect(put.status).toBe(200);
+    for (const client of [ca, cc, cb]) {
+      expect(await client.next((f) => f.type === "renamed")).toEqual({ type: "renamed", user: { id: bob.id, name: "Bob" }, previous: bob.name });
+    }
+    expect((await cb.say("lobby", "I am Bob")).user.name).toBe("Bob");
+
+    // a second tab of alice on node c: no joined; closing the first: no left; closing both: one left
+    const tab = await Client.connect(c.url, alice);
+    await tab.join("lobby");
+    await ca.close();
+    await tab.say("lobby", "still alice");
+    await cb.next((f) => f.type === "message" && f.text === "still alice");
+    await tab.close();
+    const left = await cb.next((f) => f.type === "left");
+    expect(left.user.id).toBe(alice.id);
+    await cc.next((f) => f.type === "left");
+    await cb.say("lobby", "after alice left");
+    await cc.next((f) => f.type === "message" && f.text === "after alice left");
+    for (const client of [cb, cc]) {
+      expect(client.frames.filter((f) => f.type === "joined" && f.user.id === alice.id)).toHaveLength(0);
+      expect(client.frames.filter((f) => f.type === "left")).toHaveLength(1);
+      // each message exactly once
+      const ids = client.frames.filter((f) => f.type === "message").map((f) => (f as { id: number }).id);
+      expect(new Set(ids).size).toBe(ids.length);
+    }
+    const rooms = (await (await fetch(`${c.url}/api/rooms`)).json()) as { name: string; online: number }[];
+    expect(rooms.find((r) => r.name === "lobby")?.online).toBe(2);
+    const metrics = await (await fetch(`${a.url}/metrics`)).text();
+    expect(metrics).toMatch(/chat_node_info\{node="n\d+",cluster="1"\} 1/);
+    expect(metrics).toContain("chat_redis_connected 1");
+    expect(metrics).toMatch(/chat_fanout_lag_ms \d+/);
+  });
+
+  test("concurrent senders on every node: ids strictly increase and every member sees the same order", async () => {
+    const { nodes: cluster } = await startCluster(3);
+    const clients = await Promise.all(cluster.map(async (node) => Client.connect(node.url, await newSession(node.url))));
+    for (const client of clients) await client.join("race");
+    const PER = 60;
+    await Promise.all(clients.map(async (client, n) => {
+      for (let i = 0; i < PER; i++) client.send({ type: "say", room: "race", text: `n${n}-${i}` });
+    }));
+    const seen = await Promise.all(clients.map((client) => client.collect("message", PER * 3, 30_000)));
+    const order = seen[0].map((m) => `${m.id}:${m.text}`);
+    expect(seen[0].map((m) => m.id)).toEqual(Array.from({ length: PER * 3 }, (_, i) => i + 1));
+    for (const list of seen) expect(list.map((m) => `${m.id}:${m.text}`)).toEqual(order);
+    // each sender's own messages keep their order
+    for (let n = 0; n < 3; n++) {
+      const mine = seen[0].filter((m) => m.text.startsWith(`n${n}-`)).map((m) => Number(m.text.split("-")[1]));
+      expect(mine).toEqual(Array.from({ length: PER }, (_, i) => i));
+    }
+  });
+
+  test("a client moves from a killed node to another and recovers with no gap or duplicate; the dead node's users leave presence", async () => {
+    const { nodes: [a, b, c] } = await startCluster(3);
+    const [alice, bob, dave] = [await newSession(a.url), await newSession(a.url), await newSession(a.url)];
+    const writer = await Client.connect(a.url, alice);
+    await writer.join("move");
+    const mover = await Client.connect(c.url, bob);
+    await mover.join("move");
+    const stayer = await Client.connect(c.url, dave); // dave has no other node: he must expire
+    await stayer.join("move");
+    await writer.next((f) => f.type === "joined" && f.user.id === dave.id);
+    const before = [];
+    for (let i = 0; i < 5; i++) before.push(await writer.say("move", `before ${i}`));
+    await mover.collect("message", 5);
+    c.proc.kill(9);
+    await mover.closed;
+    for (let i = 0; i < 7; i++) await writer.say("move", `while away ${i}`);
+    const back = await Client.connect(b.url, bob);
+    const { history } = await back.join("move", before.at(-1)!.id);
+    expect(history.complete).toBe(true);
+    expect(history.messages.map((m) => m.text)).toEqual(Array.from({ length: 7 }, (_, i) => `while away ${i}`));
+    const live = await writer.say("move", "live again");
+    expect(await back.next((f) => f.type === "message")).toEqual(live);
+    // dave's only node died without cleanup: his membership expires (heartbeat TTL)
+    const left = await writer.next((f) => f.type === "left" && f.user.id === dave.id, 30_000);
+    expect(left.room).toBe("move");
+    expect(writer.frames.some((f) => f.type === "left" && f.user.id === bob.id)).toBe(false);
+  }, 60_000);
+
+  test("Redis restarts mid-conversation: health says degraded, then chat resumes with nothing lost", async () => {
+    await using ownRedis = await startRedis();
+    const { nodes: [a, b] } = await startCluster(2, { redisUrl: ownRedis.url });
+    const ca = await Client.connect(a.url, await newSession(a.url));
+    const cb = await Client.connect(b.url, await newSession(b.url));
+    await ca.join("storm");
+    await cb.join("storm");
+    await ca.say("storm", "before");
+    await cb.next((f) => f.type === "message");
+    await ownRedis.stop();
+    const health = await (async () => {
+      for (const deadline = Date.now() + 10_000; Date.now() < deadline; await Bun.sleep(50)) {
+        const h = (await (await fetch(`${a.url}/healthz`)).json()) as { status: string };
+        if (h.status !== "ok") return h;
+      }
+    })();
+    expect(health).toEqual({ status: "degraded", redis: "disconnected" });
+    // both sides keep talking during the outage: stored, shown locally, not yet fanned out
+    const during = [await ca.say("storm", "during from a"), await cb.say("storm", "during from b")];
+    await ownRedis.restart();
+    await cb.next((f) => f.type === "message" && f.text === "during from a", 20_000);
+    await ca.next((f) => f.type === "message" && f.text === "during from b", 20_000);
+    const after = await ca.say("storm", "after");
+    await cb.next((f) => f.type === "message" && f.text === "after", 10_000);
+    for (const client of [ca, cb]) {
+      const ids = client.frames.filter((f) => f.type === "message").map((f) => (f as { id: number }).id);
+      expect(ids).toEqual([1, 2, 3, 4]);
+    }
+    expect(after.id).toBe(4);
+    expect(during.map((m) => m.id).sort()).toEqual([2, 3]);
+    expect((await (await fetch(`${b.url}/healthz`)).json()) as unknown).toEqual({ status: "ok" });
+  }, 60_000);
+
+  test("with Postgres down, say answers unavailable and nothing unstored is broadcast", async () => {
+    await using ownPg = await startPostgres();
+    const { nodes: [a, b] } = await startCluster(2, { databaseUrl: await ownPg.createDatabase() });
+    const ca = await Client.connect(a.url, await newSession(a.url));
+    const cb = await Client.connect(b.url, await newSession(b.url));
+    await ca.join("db");
+    await cb.join("db");
+    await ca.say("db", "stored");
+    await ownPg.stop();
+    ca.send({ type: "say", room: "db", text: "lost?", ref: "x" });
+    expect(await ca.next((f) => f.type === "error", 20_000)).toMatchObject({ code: "unavailable", ref: "x" });
+    await ownPg.start();
+    // the pool reconnects: the next message is id 2 everywhere, and "lost?" never appeared
+    const next = await (async () => {
+      for (const deadline = Date.now() + 20_000; Date.now() < deadline; ) {
+        ca.send({ type: "say", room: "db", text: "back", ref: "y" });
+        const f = await ca.next((f) => (f.type === "message" || f.type === "error") && f.ref === "y", 10_000);
+        if (f.type === "message") return f;
+        await Bun.sleep(200);
+      }
+    })();
+    expect(next).toMatchObject({ id: 2, text: "back" });
+    expect(await cb.next((f) => f.type === "message" && f.text === "back")).toEqual(next!);
+    for (const client of [ca, cb]) expect(client.frames.some((f) => f.type === "message" && f.text === "lost?")).toBe(false);
+  }, 60_000);
+});
