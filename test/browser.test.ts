@@ -1,0 +1,448 @@
+// The browser client (client.html) in headless Chromium: real servers, real pages, real sockets.
+// Skips with one line when /usr/bin/chromium is missing, unless CHAT_TEST_REQUIRE_ALL=1 (then it fails).
+import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { existsSync, readFileSync } from "node:fs";
+import { join } from "node:path";
+import { chromium, type Browser, type Page, type WebSocketRoute } from "playwright-core";
+import { ServerMessage } from "../server.ts";
+import { Client, newSession, ROOT, serve, tempDir, until } from "./helpers.ts";
+
+const CHROMIUM = "/usr/bin/chromium";
+const CHROMIUM_ARGS = [
+  "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+  "--disable-component-update", "--disable-sync", "--no-first-run",
+];
+const WAIT_MS = 5_000; // any one wait on the page
+const TEST_MS = 20_000; // a whole test (bun's default is 5 s; a timeout also kills the shared browser)
+const SKIP = !existsSync(CHROMIUM) && process.env.CHAT_TEST_REQUIRE_ALL !== "1";
+if (SKIP) console.log(`browser tests skipped: ${CHROMIUM} not found (apt-get install chromium)`);
+
+/** Messages shown in the open room, oldest first (pending ones included). */
+const shown = (page: Page) => page.locator(".log:not([hidden]) > .msg");
+const shownText = (page: Page, text: string | RegExp) => shown(page).filter({ has: page.locator(".text", { hasText: text }) });
+const texts = (page: Page) => page.locator(".log:not([hidden]) > .msg .text").allTextContents();
+
+describe.skipIf(SKIP)("browser client", () => {
+  let browser: Browser;
+
+  beforeAll(async () => {
+    if (!existsSync(CHROMIUM)) throw new Error(`browser tests cannot run: ${CHROMIUM} not found (apt-get install chromium), and CHAT_TEST_REQUIRE_ALL=1`);
+    browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
+  });
+  afterAll(async () => {
+    await browser?.close();
+  });
+
+  /** A fresh profile (its own cookie, so its own user) with the chat open and connected. */
+  async function open(baseUrl: string, path = "/", { viewport = { width: 1280, height: 800 }, setup = async (_: Page) => {} } = {}) {
+    const context = await browser.newContext({ viewport });
+    context.setDefaultTimeout(WAIT_MS);
+    const page = await context.newPage();
+    const errors: string[] = [];
+    page.on("pageerror", (error) => errors.push(String(error)));
+    await setup(page);
+    await page.goto(baseUrl + path);
+    await connected(page);
+    return {
+      context,
+      page,
+      errors,
+      name: () => page.locator("#me-name").textContent(),
+      async [Symbol.asyncDispose]() {
+        await context.close();
+      },
+    };
+  }
+
+  /** Waits until the page is connected and the open room's history is in. */
+  async function connected(page: Page) {
+    await page.locator('#status[data-state="connected"]').waitFor();
+    await page.locator("#composer-fields:not([disabled])").waitFor();
+  }
+
+  async function say(page: Page, text: string) {
+    await page.locator("#text").fill(text);
+    await page.locator("#text").press("Enter");
+    await shownText(page, text).and(page.locator(":not(.pending)")).last().waitFor();
+  }
+
+  test("two users chat both ways and see each other's names", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await using b = await open(chat.url);
+    const [aName, bName] = [await a.name(), await b.name()];
+    expect(aName).toMatch(/^user\d+$/);
+    expect(bName).not.toBe(aName);
+    await a.page.locator("#people", { hasText: bName! }).waitFor();
+
+    await say(a.page, "hello from a");
+    const got = shownText(b.page, "hello from a");
+    await got.waitFor();
+    expect(await got.locator(".author").textContent()).toBe(aName);
+    expect(await got.getAttribute("class")).not.toContain("own");
+    expect(await shownText(a.page, "hello from a").getAttribute("class")).toContain("own");
+
+    await say(b.page, "hi a, b here");
+    const reply = shownText(a.page, "hi a, b here");
+    await reply.waitFor();
+    expect(await reply.locator(".author").textContent()).toBe(bName);
+    // consecutive messages by one author are grouped under one header
+    await say(b.page, "second line from b");
+    await expect(shownText(a.page, "second line from b").getAttribute("class")).resolves.toContain("cont");
+    expect(await texts(a.page)).toEqual(["hello from a", "hi a, b here", "second line from b"]);
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
+  test("a rename shows in the other page, refusals show inline, and the name survives a reload", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await using b = await open(chat.url);
+    await a.page.locator("#me-name").click();
+    await a.page.locator("#me-input").fill("Alice");
+    await a.page.locator("#me-input").press("Enter");
+    await a.page.locator("#me-name", { hasText: /^Alice$/ }).waitFor();
+    await b.page.locator("#people .person-name", { hasText: /^Alice$/ }).waitFor();
+    await say(a.page, "now I am Alice");
+    expect(await shownText(b.page, "now I am Alice").locator(".author").textContent()).toBe("Alice");
+
+    // 409: taken (names are unique ignoring case); 400: empty
+    await b.page.locator("#me-name").click();
+    await b.page.locator("#me-input").fill("alice");
+    await b.page.locator("#me-input").press("Enter");
+    await b.page.locator("#me-error", { hasText: "taken" }).waitFor();
+    await b.page.locator("#me-input").fill("   ");
+    await b.page.locator("#me-input").press("Enter");
+    await b.page.locator("#me-error", { hasText: "name is empty" }).waitFor();
+    await b.page.locator("#me-input").press("Escape");
+    expect(await b.page.locator("#me-form").isHidden()).toBe(true);
+
+    await a.page.reload();
+    await connected(a.page);
+    expect(await a.name()).toBe("Alice");
+    expect(await texts(a.page)).toEqual(["now I am Alice"]);
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
+  test("an HTML payload shows as literal text and runs nothing; http links become safe anchors", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await using b = await open(chat.url);
+    const payload = `<img src=x onerror=window.__pwned=1><script>window.__pwned=1</script><b>bold</b>`;
+    await say(a.page, payload);
+    await say(a.page, "docs at https://example.com/a?b=1&c=(2). and javascript:alert(1) stays text");
+    for (const { page } of [a, b]) {
+      await shownText(page, "docs at").waitFor();
+      expect(await texts(page)).toEqual([payload, "docs at https://example.com/a?b=1&c=(2). and javascript:alert(1) stays text"]);
+      expect(await page.locator(".log img, .log script, .log b").count()).toBe(0);
+      expect(await page.evaluate(() => (window as { __pwned?: number }).__pwned)).toBeUndefined();
+      const links = page.locator(".log a");
+      expect(await links.count()).toBe(1);
+      expect(await links.getAttribute("href")).toBe("https://example.com/a?b=1&c=(2)");
+      expect(await links.getAttribute("rel")).toBe("noopener noreferrer");
+      expect(await links.getAttribute("target")).toBe("_blank");
+    }
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
+  test("the typing indicator shows in the other page and clears when the message arrives or after 5 s", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await using b = await open(chat.url);
+    const aName = await a.name();
+    await a.page.locator("#text").pressSequentially("hel");
+    await b.page.locator("#typing", { hasText: `${aName} is typing…` }).waitFor();
+    expect(await a.page.locator("#typing").textContent()).toBe("");
+    await a.page.locator("#text").pressSequentially("lo");
+    await a.page.locator("#text").press("Enter");
+    await shownText(b.page, "hello").waitFor();
+    expect(await b.page.locator("#typing").textContent()).toBe("");
+
+    // typing again (over 2 s later), then nothing: the indicator goes after 5 s without a new frame
+    await until(async () => {
+      await a.page.locator("#text").pressSequentially("x");
+      return b.page.locator("#typing", { hasText: "is typing" }).isVisible();
+    }, WAIT_MS, "a second typing indicator");
+    const since = Date.now();
+    await b.page.locator("#typing:empty").waitFor({ timeout: 8_000 });
+    expect(Date.now() - since).toBeGreaterThan(3_000);
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
+  test("rooms: join by name, unread counts, each room keeps its messages, the hash opens and switches rooms", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    const join = async (name: string) => {
+      await a.page.locator("#join-input").fill(name);
+      await a.page.locator("#join-input").press("Enter");
+    };
+    await join("Not A Room!");
+    await a.page.locator("#join-error", { hasText: "not a room name" }).waitFor();
+    await join("random");
+    await a.page.locator("#room-title", { hasText: "#random" }).waitFor();
+    expect(new URL(a.page.url()).hash).toBe("#random");
+    await connected(a.page);
+
+    // a link with the room in the hash opens it
+    await using b = await open(chat.url, "/#random");
+    expect(await b.page.locator("#room-title").textContent()).toBe("#random");
+    await say(a.page, "in random first");
+
+    await a.page.locator('.room-link[href="#general"]').click();
+    await a.page.locator("#room-title", { hasText: "#general" }).waitFor();
+    await say(a.page, "in general");
+    await say(b.page, "unread one");
+    await say(b.page, "unread two");
+    const badge = a.page.locator('.room-link[href="#random"] .unread-count');
+    await a.page.locator('.room-link[href="#random"] .unread-count', { hasText: /^2$/ }).waitFor();
+    expect(await a.page.title()).toBe("(2) #general · Chat");
+    expect(await texts(a.page)).toEqual(["in general"]);
+
+    await a.page.locator('.room-link[href="#random"]').click();
+    await a.page.locator("#room-title", { hasText: "#random" }).waitFor();
+    expect(await badge.isVisible()).toBe(false);
+    expect(await texts(a.page)).toEqual(["in random first", "unread one", "unread two"]);
+    await a.page.evaluate(() => (location.hash = "#general"));
+    await a.page.locator("#room-title", { hasText: "#general" }).waitFor();
+    expect(await texts(a.page)).toEqual(["in general"]);
+
+    // leaving: the room goes from the list and b sees a leave
+    await a.page.evaluate(() => (location.hash = "#random"));
+    await a.page.locator("#room-title", { hasText: "#random" }).waitFor();
+    expect(await b.page.locator("#people li").count()).toBe(2);
+    await a.page.locator("#leave").click();
+    await a.page.locator("#room-title", { hasText: "#general" }).waitFor();
+    expect(await a.page.locator('.room-link[href="#random"]').count()).toBe(0);
+    await until(async () => (await b.page.locator("#people li").count()) === 1, WAIT_MS, "b's presence list to drop a");
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
+  test("keyboard only: Tab reaches the composer, Shift+Enter adds a line, Enter sends", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    let tabs = 0;
+    while ((await a.page.evaluate(() => document.activeElement?.id)) !== "text") {
+      if (++tabs > 30) throw new Error("Tab never reached the composer");
+      await a.page.keyboard.press("Tab");
+    }
+    expect(await a.page.evaluate(() => document.activeElement?.matches(":focus-visible"))).toBe(true);
+    await a.page.keyboard.type("line one");
+    await a.page.keyboard.press("Shift+Enter");
+    await a.page.keyboard.type("line two");
+    expect(await a.page.locator("#counter").textContent()).toBe("17 / 2000");
+    await a.page.keyboard.press("Enter");
+    await shownText(a.page, "line two").and(a.page.locator(":not(.pending)")).waitFor();
+    expect(await texts(a.page)).toEqual(["line one\nline two"]);
+    expect(await a.page.locator("#text").inputValue()).toBe("");
+    expect(await a.page.evaluate(() => document.activeElement?.id)).toBe("text");
+    expect(a.errors).toEqual([]);
+  }, TEST_MS);
+
+  test("a refused message shows its error on the message and can be retried", async () => {
+    await using chat = await serve({ rateLimit: "2/2s" });
+    await using a = await open(chat.url);
+    for (const text of ["one", "two", "three"]) {
+      await a.page.locator("#text").fill(text);
+      await a.page.locator("#text").press("Enter");
+    }
+    const refused = shownText(a.page, "three");
+    await refused.locator(".state-text", { hasText: /^Not sent: too many messages; retry in [12] s$/ }).waitFor();
+    expect(await refused.getAttribute("class")).toContain("failed");
+    // the retry button opens once retryAfterMs has passed
+    await refused.locator(".retry:not([disabled])").waitFor();
+    await refused.locator(".retry").click();
+    await shownText(a.page, "three").and(a.page.locator(":not(.pending):not(.failed)")).waitFor();
+    expect(await texts(a.page)).toEqual(["one", "two", "three"]);
+    expect(a.errors).toEqual([]);
+  }, TEST_MS);
+
+  test("a join shows the newest messages and Load older pages back through the rest", async () => {
+    await using chat = await serve({ historyOnJoin: 5 });
+    const poster = await Client.connect(chat.url, await newSession(chat.url));
+    await poster.join("general");
+    for (let i = 1; i <= 12; i++) await poster.say("general", `m${i}`);
+    await using a = await open(chat.url);
+    await shownText(a.page, "m12").waitFor();
+    expect(await texts(a.page)).toEqual(["m8", "m9", "m10", "m11", "m12"]);
+    await a.page.locator("#older").click();
+    await shownText(a.page, /^m1$/).waitFor();
+    expect(await texts(a.page)).toEqual(Array.from({ length: 12 }, (_, i) => `m${i + 1}`));
+    expect(await a.page.locator("#older").isHidden()).toBe(true);
+    poster.close();
+    expect(a.errors).toEqual([]);
+  }, TEST_MS);
+
+  test("the list sticks to the bottom until the reader scrolls up; then a New messages button appears", async () => {
+    await using chat = await serve();
+    const poster = await Client.connect(chat.url, await newSession(chat.url));
+    await poster.join("general");
+    for (let i = 1; i <= 30; i++) await poster.say("general", `line ${i}`);
+    await using a = await open(chat.url, "/", { viewport: { width: 800, height: 500 } });
+    const scroller = a.page.locator("#scroller");
+    const atBottom = () => scroller.evaluate((e) => e.scrollHeight - e.scrollTop - e.clientHeight < 2);
+    await shownText(a.page, "line 30").waitFor();
+    await until(atBottom, WAIT_MS, "the list to start at the bottom");
+    await poster.say("general", "line 31");
+    await shownText(a.page, "line 31").waitFor();
+    await until(atBottom, WAIT_MS, "the list to follow a new message");
+    expect(await a.page.locator("#jump").isHidden()).toBe(true);
+
+    await scroller.evaluate((e) => (e.scrollTop = 0));
+    await poster.say("general", "line 32");
+    await shownText(a.page, "line 32").waitFor();
+    await a.page.locator("#jump").waitFor();
+    expect(await scroller.evaluate((e) => e.scrollTop)).toBe(0);
+    await a.page.locator("#jump").click();
+    await until(atBottom, WAIT_MS, "the jump to the bottom");
+    expect(await a.page.locator("#jump").isHidden()).toBe(true);
+    poster.close();
+    expect(a.errors).toEqual([]);
+  }, TEST_MS);
+
+  test("the composer's limit and counter follow the server's maxText", async () => {
+    await using chat = await serve({ maxText: 12 });
+    await using a = await open(chat.url);
+    await a.page.locator("#text").focus();
+    await a.page.keyboard.type("abcdefghijklmnop");
+    expect(await a.page.locator("#text").inputValue()).toBe("abcdefghijkl");
+    expect(await a.page.locator("#counter").textContent()).toBe("12 / 12");
+    expect(await a.page.locator("#counter").getAttribute("class")).toContain("near");
+    await a.page.keyboard.press("Enter");
+    await shownText(a.page, "abcdefghijkl").and(a.page.locator("[data-id]")).waitFor();
+    expect(a.errors).toEqual([]);
+  }, TEST_MS);
+
+  test("after a server restart on the same database the page shows each missed message exactly once", async () => {
+    using tmp = tempDir();
+    const databaseUrl = `sqlite://${tmp.dir}/chat.db`;
+    const first = await serve({ databaseUrl });
+    const port = first.port;
+    let second: Awaited<ReturnType<typeof serve>> | undefined;
+    try {
+      // ?backoff: a fixed reconnect delay, so the page comes back promptly once it can
+      await using a = await open(first.url, "/?backoff=150");
+      const name = await a.name();
+      const bob = await newSession(first.url);
+      const b1 = await Client.connect(first.url, bob);
+      await b1.join("general");
+      await say(a.page, "before the restart");
+      await b1.say("general", "bob before");
+      await shownText(a.page, "bob before").waitFor();
+
+      await first.stop();
+      await a.page.locator('#status[data-state="reconnecting"]', { hasText: "Reconnecting in" }).waitFor();
+      expect(await a.page.locator("#text").isDisabled()).toBe(true);
+      // keep the page out while bob posts on the restarted server
+      await a.context.setOffline(true);
+      await a.page.locator('#status[data-state="offline"]').waitFor();
+      second = await serve({ databaseUrl, port });
+      const b2 = await Client.connect(second.url, bob);
+      const { history } = await b2.join("general");
+      expect(history.messages.map((m) => m.text)).toEqual(["before the restart", "bob before"]);
+      for (const text of ["missed 1", "missed 2", "missed 3"]) await b2.say("general", text);
+      expect(await texts(a.page)).toEqual(["before the restart", "bob before"]);
+
+      await a.context.setOffline(false);
+      await connected(a.page);
+      await shownText(a.page, "missed 3").waitFor();
+      expect(await a.name()).toBe(name);
+      await b2.say("general", "live again");
+      await shownText(a.page, "live again").waitFor();
+      await say(a.page, "a is back");
+      await b2.next((f) => f.type === "message" && f.text === "a is back");
+      expect(await texts(a.page)).toEqual(["before the restart", "bob before", "missed 1", "missed 2", "missed 3", "live again", "a is back"]);
+      expect(await a.page.locator(".log > .msg[data-id]").evaluateAll((els) => els.map((e) => Number(e.getAttribute("data-id"))))).toEqual([1, 2, 3, 4, 5, 6, 7]);
+      b1.close();
+      b2.close();
+      expect(a.errors).toEqual([]);
+    } finally {
+      await first.stop();
+      await second?.stop();
+    }
+  }, TEST_MS);
+
+  test("a message whose echo was lost is matched by its ref in the recovered history; a lost say is sent again once", async () => {
+    await using chat = await serve();
+    // the page's socket goes through a proxy that can drop one frame and cut the line
+    let drop = { fromServer: "", fromPage: "", done: Promise.withResolvers<void>() };
+    let line: { page: WebSocketRoute; server: WebSocketRoute } | undefined;
+    const setup = (page: Page) =>
+      page.routeWebSocket(/\/chat$/, (ws) => {
+        const server = ws.connectToServer();
+        line = { page: ws, server };
+        ws.onMessage((frame) => {
+          if (drop.fromPage && String(frame).includes(drop.fromPage)) return drop.done.resolve();
+          server.send(frame);
+        });
+        server.onMessage((frame) => {
+          if (drop.fromServer && String(frame).includes(drop.fromServer)) return drop.done.resolve();
+          ws.send(frame);
+        });
+      });
+    const dropNext = (where: { fromServer?: string; fromPage?: string }) =>
+      (drop = { fromServer: "", fromPage: "", ...where, done: Promise.withResolvers<void>() });
+    /** Cuts the line after the drop happened; the page reconnects (?backoff=50) and catches up. */
+    const cutAndReconnect = async () => {
+      await drop.done.promise;
+      dropNext({});
+      const old = line!;
+      await old.server.close({ code: 1000 });
+      await old.page.close({ code: 4000, reason: "test cut the line" });
+      await a.page.locator('#status:not([data-state="connected"])').waitFor();
+      await connected(a.page);
+    };
+    await using a = await open(chat.url, "/?backoff=50", { setup });
+    const bob = await Client.connect(chat.url, await newSession(chat.url));
+    await bob.join("general");
+
+    // 1. stored and broadcast, but the echo never reaches the page: it stays pending…
+    dropNext({ fromServer: "echo lost" });
+    await a.page.locator("#text").fill("echo lost");
+    await a.page.locator("#text").press("Enter");
+    await bob.next((f) => f.type === "message" && f.text === "echo lost");
+    await cutAndReconnect();
+    // …until the recovered history shows the same ref: marked sent, not sent again
+    await shownText(a.page, "echo lost").and(a.page.locator("[data-id]")).waitFor();
+    expect(await a.page.locator(".log .pending").count()).toBe(0);
+
+    // 2. the say never reaches the server: after the reconnect it is sent again, with its ref
+    dropNext({ fromPage: "say lost" });
+    await a.page.locator("#text").fill("say lost");
+    await a.page.locator("#text").press("Enter");
+    expect(await shownText(a.page, "say lost").getAttribute("class")).toContain("pending");
+    await cutAndReconnect();
+    await shownText(a.page, "say lost").and(a.page.locator("[data-id]")).waitFor();
+    expect(await texts(a.page)).toEqual(["echo lost", "say lost"]);
+    const again = await bob.next((f) => f.type === "message" && f.text === "say lost");
+    expect(again.ref).toMatch(/^[0-9a-f]{24}$/);
+    const res = await fetch(`${chat.url}/api/rooms/general/messages`, { headers: { cookie: (await newSession(chat.url)).cookie } });
+    const stored = ((await res.json()) as { messages: { text: string }[] }).messages.map((m) => m.text);
+    expect(stored).toEqual(["echo lost", "say lost"]);
+    bob.close();
+    expect(a.errors).toEqual([]);
+  }, TEST_MS);
+
+  test("at 360 px wide nothing overflows sideways and the composer stays in view", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url, "/", { viewport: { width: 360, height: 720 } });
+    await say(a.page, "a long word: " + "x".repeat(300));
+    expect(await a.page.evaluate(() => document.documentElement.scrollWidth)).toBeLessThanOrEqual(360);
+    const box = await a.page.locator("#text").boundingBox();
+    expect(box!.y + box!.height).toBeLessThanOrEqual(720);
+    expect(box!.width).toBeGreaterThan(200);
+    expect(a.errors).toEqual([]);
+  }, TEST_MS);
+});
+
+// No browser needed: read the page's source.
+describe("client.html", () => {
+  test("handle(msg) has a case for every ServerMessage type, and no HTML is ever parsed from strings", () => {
+    const html = readFileSync(join(ROOT, "client.html"), "utf8");
+    const start = html.indexOf("function handle(msg) {");
+    expect(start).toBeGreaterThan(0);
+    const body = html.slice(start, html.indexOf("\n}\n", start));
+    const cases = [...body.matchAll(/case "(\w+)":/g)].map((m) => m[1]).sort();
+    const types = ServerMessage.options.map((o) => o.shape.type.value).sort();
+    expect(cases).toEqual(types);
+    expect(html).not.toMatch(/innerHTML|outerHTML|insertAdjacentHTML|document\.write/);
+  });
+});

@@ -1,0 +1,83 @@
+// Regenerates docs/screenshots/*.png: the chat with a short conversation, desktop (1280x800) and
+// 360 px wide, light and dark. Run: bun test/screenshots.ts (needs /usr/bin/chromium).
+import { mkdirSync } from "node:fs";
+import { join } from "node:path";
+import { chromium } from "playwright-core";
+import { Client, newSession, ROOT, serve, type Session } from "./helpers.ts";
+
+const CHROMIUM = "/usr/bin/chromium";
+const CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"];
+const OUT = join(ROOT, "docs", "screenshots");
+const SHOTS = [
+  { file: "desktop-light.png", width: 1280, height: 800, colorScheme: "light" },
+  { file: "desktop-dark.png", width: 1280, height: 800, colorScheme: "dark" },
+  { file: "mobile-light.png", width: 360, height: 740, colorScheme: "light" },
+  { file: "mobile-dark.png", width: 360, height: 740, colorScheme: "dark" },
+] as const;
+
+async function rename(baseUrl: string, session: Session, name: string) {
+  const res = await fetch(`${baseUrl}/api/me`, {
+    method: "PUT",
+    headers: { cookie: session.cookie, "content-type": "application/json" },
+    body: JSON.stringify({ name }),
+  });
+  if (!res.ok) throw new Error(`Cannot rename to ${name}: ${res.status}`);
+}
+
+if (import.meta.main) {
+  mkdirSync(OUT, { recursive: true });
+  await using chat = await serve();
+  const [ada, grace, linus] = [await newSession(chat.url), await newSession(chat.url), await newSession(chat.url)];
+  await rename(chat.url, ada, "Ada");
+  await rename(chat.url, grace, "Grace");
+  await rename(chat.url, linus, "Linus");
+  const g = await Client.connect(chat.url, grace);
+  const l = await Client.connect(chat.url, linus);
+  for (const c of [g, l]) for (const room of ["general", "random", "design"]) await c.join(room);
+
+  const browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
+  try {
+    const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
+    const [name, value] = ada.cookie.split("=");
+    await context.addCookies([{ name, value, url: chat.url }]);
+    const page = await context.newPage();
+    await page.goto(`${chat.url}/#design`);
+    await page.locator('#status[data-state="connected"]').waitFor();
+    await page.goto(`${chat.url}/#random`);
+    await page.locator('#status[data-state="connected"]').waitFor();
+    await page.goto(`${chat.url}/#general`);
+    await page.locator("#composer-fields:not([disabled])").waitFor();
+
+    const ownSay = async (text: string) => {
+      await page.locator("#text").fill(text);
+      await page.locator("#text").press("Enter");
+      await page.locator(".log:not([hidden]) > .msg:not(.pending)").filter({ hasText: text }).waitFor();
+    };
+    await g.say("general", "Morning! Did anyone try the new build?");
+    await g.say("general", "Startup feels a lot faster on my machine.");
+    await l.say("general", "Yes: cold start went from 900 ms to about 120 ms.");
+    await ownSay("Nice. I wrote the notes up here: https://example.com/notes/startup");
+    await ownSay("Next up: reconnect after a restart.\nIt rejoins every room with `since`, so nothing is missed.");
+    await l.say("general", "Ship it!");
+    await page.locator(".log:not([hidden]) > .msg").filter({ hasText: "Ship it!" }).waitFor();
+    await g.say("random", "Lunch at noon?");
+    await l.say("random", "Sure");
+    await l.say("design", "New icons are in the shared folder.");
+    await page.locator('.room-link[href="#random"] .unread-count', { hasText: "2" }).waitFor();
+
+    for (const shot of SHOTS) {
+      await page.setViewportSize({ width: shot.width, height: shot.height });
+      await page.emulateMedia({ colorScheme: shot.colorScheme });
+      g.send({ type: "typing", room: "general" });
+      await page.locator("#typing", { hasText: "Grace is typing" }).waitFor();
+      await page.screenshot({ path: join(OUT, shot.file) });
+      console.log(`wrote docs/screenshots/${shot.file}`);
+      await Bun.sleep(1_100); // the server passes on one typing frame a second per user
+    }
+    await context.close();
+  } finally {
+    await browser.close();
+    g.close();
+    l.close();
+  }
+}
