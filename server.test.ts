@@ -13,9 +13,9 @@ describe("chat", () => {
     const b = await Client.connect(chat.url, bob);
     await a.join("general");
     await b.join("general");
-    const sent = await a.say("general", "hello bob", "r1");
+    const sent = await a.say("general", "hello bob", "r1-hello");
     const got = await b.next((f) => f.type === "message");
-    expect(sent).toMatchObject({ room: "general", text: "hello bob", ref: "r1", user: { id: alice.id, name: alice.name } });
+    expect(sent).toMatchObject({ room: "general", text: "hello bob", ref: "r1-hello", user: { id: alice.id, name: alice.name } });
     expect(got).toEqual(sent);
     const reply = await b.say("general", "hi alice");
     expect((await a.next((f) => f.type === "message")) as unknown).toEqual(reply);
@@ -315,6 +315,15 @@ describe("chat", () => {
     expect(await (await fetch(`${chat.url}/metrics`)).text()).toContain("chat_rate_limited_total 1");
   });
 
+  test("by default a user may say 20 messages per 10 s", async () => {
+    await using chat = await serve();
+    const a = await Client.connect(chat.url, await newSession(chat.url));
+    await a.join("room");
+    for (let i = 0; i < 21; i++) a.send({ type: "say", room: "room", text: `m${i}`, ref: String(i) });
+    expect(await a.next((f) => f.type === "error")).toMatchObject({ code: "rate_limited", ref: "20" });
+    expect((await a.collect("message", 20)).map((m) => m.ref)).toEqual(Array.from({ length: 20 }, (_, i) => String(i)));
+  });
+
   test("the upgrade answers 426 to plain GET, 401 without a session, 403 to a foreign origin", async () => {
     await using chat = await serve();
     const session = await newSession(chat.url);
@@ -423,6 +432,13 @@ describe("process", () => {
     for (const word of ["--port", "--host", "--db", "PORT", "DATABASE_URL", "SESSION_SECRET", "RATE_LIMIT"]) expect(text).toContain(word);
   });
 
+  test("defaults apply when nothing is set, rate limits included", () => {
+    expect(parseConfig(readSettings({}, []))).toMatchObject({
+      port: 3000, host: "0.0.0.0", databaseUrl: "sqlite://chat.db", historyOnJoin: 50, recoveryLimit: 500, maxText: 2000,
+      rateLimit: { count: 20, perMs: 10_000 }, renameLimit: { count: 5, perMs: 60_000 },
+    });
+  });
+
   test("flags win over env and parse into typed config", () => {
     const config = parseConfig(readSettings({ PORT: "1", RATE_LIMIT: "5/2s" }, ["--port", "4000", "--db=:memory:", "--host", "::1"]));
     expect(config).toMatchObject({ port: 4000, databaseUrl: ":memory:", host: "::1", rateLimit: { count: 5, perMs: 2000 }, historyOnJoin: 50, recoveryLimit: 500, maxText: 2000 });
@@ -430,7 +446,7 @@ describe("process", () => {
 
   test("SIGTERM: health turns 503, accepted messages are stored, sockets close with 1001, exit 0", async () => {
     using tmp = tempDir();
-    const env = { DATABASE_URL: `sqlite://${tmp.dir}/chat.db` };
+    const env = { DATABASE_URL: `sqlite://${tmp.dir}/chat.db`, RATE_LIMIT: "1000/1s" };
     let sentIds: number[];
     {
       await using child = await spawnServer(env);

@@ -43,8 +43,8 @@ export const Config = z.object({
   historyOnJoin: Int(0, 1000).default(50),
   recoveryLimit: Int(1, 10_000).default(500),
   maxText: Int(1, 32_000).default(2000),
-  rateLimit: Rate.default("20/10s"),
-  renameLimit: Rate.default("5/60s"),
+  rateLimit: Rate.prefault("20/10s"),
+  renameLimit: Rate.prefault("5/60s"),
   maxConnections: Int(1, 1_000_000).default(10_000),
   maxConnectionsPerUser: Int(1, 10_000).default(20),
   maxRoomsPerConnection: Int(1, 10_000).default(50),
@@ -402,7 +402,7 @@ export async function openStore(url: string) {
       }),
 
     rooms: (limit: number) =>
-      serial(async () => {
+      serial(async (): Promise<{ name: string; lastId: number }[]> => {
         const rows = await sql`SELECT name, last_id FROM rooms ORDER BY last_id DESC LIMIT ${limit}`;
         return rows.map((r: any) => ({ name: r.name as string, lastId: num(r.last_id) }));
       }),

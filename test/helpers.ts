@@ -77,6 +77,8 @@ export class Client {
   }
 
   /** Waits for the first frame not yet taken that matches, and takes it. */
+  next<T extends Frame>(pred: Pred<T>, timeoutMs?: number): Promise<T>;
+  next(pred: (f: Frame) => boolean, timeoutMs?: number): Promise<Frame & Record<string, any>>;
   async next<T extends Frame>(pred: Pred<T> | ((f: Frame) => boolean), timeoutMs = 5000): Promise<T> {
     const deadline = Date.now() + timeoutMs;
     for (;;) {
@@ -102,7 +104,8 @@ export class Client {
   async collect<K extends Frame["type"]>(type: K, count: number, timeoutMs = 10_000) {
     const out: Extract<Frame, { type: K }>[] = [];
     const deadline = Date.now() + timeoutMs;
-    while (out.length < count) out.push(await this.next((f) => f.type === type, Math.max(1, deadline - Date.now())));
+    const isType = (f: Frame): f is Extract<Frame, { type: K }> => f.type === type;
+    while (out.length < count) out.push(await this.next(isType, Math.max(1, deadline - Date.now())));
     return out;
   }
 
@@ -119,7 +122,7 @@ export class Client {
   }
 
   /** Says something and waits for its own copy to come back. */
-  async say(room: string, text: string, ref = crypto.randomUUID()) {
+  async say(room: string, text: string, ref: string = crypto.randomUUID()) {
     this.send({ type: "say", room, text, ref });
     return this.next((f): f is Extract<Frame, { type: "message" }> => f.type === "message" && f.ref === ref);
   }
