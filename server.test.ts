@@ -2,7 +2,7 @@
 import { describe, expect, test } from "bun:test";
 import { existsSync, mkdirSync } from "node:fs";
 import { join } from "node:path";
-import { parseConfig, readSettings } from "./server.ts";
+import { ClientMessage, parseClientMessage, parseConfig, readSettings } from "./server.ts";
 import { BUN, Client, newSession, ROOT, serve, spawnServer, tempDir, until } from "./test/helpers.ts";
 
 describe("chat", () => {
@@ -290,6 +290,26 @@ describe("chat", () => {
     expect(b.frames.filter((f) => f.type === "error" || f.type === "message")).toEqual([ok]);
     const metrics = await (await fetch(`${chat.url}/metrics`)).text();
     expect(metrics).toContain(`chat_frames_rejected_total ${bad.length + 2}`);
+  });
+
+  test("the hand-written check for say frames accepts exactly what the zod schema accepts", () => {
+    const rooms = [undefined, "room", "a", "a".repeat(32), "a".repeat(33), "", "Room", "-x", "x y", 5, null];
+    const texts = [undefined, "hi", "", " ", "a\u0000b", "tab\tnew\nline", "\u007f", "\ud800", "😀", "\u202eRTL", "x".repeat(2001), 7, ["x"]];
+    const refs = [undefined, "r1", "", "r".repeat(64), "r".repeat(65), "\u0001", "\udc00", 1, null];
+    const extras = [{}, { extra: 1 }, JSON.parse('{"__proto__":{"x":1}}'), { constructor: "x" }, { type: "Say" }];
+    let accepted = 0;
+    for (const room of rooms) for (const text of texts) for (const ref of refs) for (const extra of extras) {
+      const raw = JSON.stringify({ type: "say", room, text, ref, ...extra });
+      const fast = parseClientMessage(raw);
+      const slow = ClientMessage.safeParse(JSON.parse(raw));
+      expect(fast.ok).toBe(slow.success);
+      if (fast.ok && slow.success) {
+        expect(fast.value).toEqual(slow.data);
+        expect(Object.keys(fast.value)).toEqual(Object.keys(slow.data));
+        accepted++;
+      }
+    }
+    expect(accepted).toBeGreaterThan(50);
   });
 
   test("a frame over 64 KiB closes the socket with 1009", async () => {

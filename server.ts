@@ -3,6 +3,7 @@
 // Read top to bottom: config → protocol → store → server state → HTTP →
 // WebSocket → startup.
 import { RedisClient, type Server, type ServerWebSocket, SQL } from "bun";
+import { Database } from "bun:sqlite";
 import { Hono, type Context } from "hono";
 import { getSignedCookie, setSignedCookie } from "hono/cookie";
 import * as z from "zod";
@@ -130,7 +131,8 @@ export function parseConfig(raw: Record<string, unknown>): Config {
 
 // C0 controls other than tab/newline/CR, and DEL: invisible and unsafe to store
 const CONTROL = /[\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F]/;
-export const Room = z.string().regex(/^[a-z0-9][a-z0-9_-]{0,31}$/, "room must match ^[a-z0-9][a-z0-9_-]{0,31}$");
+const ROOM = /^[a-z0-9][a-z0-9_-]{0,31}$/;
+export const Room = z.string().regex(ROOM, "room must match ^[a-z0-9][a-z0-9_-]{0,31}$");
 export const Name = z
   .string()
   .trim()
@@ -143,7 +145,11 @@ export const Text = z
   .min(1, "text is empty")
   .refine((s) => !CONTROL.test(s), "text has control characters")
   .refine((s) => s.isWellFormed(), "text has a lone surrogate");
-export const Ref = z.string().max(64, "ref is longer than 64 characters");
+export const Ref = z
+  .string()
+  .max(64, "ref is longer than 64 characters")
+  // stored with the message: Postgres refuses NUL (failing the whole batch), and a lone surrogate would come back as U+FFFD
+  .refine((s) => !CONTROL.test(s) && s.isWellFormed(), "ref has control characters or a lone surrogate");
 export const MessageId = z.number().int().nonnegative();
 export const User = z.strictObject({ id: z.string(), name: z.string() });
 export type User = z.infer<typeof User>;
@@ -213,6 +219,23 @@ function describe(error: z.ZodError): string {
   return path ? `${path}: ${issue.message}` : issue.message;
 }
 
+type Say = Extract<ClientMessage, { type: "say" }>;
+
+/**
+ * The hot frame checked by hand with exactly ClientMessage's rules (a test compares the two on
+ * generated frames); anything it does not accept goes to zod, which also words the error.
+ */
+function quickSay(v: any): Say | undefined {
+  if (typeof v !== "object" || v === null || v.type !== "say") return;
+  for (const key in v) if (key !== "type" && key !== "room" && key !== "text" && key !== "ref") return;
+  const { room, text, ref } = v;
+  if (typeof room !== "string" || !ROOM.test(room)) return;
+  if (typeof text !== "string" || text.length === 0 || CONTROL.test(text) || !text.isWellFormed()) return;
+  if (ref === undefined) return { type: "say", room, text };
+  if (typeof ref !== "string" || ref.length > 64 || CONTROL.test(ref) || !ref.isWellFormed()) return;
+  return { type: "say", room, text, ref };
+}
+
 /** Parses one client frame; never throws. */
 export function parseClientMessage(raw: string | Buffer): Parsed<ClientMessage> {
   if (typeof raw !== "string") return { ok: false, error: "binary frames are not accepted; send JSON text" };
@@ -222,11 +245,13 @@ export function parseClientMessage(raw: string | Buffer): Parsed<ClientMessage> 
   } catch {
     return { ok: false, error: "invalid JSON" };
   }
+  const say = quickSay(json);
+  if (say) return { ok: true, value: say };
   const result = ClientMessage.safeParse(json);
   if (result.success) return { ok: true, value: result.data };
   // echo a well-formed ref so the client can pin the error on its message
   const ref = (json as { ref?: unknown })?.ref;
-  const safeRef = typeof ref === "string" && ref.length <= 64 ? ref : undefined;
+  const safeRef = Ref.safeParse(ref).success ? (ref as string) : undefined;
   return { ok: false, error: describe(result.error), ref: safeRef };
 }
 
@@ -261,6 +286,8 @@ export async function openStore(url: string) {
     // NORMAL in WAL mode survives a process crash (kill -9); only an OS crash or power loss can drop the last commits
     await sql`PRAGMA synchronous = NORMAL`;
     await sql`PRAGMA busy_timeout = 5000`;
+    // a checkpoint fsyncs the database file: done by a worker thread, never on the event loop
+    await sql`PRAGMA wal_autocheckpoint = 0`;
   }
   // the same DDL on both; on Postgres several nodes may start at once, so take a lock
   await sql.begin(async (tx) => {
@@ -272,12 +299,72 @@ export async function openStore(url: string) {
       created BIGINT NOT NULL, used INTEGER NOT NULL DEFAULT 0)`;
     await tx`CREATE INDEX IF NOT EXISTS sessions_unused ON sessions (used, created)`;
     await tx`CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, last_id BIGINT NOT NULL)`;
-    await tx`CREATE TABLE IF NOT EXISTS messages (
+    // SQLite stores a message in one b-tree page write without a rowid table and its index beside it
+    await tx.unsafe(`CREATE TABLE IF NOT EXISTS messages (
       room TEXT NOT NULL, id BIGINT NOT NULL, user_id TEXT NOT NULL, name TEXT NOT NULL,
-      text TEXT NOT NULL, ts BIGINT NOT NULL, ref TEXT, PRIMARY KEY (room, id))`;
+      text TEXT NOT NULL, ts BIGINT NOT NULL, ref TEXT, PRIMARY KEY (room, id))${postgres ? "" : " WITHOUT ROWID"}`);
   });
+  const file = postgres ? null : (sql.options as { filename?: string }).filename;
+  const onDisk = !!file && file !== ":memory:";
+  const checkpointer = onDisk ? startCheckpointer(file) : null;
+  // The one hot statement gets a prepared bun:sqlite statement on a second connection: Bun.SQL's
+  // SQLite adapter prepares every query anew, which was most of the server's CPU at a fixed rate.
+  const writer = onDisk ? openWriter(file) : null;
 
   const nameKey = (name: string) => name.normalize("NFKC").toLowerCase();
+  const toRow = (m: NewMessage, id: number): Row => ({
+    room: m.room, id, user_id: m.user.id, name: m.user.name, text: m.text, ts: m.ts, ref: m.ref ?? null,
+  });
+
+  async function appendLocked(batch: NewMessage[]): Promise<number[]> {
+    return sql.begin(async (tx) => {
+      const byRoom = new Map<string, number[]>();
+      batch.forEach((m, i) => {
+        const list = byRoom.get(m.room);
+        list ? list.push(i) : byRoom.set(m.room, [i]);
+      });
+      const ids = new Array<number>(batch.length);
+      // rooms in name order, so two nodes' batches never wait on each other's locks in a cycle
+      for (const [room, indexes] of [...byRoom].sort(([a], [b]) => (a < b ? -1 : 1))) {
+        const [{ last_id }] = await tx`INSERT INTO rooms (name, last_id) VALUES (${room}, ${indexes.length})
+          ON CONFLICT (name) DO UPDATE SET last_id = rooms.last_id + ${indexes.length} RETURNING last_id`;
+        let id = num(last_id) - indexes.length;
+        for (const i of indexes) ids[i] = ++id;
+      }
+      const rows = batch.map((m, i) => toRow(m, ids[i]));
+      for (let i = 0; i < rows.length; i += 1000) await tx`INSERT INTO messages ${tx(rows.slice(i, i + 1000))}`;
+      return ids;
+    });
+  }
+
+  const lastIds = new Map<string, number>(); // SQLite only: the last id allocated per room
+  async function appendSingleWriter(batch: NewMessage[]): Promise<number[]> {
+    for (const m of batch) {
+      if (lastIds.has(m.room)) continue;
+      const [r] = await sql`SELECT max(id) AS last_id FROM messages WHERE room = ${m.room}`;
+      await sql`INSERT INTO rooms (name, last_id) VALUES (${m.room}, 0) ON CONFLICT (name) DO NOTHING`;
+      lastIds.set(m.room, num(r?.last_id ?? 0));
+    }
+    const before = new Map(lastIds);
+    const ids = batch.map((m) => {
+      const id = lastIds.get(m.room)! + 1;
+      lastIds.set(m.room, id);
+      return id;
+    });
+    const rows = batch.map((m, i) => toRow(m, ids[i]));
+    try {
+      // one statement is one transaction; a batch too big for one statement gets a real one
+      if (writer) await writer.store(rows);
+      else if (rows.length <= 4000) await sql`INSERT INTO messages ${sql(rows)}`;
+      else await sql.begin(async (tx) => {
+        for (let i = 0; i < rows.length; i += 4000) await tx`INSERT INTO messages ${tx(rows.slice(i, i + 4000))}`;
+      });
+    } catch (error) {
+      for (const [room, id] of before) lastIds.set(room, id); // nothing was stored: hand the ids out again
+      throw error;
+    }
+    return ids;
+  }
 
   return {
     kind: postgres ? ("postgres" as const) : ("sqlite" as const),
@@ -352,39 +439,18 @@ export async function openStore(url: string) {
       }),
 
     /**
-     * Stores messages in one transaction. Ids come from the room's counter row,
-     * which the transaction holds locked, so ids are gap-free and commit in order.
+     * Stores a batch atomically and returns the ids. Ids are gap-free per room and commit in order:
+     * on Postgres the room's counter row (rooms.last_id) stays locked until commit; SQLite has one
+     * writer, this process, which allocates them in memory and stores the batch in one statement.
      */
-    append: (batch: NewMessage[]) =>
-      serial(() =>
-        sql.begin(async (tx) => {
-          const byRoom = new Map<string, number[]>();
-          batch.forEach((m, i) => {
-            const list = byRoom.get(m.room);
-            list ? list.push(i) : byRoom.set(m.room, [i]);
-          });
-          const ids = new Array<number>(batch.length);
-          // rooms in name order, so two nodes' batches never wait on each other's locks in a cycle
-          for (const [room, indexes] of [...byRoom].sort(([a], [b]) => (a < b ? -1 : 1))) {
-            const [{ last_id }] = await tx`INSERT INTO rooms (name, last_id) VALUES (${room}, ${indexes.length})
-              ON CONFLICT (name) DO UPDATE SET last_id = rooms.last_id + ${indexes.length} RETURNING last_id`;
-            let id = num(last_id) - indexes.length;
-            for (const i of indexes) ids[i] = ++id;
-          }
-          const rows = batch.map((m, i) => ({
-            room: m.room, id: ids[i], user_id: m.user.id, name: m.user.name, text: m.text, ts: m.ts, ref: m.ref ?? null,
-          }));
-          for (let i = 0; i < rows.length; i += 1000) await tx`INSERT INTO messages ${tx(rows.slice(i, i + 1000))}`;
-          return ids;
-        }),
-      ),
+    append: (batch: NewMessage[]) => serial(() => (postgres ? appendLocked(batch) : appendSingleWriter(batch))),
 
     /** The newest `limit` messages of a room (oldest first) and its last id. */
     tail: (room: string, limit: number) =>
       serial(async () => {
-        const [r] = await sql`SELECT last_id FROM rooms WHERE name = ${room}`;
+        const [r] = await sql`SELECT max(id) AS last_id FROM messages WHERE room = ${room}`;
         const rows = await sql`SELECT * FROM messages WHERE room = ${room} ORDER BY id DESC LIMIT ${limit}`;
-        return { lastId: r ? num(r.last_id) : 0, messages: rows.reverse().map(toMessage) as Message[] };
+        return { lastId: num(r?.last_id ?? 0), messages: rows.reverse().map(toMessage) as Message[] };
       }),
 
     /** Messages with after < id < before, oldest first (at most 10,000). */
@@ -403,14 +469,60 @@ export async function openStore(url: string) {
 
     rooms: (limit: number) =>
       serial(async (): Promise<{ name: string; lastId: number }[]> => {
-        const rows = await sql`SELECT name, last_id FROM rooms ORDER BY last_id DESC LIMIT ${limit}`;
-        return rows.map((r: any) => ({ name: r.name as string, lastId: num(r.last_id) }));
+        // rooms.last_id is only the Postgres id counter; the messages' own index answers for both
+        const rows = await sql`SELECT name, (SELECT max(id) FROM messages WHERE room = rooms.name) AS last_id
+          FROM rooms ORDER BY last_id DESC LIMIT ${limit}`;
+        return rows.map((r: any) => ({ name: r.name as string, lastId: num(r.last_id ?? 0) }));
       }),
 
-    close: () => serial(() => sql.close()),
+    close: () =>
+      serial(async () => {
+        checkpointer?.terminate();
+        writer?.close();
+        await sql.close();
+      }),
   };
 }
 export type Store = Awaited<ReturnType<typeof openStore>>;
+
+type Row = { room: string; id: number; user_id: string; name: string; text: string; ts: number; ref: string | null };
+
+/** Stores rows in one transaction through a prepared statement (synchronous, on its own connection). */
+function openWriter(file: string) {
+  const db = new Database(file);
+  // never sleep on a lock inside the event loop: a busy database is retried asynchronously
+  db.run("PRAGMA busy_timeout = 0");
+  db.run("PRAGMA synchronous = NORMAL");
+  db.run("PRAGMA wal_autocheckpoint = 0"); // the checkpointer thread does it
+  const insert = db.prepare("INSERT INTO messages (room, id, user_id, name, text, ts, ref) VALUES (?, ?, ?, ?, ?, ?, ?)");
+  const one = (r: Row) => insert.run(r.room, r.id, r.user_id, r.name, r.text, r.ts, r.ref);
+  const many = db.transaction((rows: Row[]) => rows.forEach(one));
+  return {
+    async store(rows: Row[]) {
+      for (let attempt = 0; ; attempt++) {
+        try {
+          return void (rows.length === 1 ? one(rows[0]) : many(rows));
+        } catch (error) {
+          const busy = /SQLITE_BUSY/.test(String((error as { code?: string }).code));
+          if (!busy || attempt >= 2000) throw error;
+          await Bun.sleep(1);
+        }
+      }
+    },
+    close: () => db.close(),
+  };
+}
+
+/** A worker thread with its own connection that checkpoints the WAL twice a second. */
+function startCheckpointer(file: string): Worker {
+  const code = `import { Database } from "bun:sqlite";
+    const db = new Database(${JSON.stringify(file)});
+    db.run("PRAGMA busy_timeout = 1000");
+    setInterval(() => { try { db.run("PRAGMA wal_checkpoint(PASSIVE)"); } catch {} }, 500);`;
+  const worker = new Worker(URL.createObjectURL(new Blob([code], { type: "text/javascript" })));
+  worker.unref();
+  return worker;
+}
 
 function randomId(bytes: number): string {
   return Buffer.from(crypto.getRandomValues(new Uint8Array(bytes))).toString("base64url");
@@ -695,7 +807,7 @@ export async function startServer(options: ServerOptions = {}) {
         },
         typing(name, frame) {
           const room = rooms.get(name);
-          if (room) server.publish(room.topic, frame);
+          if (room) publish(room, frame);
         },
         presence(name, kind, user) {
           const room = rooms.get(name);
@@ -787,8 +899,15 @@ export async function startServer(options: ServerOptions = {}) {
     room.ring.push(entry);
     if (room.ring.length >= ringSize * 2) room.ring = room.ring.slice(-ringSize);
     room.historyFrame = null;
-    server.publish(room.topic, entry.frame);
+    publish(room, entry.frame);
     metrics.messagesPublished++;
+  }
+
+  /** Publishes to a room's sockets (all, or all but `from`). */
+  function publish(room: RoomState, frame: string, from?: ChatSocket) {
+    // -1 or 0: some reader has unsent bytes (0: past the limit). Bun closes a reader that passes the limit
+    // during a later publish, and the 200 ms sweep can miss one that fills up faster, so note them now
+    if ((from ?? server).publish(room.topic, frame) <= 0) for (const ws of room.sockets) ws.data.buffered = ws.getBufferedAmount();
   }
 
   /** Applies held messages in order, fetching missing ids from the store; ends with waiting = null. */
@@ -878,15 +997,14 @@ export async function startServer(options: ServerOptions = {}) {
     room.members.set(user.id, user);
     if (known) return;
     const frame = JSON.stringify({ type: "joined", room: room.name, user } satisfies ServerMessage);
-    if (joiner) joiner.publish(room.topic, frame); // everyone but the joiner, who gets presence
-    else server.publish(room.topic, frame);
+    publish(room, frame, joiner); // with a joiner: everyone but the joiner, who gets presence
   }
 
   function removeMember(room: RoomState, user: User) {
     const known = room.members.get(user.id);
     if (!known) return;
     room.members.delete(user.id);
-    server.publish(room.topic, JSON.stringify({ type: "left", room: room.name, user: known } satisfies ServerMessage));
+    publish(room, JSON.stringify({ type: "left", room: room.name, user: known } satisfies ServerMessage));
   }
 
   // Joining and leaving
@@ -971,7 +1089,7 @@ export async function startServer(options: ServerOptions = {}) {
       try {
         const ids = await store.append(batch);
         for (let i = 0; i < batch.length; i++) {
-          const { ws, ...m } = batch[i];
+          const m = batch[i];
           const msg: Message = { type: "message", room: m.room, id: ids[i], user: m.user, text: m.text, ts: m.ts };
           if (m.ref !== undefined) msg.ref = m.ref;
           const frame = JSON.stringify(msg);
@@ -1016,7 +1134,7 @@ export async function startServer(options: ServerOptions = {}) {
     if (now - (typingSeen.get(key) ?? -Infinity) < 1000) return;
     typingSeen.set(key, now);
     const frame = JSON.stringify({ type: "typing", room: roomName, user: userOf(ws) } satisfies ServerMessage);
-    ws.publish(TOPIC_PREFIX + roomName, frame);
+    publish(rooms.get(roomName)!, frame, ws);
     fanout?.publishTyping(roomName, frame);
   }
 
@@ -1121,12 +1239,21 @@ export async function startServer(options: ServerOptions = {}) {
     return c.body(CLIENT_HTML, 200, { "content-type": "text/html; charset=utf-8" });
   });
 
+  // every MAX_UNUSED_SESSIONS/10 new rows the cap is enforced at once, so a flood of
+  // cookie-less requests cannot outgrow it between the minutely prunes
+  let createdSincePrune = 0;
   app.use("/api/*", async (c, next) => {
     const sid = await getSignedCookie(c, secret, "sid");
     let session = sid ? await store.findSession(sid) : undefined;
     if (!session) {
       session = await store.createSession(sid || randomId(24));
       if (!sid) await issueCookie(c, session.sid);
+      if (++createdSincePrune >= Math.ceil(config.maxUnusedSessions / 10)) {
+        createdSincePrune = 0;
+        await store.pruneSessions(Date.now() - UNUSED_SESSION_TTL_MS, config.maxUnusedSessions).catch((error) =>
+          log({ event: "error", where: "prune sessions", error: String(error) }),
+        );
+      }
     }
     c.set("session", session);
     await next();
@@ -1178,12 +1305,14 @@ export async function startServer(options: ServerOptions = {}) {
       return c.json({ error: { code: "upgrade_required", message: "GET /chat is a WebSocket endpoint" } }, 426);
     }
     const origin = c.req.header("origin");
-    if (origin !== undefined && !originAllowed(origin, c.req.header("host"))) {
+    if (origin !== undefined && !originAllowed(origin, c.req.header("host"), isSecure(c))) {
       return c.json({ error: { code: "forbidden", message: `Origin ${origin} may not open /chat` } }, 403);
     }
     const session = await readSession(c);
     if (!session) return c.json({ error: { code: "unauthorized", message: "No valid session: load / or /api/me first" } }, 401);
     if (shuttingDown) return c.json({ error: { code: "unavailable", message: "Server is shutting down" } }, 503);
+    // before the limit checks: nothing may await between them and the upgrade, or a burst gets past them
+    if (!session.used) await store.markUsed(session.sid);
     if (sockets.size >= config.maxConnections) {
       metrics.connectionsRefused++;
       return c.json({ error: { code: "unavailable", message: "Too many connections, try again later" } }, 503);
@@ -1192,7 +1321,6 @@ export async function startServer(options: ServerOptions = {}) {
       metrics.connectionsRefused++;
       return c.json({ error: { code: "limit_exceeded", message: `At most ${config.maxConnectionsPerUser} connections per user` } }, 429);
     }
-    if (!session.used) await store.markUsed(session.sid);
     let user = users.get(session.id);
     if (!user) {
       user = { id: session.id, name: session.name, sid: session.sid, sockets: new Set() };
@@ -1203,10 +1331,13 @@ export async function startServer(options: ServerOptions = {}) {
     return c.json({ error: { code: "bad_request", message: "WebSocket upgrade failed" } }, 400);
   });
 
-  function originAllowed(origin: string, host: string | undefined): boolean {
+  function originAllowed(origin: string, host: string | undefined, secure: boolean): boolean {
     if (config.allowedOrigins) return config.allowedOrigins.some((o) => new URL(o).origin === origin);
     try {
-      return new URL(origin).host === host;
+      // same host and port; an http page may not reach a server known to be https (an https page may
+      // reach plain http: a TLS proxy that sets no X-Forwarded-Proto looks like that)
+      const url = new URL(origin);
+      return url.host === host && !(secure && url.protocol === "http:");
     } catch {
       return false;
     }
@@ -1249,6 +1380,7 @@ export async function startServer(options: ServerOptions = {}) {
     port: config.port,
     hostname: config.host,
     fetch: (req, srv) => app.fetch(req, srv),
+    maxRequestBodySize: MAX_FRAME, // the only body is PUT /api/me {name}; Bun's default would buffer 128 MB per request
     websocket: {
       maxPayloadLength: MAX_FRAME,
       backpressureLimit: BACKPRESSURE_LIMIT,

@@ -272,7 +272,7 @@ describe.skipIf(SKIP)("browser client", () => {
   }, TEST_MS);
 
   test("the list sticks to the bottom until the reader scrolls up; then a New messages button appears", async () => {
-    await using chat = await serve();
+    await using chat = await serve({ rateLimit: "1000/1s" }); // one poster fills the page
     const poster = await Client.connect(chat.url, await newSession(chat.url));
     await poster.join("general");
     for (let i = 1; i <= 30; i++) await poster.say("general", `line ${i}`);
