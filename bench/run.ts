@@ -1,0 +1,521 @@
+// The benchmark: our server (server.ts) against raw Bun pub/sub and Node + ws, through the same load
+// client (bench/load.ts on bench/ws-client.ts), on loopback, server and client pinned to different cores.
+//
+//   bun bench/run.ts [--quick] [--scenario NAME[,NAME…]] [--target chat,raw-bun,node-ws] [--reps N]
+//                    [--duration S] [--window W] [--out FILE]
+//
+// Every scenario starts a fresh server per repetition (ours with a fresh temp SQLite file), and every
+// repetition is appended as one JSON line to bench/results/results.jsonl; bench/table.ts prints the
+// table of the latest run.
+import { appendFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import os from "node:os";
+import { dirname, join } from "node:path";
+import { parseArgs } from "node:util";
+import { nowUs } from "./ws-client.ts";
+import { cpuPreciseMs, cpuTimes, Histogram, median, pinned, rssKiB, spawnReady, waitQuiet, watchOthers, type Child } from "./lib.ts";
+
+const ROOT = join(import.meta.dir, "..");
+const HOST = "127.0.0.1";
+const TARGETS = ["chat", "raw-bun", "node-ws"] as const;
+type Target = (typeof TARGETS)[number];
+
+// ── Configuration ──
+
+const { values: flags } = parseArgs({
+  args: Bun.argv.slice(2),
+  options: {
+    quick: { type: "boolean", default: false },
+    scenario: { type: "string" },
+    target: { type: "string" },
+    reps: { type: "string" },
+    duration: { type: "string" },
+    window: { type: "string" },
+    out: { type: "string" },
+    help: { type: "boolean", short: "h", default: false },
+  },
+});
+
+const QUICK = flags.quick!;
+const CONFIG = {
+  reps: Number(flags.reps ?? (QUICK ? 1 : 3)),
+  /** seconds measured per flood / fixed-rate repetition, after a warm-up */
+  duration: Number(flags.duration ?? (QUICK ? 1 : 5)),
+  warmup: QUICK ? 0.3 : 1,
+  /** own messages in flight per flooding client: by default 1024 in total (64 each for 16 clients, 4 for 256) */
+  window: flags.window === undefined ? null : Number(flags.window),
+  inFlight: 1024,
+  floodClients: QUICK ? [8] : [16, 64, 256],
+  rate: QUICK ? { clients: 8, perSecond: 400 } : { clients: 64, perSecond: 2500 },
+  /** idle sockets (below `ulimit -n` of one server process, with headroom), split over client processes */
+  idle: QUICK ? { sockets: 200, procs: 2, socketsPerUser: 20, groups: 10, broadcasts: 3 } : { sockets: 18_000, procs: 2, socketsPerUser: 100, groups: 100, broadcasts: 5 },
+  storm: QUICK ? { joins: 200, users: 10, concurrency: 50, history: 60 } : { joins: 10_000, users: 100, concurrency: 100, history: 200 },
+  /** a repetition during which other processes used more than this many cores is repeated */
+  maxOtherCpu: 0.2,
+  retries: QUICK ? 0 : 2,
+  /** before each repetition, wait (at most this long, and this long over the whole run) for other processes to go quiet */
+  quietWaitMs: QUICK ? 0 : 30_000,
+  quietBudgetMs: QUICK ? 0 : 240_000,
+  /** repetitions repeated over the whole run, at most */
+  retryBudget: QUICK ? 0 : 12,
+  recovery: QUICK ? { missed: 500, stored: 600, reps: 20 } : { missed: 500, stored: 1000, reps: 1000 },
+};
+const SCENARIOS = [...CONFIG.floodClients.map((n) => `flood-${n}`), `rate-${CONFIG.rate.clients}`, "idle", "storm", "recovery"];
+const HELP = `Usage: bun bench/run.ts [--quick] [--scenario ${SCENARIOS.join("|")}[,…]] [--target ${TARGETS.join("|")}[,…]]
+                        [--reps N] [--duration S] [--window W] [--out FILE]`;
+if (flags.help) {
+  console.log(HELP);
+  process.exit(0);
+}
+const selected = flags.scenario ? flags.scenario.split(",") : SCENARIOS;
+for (const s of selected) {
+  if (!SCENARIOS.includes(s)) {
+    console.error(`Cannot parse --scenario ${s}: expected one of ${SCENARIOS.join(", ")}`);
+    process.exit(2);
+  }
+}
+const targets = (flags.target ? flags.target.split(",") : [...TARGETS]) as Target[];
+for (const t of targets) {
+  if (!TARGETS.includes(t)) {
+    console.error(`Cannot parse --target ${t}: expected one of ${TARGETS.join(", ")}`);
+    process.exit(2);
+  }
+}
+for (const [name, value] of [["reps", CONFIG.reps], ["duration", CONFIG.duration], ["window", CONFIG.window ?? 1]] as const) {
+  if (!(value > 0)) {
+    console.error(`Cannot parse --${name}: expected a positive number`);
+    process.exit(2);
+  }
+}
+const OUT = flags.out ?? join(ROOT, "bench", "results", "results.jsonl");
+
+// Pinning: server on core 0, load client (and this coordinator) on core 1.
+const CORES = os.availableParallelism();
+const SERVER_CPU = CORES >= 2 ? 0 : null;
+const CLIENT_CPU = CORES >= 2 ? 1 : null;
+if (CLIENT_CPU !== null) Bun.spawnSync(["taskset", "-a", "-p", "-c", String(CLIENT_CPU), String(process.pid)], { stdout: "ignore" });
+
+const NODE_VERSION = (() => {
+  try {
+    return Bun.spawnSync(["node", "--version"]).stdout.toString().trim();
+  } catch {
+    return null;
+  }
+})();
+const MACHINE = {
+  cores: CORES,
+  cpu: os.cpus()[0]?.model ?? "unknown",
+  memGiB: Math.round(os.totalmem() / 2 ** 30),
+  kernel: os.release(),
+  bun: Bun.version,
+  node: NODE_VERSION,
+  ulimitN: Number(Bun.spawnSync(["sh", "-c", "ulimit -n"]).stdout.toString().trim()),
+  pinning: SERVER_CPU === null ? "none (1 core)" : `server cpu ${SERVER_CPU}, client cpu ${CLIENT_CPU}`,
+};
+const RUN_ID = new Date().toISOString();
+/** Extra `bun` flags for profiling, e.g. BENCH_SERVER_FLAGS="--cpu-prof-md --cpu-prof-dir=/tmp/prof" */
+const SERVER_FLAGS = (process.env.BENCH_SERVER_FLAGS ?? "").split(" ").filter(Boolean);
+const WORKER_FLAGS = (process.env.BENCH_WORKER_FLAGS ?? "").split(" ").filter(Boolean);
+/** Where our server's SQLite file goes (a fresh folder per repetition); BENCH_DB_DIR=/dev/shm takes the disk out */
+const DB_DIR = process.env.BENCH_DB_DIR ?? os.tmpdir();
+
+// ── Servers ──
+
+type Server = Child & { target: Target; url: string; cleanup: () => void };
+
+async function startTarget(target: Target): Promise<Server> {
+  const env: Record<string, string> = { PORT: "0", HOST };
+  let cmd: string[];
+  let cleanup = () => {};
+  if (target === "chat") {
+    const dir = mkdtempSync(join(DB_DIR, "chat-bench-"));
+    cleanup = () => rmSync(dir, { recursive: true, force: true });
+    Object.assign(env, {
+      DATABASE_URL: `sqlite://${join(dir, "chat.db")}`,
+      RATE_LIMIT: "1000000/1s",
+      MAX_CONNECTIONS: "100000",
+      MAX_CONNECTIONS_PER_USER: "10000",
+    });
+    cmd = [process.execPath, ...SERVER_FLAGS, join(ROOT, "server.ts")];
+  } else if (target === "raw-bun") {
+    cmd = [process.execPath, ...SERVER_FLAGS, join(ROOT, "bench", "raw-bun.ts")];
+  } else {
+    cmd = ["node", join(ROOT, "bench", "node-ws.mjs")];
+  }
+  const child = await spawnReady(pinned(SERVER_CPU, cmd), { env, cwd: ROOT });
+  const stop = async () => {
+    await child.stop();
+    cleanup();
+  };
+  return { ...child, stop, target, url: `http://${HOST}:${child.port}`, cleanup };
+}
+
+/** The version of server.ts measured (it may change between runs): sha1 of the file, first 12 hex digits. */
+function serverSha(): string {
+  return new Bun.CryptoHasher("sha1").update(readFileSync(join(ROOT, "server.ts"))).digest("hex").slice(0, 12);
+}
+
+/** New sessions the way a browser gets them: GET /api/me, keep the `sid` cookie. */
+async function sessions(url: string, count: number): Promise<string[]> {
+  const cookies: string[] = [];
+  let next = 0;
+  await Promise.all(
+    Array.from({ length: Math.min(16, count) }, async () => {
+      while (next < count) {
+        next++;
+        const res = await fetch(`${url}/api/me`);
+        const cookie = res.headers.get("set-cookie")?.split(";")[0];
+        await res.arrayBuffer();
+        if (res.status !== 200 || !cookie) throw new Error(`GET /api/me answered ${res.status} without a cookie`);
+        cookies.push(cookie);
+      }
+    }),
+  );
+  return cookies;
+}
+
+// ── Load-client workers ──
+
+class Worker {
+  private pending = new Map<number, PromiseWithResolvers<any>>();
+  private nextId = 0;
+  private ready = Promise.withResolvers<void>();
+  readonly proc: ReturnType<typeof Bun.spawn>;
+  constructor(baseUs: number) {
+    this.proc = Bun.spawn(pinned(CLIENT_CPU, [process.execPath, ...WORKER_FLAGS, join(ROOT, "bench", "load.ts")]), {
+      cwd: ROOT,
+      env: { ...process.env, BENCH_BASE_US: String(Math.floor(baseUs)) },
+      stdout: "inherit",
+      stderr: "inherit",
+      serialization: "json",
+      ipc: (msg: any) => {
+        if (msg.ready) return this.ready.resolve();
+        const p = this.pending.get(msg.id);
+        if (!p) return;
+        this.pending.delete(msg.id);
+        msg.error ? p.reject(new Error(`worker: ${msg.error}`)) : p.resolve(msg.result);
+      },
+    });
+    void this.proc.exited.then((code) => {
+      const error = new Error(`load worker exited with ${code}`);
+      this.ready.reject(error);
+      for (const p of this.pending.values()) p.reject(error);
+      this.pending.clear();
+    });
+  }
+  get pid() {
+    return this.proc.pid;
+  }
+  async call<T = any>(cmd: string, args: object = {}, timeoutMs = 120_000): Promise<T> {
+    await this.ready.promise;
+    const id = this.nextId++;
+    const p = Promise.withResolvers<T>();
+    this.pending.set(id, p);
+    this.proc.send({ id, cmd, args });
+    const timer = setTimeout(() => p.reject(new Error(`worker ${cmd}: no answer after ${timeoutMs} ms`)), timeoutMs);
+    try {
+      return await p.promise;
+    } finally {
+      clearTimeout(timer);
+      this.pending.delete(id);
+    }
+  }
+  async stop() {
+    if (this.proc.exitCode !== null) return;
+    this.proc.send({ id: -1, cmd: "exit" }); // a clean exit lets `--cpu-prof` write its profile
+    const exited = await Promise.race([this.proc.exited.then(() => true), Bun.sleep(5000).then(() => false)]);
+    if (!exited) this.proc.kill("SIGKILL");
+    await this.proc.exited;
+  }
+}
+
+/** Runs `fn` with `count` fresh load workers, always stopping them. */
+async function withWorkers<T>(count: number, fn: (workers: Worker[]) => Promise<T>): Promise<T> {
+  const baseUs = nowUs(); // send times are counted from here, the same in every worker
+  const workers = Array.from({ length: count }, () => new Worker(baseUs));
+  try {
+    return await fn(workers);
+  } finally {
+    await Promise.all(workers.map((w) => w.stop()));
+  }
+}
+
+type OpenResult = { opened: number; failed: number; ms: number; latency: { p50Us: number; p99Us: number; maxUs: number }; firstError: string | null };
+
+function openArgs(server: Server, cookies: string[], extra: { firstId: number; count: number; rooms: string[]; groups?: number; concurrency?: number }) {
+  return { host: HOST, port: server.port, cookies, groups: 1, concurrency: 64, timeoutMs: 300_000, ...extra };
+}
+
+function assertOpened(r: OpenResult, what: string) {
+  if (r.failed > 0) throw new Error(`${what}: ${r.failed} connections failed; first error: ${r.firstError}`);
+}
+
+// ── Scenarios: each runs once against a fresh server and returns its metrics ──
+
+/** Flood or fixed rate: N clients in room "bench"; counts every copy per sender per receiver. */
+async function traffic(server: Server, opts: { clients: number; mode: "flood" | "rate"; perSecond?: number }) {
+  const cookies = await sessions(server.url, opts.clients);
+  const window = CONFIG.window ?? Math.max(1, Math.floor(CONFIG.inFlight / opts.clients));
+  return withWorkers(1, async ([w]) => {
+    assertOpened(await w.call<OpenResult>("open", openArgs(server, cookies, { firstId: 0, count: opts.clients, rooms: ["bench"] })), "open");
+    await w.call("start", { mode: opts.mode, window, rate: opts.perSecond ?? 0, senders: opts.clients });
+    await Bun.sleep(CONFIG.warmup * 1000);
+    const cpu0 = { server: cpuTimes(server.proc.pid), client: cpuTimes(w.pid) };
+    const others = watchOthers([server.proc.pid, w.pid, process.pid]);
+    await w.call("markStart");
+    await Bun.sleep(CONFIG.duration * 1000);
+    const mark = await w.call<{ copies: number; ms: number; hist: any; timeline: number[] }>("markEnd");
+    const cpu1 = { server: cpuTimes(server.proc.pid), client: cpuTimes(w.pid) };
+    const otherCpu = others();
+    const end = await w.call("stop", { expectAll: true, drainMs: 20_000 }, 60_000);
+    const rssKiBEnd = rssKiB(server.proc.pid);
+    const hist = new Histogram();
+    hist.merge(mark.hist);
+    const sent = new Map<number, number>(end.sent);
+    let totalSent = 0;
+    for (const n of sent.values()) totalSent += n;
+    let lost = 0;
+    for (const row of end.got as number[][]) for (let s = 0; s < row.length; s++) lost += Math.max(0, (sent.get(s) ?? 0) - row[s]);
+    lost += end.gaps;
+    const { p50Us, p99Us, maxUs, meanUs } = hist.summary();
+    return {
+      clients: opts.clients,
+      ...(opts.mode === "flood" ? { window } : { offeredPerSecond: opts.perSecond, offeredCopiesPerSec: (opts.perSecond ?? 0) * opts.clients }),
+      copiesPerSec: (mark.copies / mark.ms) * 1000,
+      messagesPerSec: (mark.copies / opts.clients / mark.ms) * 1000,
+      p50Us, p99Us, maxUs, meanUs,
+      samples: hist.count,
+      /** copies/s of the slowest and fastest 100 ms of the window: stalls show here */
+      slowest100msPerSec: Math.min(...mark.timeline) * 10,
+      fastest100msPerSec: Math.max(...mark.timeline) * 10,
+      timeline: mark.timeline,
+      sent: totalSent,
+      expectedCopies: totalSent * opts.clients,
+      copies: end.copies,
+      lost,
+      dups: end.dups,
+      errorFrames: end.errorFrames,
+      unexpectedCloses: end.unexpectedCloses,
+      firstError: end.firstError,
+      framesPerRead: end.copies / end.reads,
+      // fractions of one core during the measured window; sys = in the kernel (mostly TCP)
+      serverCpu: (cpu1.server.user + cpu1.server.sys - cpu0.server.user - cpu0.server.sys) / mark.ms,
+      serverSys: (cpu1.server.sys - cpu0.server.sys) / mark.ms,
+      clientCpu: (cpu1.client.user + cpu1.client.sys - cpu0.client.user - cpu0.client.sys) / mark.ms,
+      clientSys: (cpu1.client.sys - cpu0.client.sys) / mark.ms,
+      serverRssMiB: rssKiBEnd / 1024,
+      otherCpu,
+    };
+  });
+}
+
+/** Idle sockets, each in "bench" and one group room: server memory per connection, one broadcast to all. */
+async function idle(server: Server) {
+  const { sockets, procs, socketsPerUser, groups, broadcasts } = CONFIG.idle;
+  const cookies = await sessions(server.url, Math.ceil(sockets / socketsPerUser));
+  await Bun.sleep(500);
+  const rssBefore = rssKiB(server.proc.pid);
+  const per = Math.ceil(sockets / procs);
+  return withWorkers(procs, async (workers) => {
+    const others = watchOthers([server.proc.pid, process.pid, ...workers.map((w) => w.pid)]);
+    // Two halves: memory per connection is the slope between them, so what the server allocates once
+    // (JIT code, heap warm-up, room state) is not charged to connections.
+    const halves = workers.map((_, k) => {
+      const count = Math.max(0, Math.min(per, sockets - k * per));
+      return [Math.ceil(count / 2), count - Math.ceil(count / 2)];
+    });
+    const openHalf = (h: number) =>
+      Promise.all(
+        workers.map((w, k) => {
+          const firstId = k * per + (h === 0 ? 0 : halves[k][0]);
+          return w.call<OpenResult>("open", openArgs(server, cookies, { firstId, count: halves[k][h], rooms: ["bench", "{g}"], groups, concurrency: 100 }), 320_000);
+        }),
+      );
+    const t0 = performance.now();
+    const first = await openHalf(0);
+    await Bun.sleep(1500); // let the server settle (GC, buffers)
+    const rssHalf = rssKiB(server.proc.pid);
+    const second = await openHalf(1);
+    const openMs = performance.now() - t0;
+    const opened = workers.map((_, k) => ({ opened: first[k].opened + second[k].opened, firstError: first[k].firstError ?? second[k].firstError }));
+    const ok = opened.reduce((n, r) => n + r.opened, 0);
+    const okSecond = second.reduce((n, r) => n + r.opened, 0);
+    await Bun.sleep(2000);
+    const rssAfter = rssKiB(server.proc.pid);
+    const times: number[] = [];
+    const serverMs: number[] = [];
+    let reached = Infinity;
+    for (let k = 0; k < broadcasts; k++) {
+      const cpu0 = cpuPreciseMs(server.proc.pid);
+      const { sendUs } = await workers[0].call<{ sendUs: number }>("broadcast", { k });
+      const got = await Promise.all(workers.map((w, i) => w.call("awaitBroadcast", { k, expected: opened[i].opened, timeoutMs: 30_000 })));
+      serverMs.push(cpuPreciseMs(server.proc.pid) - cpu0);
+      const count = got.reduce((n, g) => n + g.count, 0);
+      reached = Math.min(reached, count);
+      times.push((Math.max(...got.map((g) => g.lastUs)) - sendUs) / 1000);
+      await Bun.sleep(200);
+    }
+    return {
+      sockets,
+      opened: ok,
+      failed: sockets - ok,
+      firstError: opened.find((r) => r.firstError)?.firstError ?? null,
+      users: cookies.length,
+      roomsPerSocket: 2,
+      openMs,
+      rssBeforeMiB: rssBefore / 1024,
+      rssHalfMiB: rssHalf / 1024,
+      rssAfterMiB: rssAfter / 1024,
+      /** growth of server RSS from the first half of the sockets to all of them, per socket */
+      kibPerConn: (rssAfter - rssHalf) / okSecond,
+      /** growth from before the first socket, per socket (includes one-time costs) */
+      kibPerConnFromEmpty: (rssAfter - rssBefore) / ok,
+      broadcastMs: median(times),
+      broadcastMsAll: times,
+      /** server CPU from the send until the last socket had it (includes storing it, for ours) */
+      broadcastServerMs: median(serverMs),
+      broadcastReached: reached,
+      broadcastLost: ok - reached,
+      otherCpu: others(),
+    };
+  });
+}
+
+/** Many connects + joins with history at once: wall time, per-join latency, server CPU per join. */
+async function storm(server: Server) {
+  const { joins, users, concurrency, history } = CONFIG.storm;
+  const cookies = await sessions(server.url, users);
+  return withWorkers(1, async ([w]) => {
+    // history to send on every join (the chat server sends the newest 50)
+    assertOpened(await w.call<OpenResult>("open", openArgs(server, cookies, { firstId: 0, count: 1, rooms: ["bench"] })), "open writer");
+    await w.call("populate", { count: history, window: 20, timeoutMs: 60_000 });
+    const cpu0 = cpuPreciseMs(server.proc.pid);
+    const others = watchOthers([server.proc.pid, w.pid, process.pid]);
+    const r = await w.call<OpenResult>("open", openArgs(server, cookies, { firstId: 1, count: joins, rooms: ["bench"], concurrency }), 320_000);
+    const cpu1 = cpuPreciseMs(server.proc.pid);
+    const otherCpu = others();
+    return {
+      joins,
+      ok: r.opened,
+      failed: r.failed,
+      firstError: r.firstError,
+      concurrency,
+      users,
+      historyStored: history,
+      ms: r.ms,
+      joinsPerSec: (r.opened / r.ms) * 1000,
+      serverCpuMs: cpu1 - cpu0,
+      serverUsPerJoin: ((cpu1 - cpu0) * 1000) / r.opened,
+      p50Us: r.latency.p50Us,
+      p99Us: r.latency.p99Us,
+      maxUs: r.latency.maxUs,
+      otherCpu,
+    };
+  });
+}
+
+/** A warm connection rejoins with `since` 500 back, many times: round trip and server CPU per join. */
+async function recovery(server: Server) {
+  const { missed, stored, reps } = CONFIG.recovery;
+  const cookies = await sessions(server.url, 2);
+  return withWorkers(1, async ([w]) => {
+    assertOpened(await w.call<OpenResult>("open", openArgs(server, cookies, { firstId: 0, count: 1, rooms: ["bench"] })), "open");
+    await w.call("populate", { count: stored, window: 50, timeoutMs: 120_000 });
+    const since = stored - missed;
+    // warm-up, then measured rounds: join with since (recovery), then a plain join (history of the newest 50)
+    await w.call("history", { room: "bench", since, reps: Math.min(50, reps), timeoutMs: 60_000 });
+    const others = watchOthers([server.proc.pid, w.pid, process.pid]);
+    let cpu0 = cpuPreciseMs(server.proc.pid);
+    const rec = await w.call("history", { room: "bench", since, reps, timeoutMs: 120_000 }, 180_000);
+    const recCpu = cpuPreciseMs(server.proc.pid) - cpu0;
+    cpu0 = cpuPreciseMs(server.proc.pid);
+    const plain = await w.call("history", { room: "bench", reps, timeoutMs: 120_000 }, 180_000);
+    const plainCpu = cpuPreciseMs(server.proc.pid) - cpu0;
+    const otherCpu = others();
+    const valid = rec.first.messages === missed && rec.first.contiguous && rec.first.firstId === since + 1 && rec.first.lastId === stored && rec.first.complete === true;
+    return {
+      missed,
+      reps: rec.reps,
+      valid,
+      historyBytes: rec.first.bytes,
+      p50Us: rec.rtt.p50Us,
+      p99Us: rec.rtt.p99Us,
+      maxUs: rec.rtt.maxUs,
+      serverUsPerJoin: (recCpu * 1000) / rec.reps,
+      plainMessages: plain.first.messages,
+      plainBytes: plain.first.bytes,
+      plainP50Us: plain.rtt.p50Us,
+      plainP99Us: plain.rtt.p99Us,
+      plainServerUsPerJoin: (plainCpu * 1000) / plain.reps,
+      otherCpu,
+    };
+  });
+}
+
+function runner(scenario: string): { targets: Target[]; run: (s: Server) => Promise<Record<string, unknown>> } {
+  const flood = /^flood-(\d+)$/.exec(scenario);
+  if (flood) return { targets, run: (s) => traffic(s, { clients: Number(flood[1]), mode: "flood" }) };
+  if (scenario.startsWith("rate-")) return { targets, run: (s) => traffic(s, { clients: CONFIG.rate.clients, mode: "rate", perSecond: CONFIG.rate.perSecond }) };
+  if (scenario === "idle") return { targets, run: idle };
+  if (scenario === "storm") return { targets, run: storm };
+  // recovery needs stored history: only our server has it
+  return { targets: targets.filter((t) => t === "chat"), run: recovery };
+}
+
+// ── Main ──
+
+function record(line: object) {
+  mkdirSync(dirname(OUT), { recursive: true });
+  appendFileSync(OUT, JSON.stringify(line) + "\n");
+}
+
+function brief(m: Record<string, any>): string {
+  const f = (x: number, d = 0) => (Number.isFinite(x) ? x.toFixed(d) : "–");
+  if ("copiesPerSec" in m) return `${f(m.copiesPerSec)} copies/s, p50 ${f(m.p50Us / 1000, 2)} ms, p99 ${f(m.p99Us / 1000, 2)} ms, max ${f(m.maxUs / 1000, 1)} ms, lost ${m.lost}, server cpu ${f(m.serverCpu * 100)}% (sys ${f(m.serverSys * 100)}%), client cpu ${f(m.clientCpu * 100)}% (sys ${f(m.clientSys * 100)}%)`;
+  if ("kibPerConn" in m) return `${m.opened} sockets, ${f(m.kibPerConn, 2)} KiB/conn, broadcast to all ${f(m.broadcastMs, 1)} ms, lost ${m.broadcastLost}`;
+  if ("joinsPerSec" in m) return `${m.ok}/${m.joins} joins in ${f(m.ms)} ms (${f(m.joinsPerSec)}/s), server ${f(m.serverUsPerJoin)} µs/join, p99 ${f(m.p99Us / 1000, 1)} ms`;
+  if ("missed" in m) return `since-join ${m.missed} msgs: p50 ${f(m.p50Us)} µs, server ${f(m.serverUsPerJoin)} µs/join; plain join: p50 ${f(m.plainP50Us)} µs, server ${f(m.plainServerUsPerJoin)} µs/join; valid ${m.valid}`;
+  return JSON.stringify(m);
+}
+
+console.log(`bench ${RUN_ID}: ${selected.join(", ")} × ${targets.join(", ")}, ${CONFIG.reps} rep(s); ${MACHINE.cores} cores, ${MACHINE.pinning}; results → ${OUT}`);
+let failures = 0;
+let quietBudget = CONFIG.quietBudgetMs;
+let retryBudget = CONFIG.retryBudget;
+const started = performance.now();
+for (const scenario of selected) {
+  const { targets: scenarioTargets, run } = runner(scenario);
+  for (let rep = 1; rep <= CONFIG.reps; rep++) {
+    for (const target of scenarioTargets) {
+      for (let attempt = 1; ; attempt++) {
+        const waitedMs = quietBudget > 0 ? await waitQuiet(CONFIG.maxOtherCpu, Math.min(CONFIG.quietWaitMs, quietBudget)) : 0;
+        quietBudget -= waitedMs;
+        const t0 = performance.now();
+        let server: Server | null = null;
+        let metrics: Record<string, any> | null = null;
+        let error: string | null = null;
+        try {
+          server = await startTarget(target);
+          if (process.env.BENCH_VERBOSE) console.log(`${target} server pid ${server.proc.pid} port ${server.port}`); // e.g. to attach perf
+          metrics = await run(server);
+        } catch (e) {
+          error = String(e instanceof Error ? e.message : e);
+        } finally {
+          await server?.stop();
+        }
+        const seconds = (performance.now() - t0) / 1000;
+        const contended = metrics !== null && metrics.otherCpu > CONFIG.maxOtherCpu;
+        const retry = (contended || error !== null) && attempt <= CONFIG.retries && retryBudget > 0;
+        if (retry) retryBudget--;
+        if (error && !retry) failures++;
+        record({ runId: RUN_ID, date: new Date().toISOString(), scenario, target, rep, attempt, serverSha: target === "chat" ? serverSha() : undefined, contended, retried: retry, waitedMs, seconds, quick: QUICK, machine: MACHINE, config: CONFIG, metrics, error });
+        const note = contended ? ` [other processes used ${metrics!.otherCpu.toFixed(2)} cores${retry ? ": repeating" : ""}]` : error && retry ? " [repeating]" : "";
+        const others = metrics ? `, others ${Number(metrics.otherCpu).toFixed(2)} cores` : "";
+        console.log(`${scenario.padEnd(9)} ${target.padEnd(7)} rep ${rep}: ${error ? `FAILED: ${error}` : brief(metrics!)} (${seconds.toFixed(1)} s${others})${note}`);
+        if (error && server) console.log(server.lines.slice(-10).join("\n"));
+        if (!retry) break;
+      }
+    }
+  }
+}
+console.log(`done in ${((performance.now() - started) / 1000).toFixed(0)} s${failures ? `, ${failures} failed` : ""}; table: bun bench/table.ts${flags.out ? ` --in ${OUT}` : ""}`);
+process.exit(failures ? 1 : 0);
