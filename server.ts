@@ -520,7 +520,7 @@ function startCheckpointer(file: string): Worker {
     db.run("PRAGMA busy_timeout = 1000");
     setInterval(() => { try { db.run("PRAGMA wal_checkpoint(PASSIVE)"); } catch {} }, 500);`;
   const worker = new Worker(URL.createObjectURL(new Blob([code], { type: "text/javascript" })));
-  worker.unref();
+  (worker as unknown as { unref(): void }).unref(); // bun-types lacks Worker.unref
   return worker;
 }
 
