@@ -5,7 +5,8 @@
 import { RedisClient, type Server, type ServerWebSocket, SQL } from "bun";
 import { Database } from "bun:sqlite";
 import { Hono, type Context } from "hono";
-import { getSignedCookie, setSignedCookie } from "hono/cookie";
+import { getCookie, setSignedCookie } from "hono/cookie";
+import { createHmac, timingSafeEqual } from "node:crypto";
 import * as z from "zod";
 import page from "./client.html" with { type: "text" };
 
@@ -14,6 +15,7 @@ const TOPIC_PREFIX = "room:";
 const MAX_FRAME = 64 * 1024; // larger frames close the socket with 1009 (Bun does it)
 const BACKPRESSURE_LIMIT = 1024 * 1024; // per socket; past it the socket is closed
 const SLOW_SWEEP_MS = 200; // how often buffered amounts are sampled for metrics
+const BACKPRESSURE_SAMPLE_MS = 20; // and at most this often per room right after a publish meets backpressure
 const SHUTDOWN_TIMEOUT_MS = 8_000;
 const UNUSED_SESSION_TTL_MS = 60 * 60 * 1000;
 
@@ -742,16 +744,20 @@ export type Fanout = Awaited<ReturnType<typeof openFanout>>;
 // ── Server state: everything lives inside startServer, so each call starts empty ──
 
 type Bucket = { tokens: number; at: number };
-type LocalUser = { id: string; name: string; sid: string; sockets: Set<ChatSocket> };
-/** rooms: true once joined (history sent, subscribed); false while the join waits for the room to load. */
-type SocketData = { user: LocalUser; rooms: Map<string, boolean>; buffered: number; closed: boolean };
+type LocalUser = { id: string; name: string; sid: string; sockets: ChatSocket[] }; // a user has a few tabs
+/**
+ * rooms: joined (history sent, subscribed); joining: waiting for the room to load (usually null).
+ * Plain arrays: a socket holds a few rooms, and per-socket memory is what idle servers are made of.
+ */
+type SocketData = { user: LocalUser; rooms: string[]; joining: string[] | null; buffered: number; closed: boolean };
 type ChatSocket = ServerWebSocket<SocketData>;
 type Entry = { id: number; frame: string }; // a message as sent on the wire
 /** A room as this process sees it: local sockets, presence and the recent tail. */
 type RoomState = {
   name: string;
   topic: string;
-  sockets: Set<ChatSocket>; // local sockets, joined or joining
+  count: number; // local sockets, joined or joining (a Set of them would cost memory on every socket)
+  sampledAt: number; // when unsent bytes were last sampled after a publish met backpressure
   local: Map<string, number>; // user id → local joined sockets
   members: Map<string, User>; // everyone in the room (on every node, in cluster mode)
   lastId: number; // the last id delivered here; ids are 1, 2, 3… without gaps
@@ -780,7 +786,10 @@ export async function startServer(options: ServerOptions = {}) {
   const sayBuckets = new Map<string, Bucket>();
   const renameBuckets = new Map<string, Bucket>();
   const typingSeen = new Map<string, number>();
-  const sockets = new Set<ChatSocket>();
+  let connections = 0; // open sockets; each is in its user's `sockets`
+  function* allSockets() {
+    for (const user of users.values()) yield* user.sockets;
+  }
   const metrics = {
     messagesReceived: 0,
     messagesPublished: 0,
@@ -850,7 +859,7 @@ export async function startServer(options: ServerOptions = {}) {
     let room = rooms.get(name);
     if (room) return room;
     room = {
-      name, topic: TOPIC_PREFIX + name, sockets: new Set(), local: new Map(), members: new Map(), lastId: 0,
+      name, topic: TOPIC_PREFIX + name, count: 0, sampledAt: 0, local: new Map(), members: new Map(), lastId: 0,
       ring: [], waiting: [], ready: Promise.resolve(), historyFrame: null,
     };
     rooms.set(name, room);
@@ -875,11 +884,11 @@ export async function startServer(options: ServerOptions = {}) {
       unload(room, true);
       return;
     }
-    if (room.sockets.size === 0) unload(room);
+    if (room.count === 0) unload(room);
   }
 
   function unload(room: RoomState, force = false) {
-    if (rooms.get(room.name) !== room || (!force && (room.sockets.size > 0 || room.waiting))) return;
+    if (rooms.get(room.name) !== room || (!force && (room.count > 0 || room.waiting))) return;
     rooms.delete(room.name);
     fanout?.unsubscribeRoom(room.name);
   }
@@ -907,7 +916,11 @@ export async function startServer(options: ServerOptions = {}) {
   function publish(room: RoomState, frame: string, from?: ChatSocket) {
     // -1 or 0: some reader has unsent bytes (0: past the limit). Bun closes a reader that passes the limit
     // during a later publish, and the 200 ms sweep can miss one that fills up faster, so note them now
-    if ((from ?? server).publish(room.topic, frame) <= 0) for (const ws of room.sockets) ws.data.buffered = ws.getBufferedAmount();
+    if ((from ?? server).publish(room.topic, frame) > 0) return;
+    const now = performance.now();
+    if (now - room.sampledAt < BACKPRESSURE_SAMPLE_MS) return;
+    room.sampledAt = now;
+    for (const ws of allSockets()) if (ws.data.rooms.includes(room.name)) ws.data.buffered = ws.getBufferedAmount();
   }
 
   /** Applies held messages in order, fetching missing ids from the store; ends with waiting = null. */
@@ -1011,25 +1024,29 @@ export async function startServer(options: ServerOptions = {}) {
 
   async function join(ws: ChatSocket, roomName: string, since: number | undefined) {
     const data = ws.data;
-    if (!data.rooms.has(roomName) && data.rooms.size >= config.maxRoomsPerConnection) {
+    const known = data.rooms.includes(roomName) || !!data.joining?.includes(roomName);
+    if (!known && data.rooms.length + (data.joining?.length ?? 0) >= config.maxRoomsPerConnection) {
       return sendError(ws, "limit_exceeded", `Cannot join ${roomName}: at most ${config.maxRoomsPerConnection} rooms per connection`);
     }
     const room = getRoom(roomName);
-    const rejoin = data.rooms.get(roomName) === true;
-    if (!rejoin) data.rooms.set(roomName, false); // reserved: a leave or close meanwhile cleans up
-    room.sockets.add(ws);
+    if (!known) {
+      (data.joining ??= []).push(room.name); // reserved: a leave or close meanwhile cleans up; room.name is shared, not a copy per socket
+      room.count++;
+    }
     // a cluster node may not have received the newest messages yet: ask the store before saying "you are ahead"
     if (fanout && since !== undefined && since > room.lastId) await refresh(room);
     while (room.waiting) await room.ready;
-    if (data.closed || !data.rooms.has(roomName)) return;
+    const joined = data.rooms.includes(roomName);
+    if (data.closed || (!joined && !data.joining?.includes(roomName))) return;
     if (rooms.get(roomName) !== room) {
       leave(ws, roomName);
       return sendError(ws, "unavailable", `Cannot join ${roomName}: history is unavailable, try again`);
     }
     // from here on nothing awaits: history up to lastId, then live messages after it, exactly
     ws.sendText(historyFrame(room, since));
-    if (!rejoin) {
-      data.rooms.set(roomName, true);
+    if (!joined) {
+      dropFrom(data, "joining", roomName);
+      data.rooms.push(room.name);
       ws.subscribe(room.topic);
       const user = userOf(ws);
       const conns = (room.local.get(user.id) ?? 0) + 1;
@@ -1042,14 +1059,23 @@ export async function startServer(options: ServerOptions = {}) {
     send(ws, { type: "presence", room: roomName, users: [...room.members.values()] });
   }
 
+  /** Removes a room from a socket's list; true if it was there. */
+  function dropFrom(data: SocketData, list: "rooms" | "joining", roomName: string): boolean {
+    const names = data[list];
+    const i = names ? names.indexOf(roomName) : -1;
+    if (i < 0) return false;
+    names!.splice(i, 1);
+    if (list === "joining" && names!.length === 0) data.joining = null;
+    return true;
+  }
+
   function leave(ws: ChatSocket, roomName: string) {
     const data = ws.data;
-    const joined = data.rooms.get(roomName);
-    if (joined === undefined) return;
-    data.rooms.delete(roomName);
+    const joined = dropFrom(data, "rooms", roomName);
+    if (!joined && !dropFrom(data, "joining", roomName)) return;
     const room = rooms.get(roomName);
     if (!room) return;
-    room.sockets.delete(ws);
+    room.count--;
     if (joined) {
       if (!data.closed) ws.unsubscribe(room.topic);
       const userId = data.user.id;
@@ -1113,7 +1139,7 @@ export async function startServer(options: ServerOptions = {}) {
       metrics.framesRejected++;
       return sendError(ws, "bad_request", `text: longer than ${config.maxText} characters`, { ref: msg.ref });
     }
-    if (ws.data.rooms.get(msg.room) !== true) {
+    if (!ws.data.rooms.includes(msg.room)) {
       return sendError(ws, "not_joined", `Cannot say in ${msg.room}: join it first`, { ref: msg.ref });
     }
     const wait = take(sayBuckets, ws.data.user.id, config.rateLimit);
@@ -1127,7 +1153,7 @@ export async function startServer(options: ServerOptions = {}) {
   }
 
   function typing(ws: ChatSocket, roomName: string) {
-    if (ws.data.rooms.get(roomName) !== true) return sendError(ws, "not_joined", `Cannot type in ${roomName}: join it first`);
+    if (!ws.data.rooms.includes(roomName)) return sendError(ws, "not_joined", `Cannot type in ${roomName}: join it first`);
     // at most one typing event per user and room a second; extra ones are dropped quietly
     const key = `${ws.data.user.id}\n${roomName}`;
     const now = performance.now();
@@ -1166,7 +1192,10 @@ export async function startServer(options: ServerOptions = {}) {
     for (const room of rooms.values()) {
       if (!room.members.has(user.id)) continue;
       room.members.set(user.id, user);
-      for (const ws of room.sockets) if (ws.data.rooms.get(room.name)) recipients.add(ws);
+    }
+    // renames are rare (RENAME_LIMIT): walking every socket is cheaper than a socket set per room
+    for (const ws of allSockets()) {
+      if (ws.data.rooms.some((name) => rooms.get(name)?.members.has(user.id))) recipients.add(ws);
     }
     const frame = JSON.stringify({ type: "renamed", user, previous } satisfies ServerMessage);
     for (const ws of recipients) if (!ws.data.closed) ws.sendText(frame);
@@ -1181,8 +1210,22 @@ export async function startServer(options: ServerOptions = {}) {
     return new URL(c.req.url).protocol === "https:" || c.req.header("x-forwarded-proto") === "https";
   }
 
+  /**
+   * The sid from a cookie Hono signed (`<sid>.<base64 HMAC-SHA256>`), checked like Hono's
+   * getSignedCookie but with one HMAC key for the process instead of a WebCrypto import per request.
+   */
+  function signedSid(c: Context<Env>): string | undefined {
+    const value = getCookie(c, "sid");
+    const dot = value?.lastIndexOf(".") ?? -1;
+    if (dot < 0) return;
+    const sid = value!.slice(0, dot);
+    const expected = Buffer.from(createHmac("sha256", secret).update(sid).digest("base64"));
+    const given = Buffer.from(value!.slice(dot + 1));
+    return given.length === expected.length && timingSafeEqual(given, expected) ? sid : undefined;
+  }
+
   async function readSession(c: Context<Env>): Promise<Session | undefined> {
-    const sid = await getSignedCookie(c, secret, "sid");
+    const sid = signedSid(c);
     return sid ? await store.findSession(sid) : undefined;
   }
 
@@ -1207,7 +1250,7 @@ export async function startServer(options: ServerOptions = {}) {
 
   app.get("/metrics", (c) => {
     const lines: [string, string, string, number][] = [
-      ["chat_connections", "gauge", "Open WebSocket connections", sockets.size],
+      ["chat_connections", "gauge", "Open WebSocket connections", connections],
       ["chat_rooms", "gauge", "Rooms with members on this process", rooms.size],
       ["chat_messages_received_total", "counter", "Chat messages accepted from clients", metrics.messagesReceived],
       ["chat_messages_published_total", "counter", "Chat messages broadcast to rooms", metrics.messagesPublished],
@@ -1233,8 +1276,7 @@ export async function startServer(options: ServerOptions = {}) {
 
   // `/` hands out a cookie only; the session row is created when /api/* first needs it
   app.get("/", async (c) => {
-    const sid = await getSignedCookie(c, secret, "sid");
-    if (!sid) await issueCookie(c, randomId(24));
+    if (!signedSid(c)) await issueCookie(c, randomId(24));
     c.header("cache-control", "no-store");
     return c.body(CLIENT_HTML, 200, { "content-type": "text/html; charset=utf-8" });
   });
@@ -1243,7 +1285,7 @@ export async function startServer(options: ServerOptions = {}) {
   // cookie-less requests cannot outgrow it between the minutely prunes
   let createdSincePrune = 0;
   app.use("/api/*", async (c, next) => {
-    const sid = await getSignedCookie(c, secret, "sid");
+    const sid = signedSid(c);
     let session = sid ? await store.findSession(sid) : undefined;
     if (!session) {
       session = await store.createSession(sid || randomId(24));
@@ -1313,20 +1355,20 @@ export async function startServer(options: ServerOptions = {}) {
     if (shuttingDown) return c.json({ error: { code: "unavailable", message: "Server is shutting down" } }, 503);
     // before the limit checks: nothing may await between them and the upgrade, or a burst gets past them
     if (!session.used) await store.markUsed(session.sid);
-    if (sockets.size >= config.maxConnections) {
+    if (connections >= config.maxConnections) {
       metrics.connectionsRefused++;
       return c.json({ error: { code: "unavailable", message: "Too many connections, try again later" } }, 503);
     }
-    if ((users.get(session.id)?.sockets.size ?? 0) >= config.maxConnectionsPerUser) {
+    if ((users.get(session.id)?.sockets.length ?? 0) >= config.maxConnectionsPerUser) {
       metrics.connectionsRefused++;
       return c.json({ error: { code: "limit_exceeded", message: `At most ${config.maxConnectionsPerUser} connections per user` } }, 429);
     }
     let user = users.get(session.id);
     if (!user) {
-      user = { id: session.id, name: session.name, sid: session.sid, sockets: new Set() };
+      user = { id: session.id, name: session.name, sid: session.sid, sockets: [] };
       users.set(user.id, user);
     }
-    const data: SocketData = { user, rooms: new Map(), buffered: 0, closed: false };
+    const data: SocketData = { user, rooms: [], joining: null, buffered: 0, closed: false };
     if (c.env.upgrade(c.req.raw, { data })) return new Response(null);
     return c.json({ error: { code: "bad_request", message: "WebSocket upgrade failed" } }, 400);
   });
@@ -1388,8 +1430,8 @@ export async function startServer(options: ServerOptions = {}) {
       idleTimeout: config.idleTimeout,
       sendPings: true,
       open(ws) {
-        sockets.add(ws);
-        ws.data.user.sockets.add(ws);
+        connections++;
+        ws.data.user.sockets.push(ws);
         send(ws, { type: "welcome", user: userOf(ws), maxText: config.maxText });
       },
       message: onMessage,
@@ -1398,17 +1440,17 @@ export async function startServer(options: ServerOptions = {}) {
         data.closed = true;
         // Bun closes slow readers itself (1006); unsent bytes at close tell them from clean exits
         if (code === 1006 && reason === "" && data.buffered > 0) metrics.slowConsumersClosed++;
-        for (const room of [...data.rooms.keys()]) leave(ws, room);
-        sockets.delete(ws);
-        data.user.sockets.delete(ws);
-        if (data.user.sockets.size === 0) users.delete(data.user.id);
+        for (const room of [...data.rooms, ...(data.joining ?? [])]) leave(ws, room);
+        connections--;
+        data.user.sockets.splice(data.user.sockets.indexOf(ws), 1);
+        if (data.user.sockets.length === 0) users.delete(data.user.id);
       },
     },
   });
 
   // Samples each socket's unsent bytes, so close() can tell a slow reader.
   const sweep = setInterval(() => {
-    for (const ws of sockets) ws.data.buffered = ws.getBufferedAmount();
+    for (const ws of allSockets()) ws.data.buffered = ws.getBufferedAmount();
     const old = performance.now() - 60_000;
     for (const [key, at] of typingSeen) if (at < old) typingSeen.delete(key);
     for (const buckets of [sayBuckets, renameBuckets]) {
@@ -1439,7 +1481,7 @@ export async function startServer(options: ServerOptions = {}) {
       if (!flushing) flushing = flushLoop();
       await flushing;
     }
-    for (const ws of sockets) ws.close(1001, "server shutting down");
+    for (const ws of [...allSockets()]) ws.close(1001, "server shutting down");
     await server.stop();
     await fanout?.close(); // removes this node's members from presence at once
     await store.close();
