@@ -4,6 +4,7 @@
 // WebSocket → startup.
 import { RedisClient, type Server, type ServerWebSocket, SQL } from "bun";
 import { Database } from "bun:sqlite";
+import { statSync } from "node:fs";
 import { Hono, type Context } from "hono";
 import { getCookie, setSignedCookie } from "hono/cookie";
 import { createHmac, timingSafeEqual } from "node:crypto";
@@ -17,6 +18,7 @@ const BACKPRESSURE_LIMIT = 1024 * 1024; // per socket; past it the socket is clo
 const SLOW_SWEEP_MS = 200; // how often buffered amounts are sampled for metrics
 const BACKPRESSURE_SAMPLE_MS = 20; // and at most this often per room right after a publish meets backpressure
 const SHUTDOWN_TIMEOUT_MS = 8_000;
+const WAL_REWIND_BYTES = 64 * 1024 * 1024; // past this the writer rewinds the WAL file to its start
 const UNUSED_SESSION_TTL_MS = 60 * 60 * 1000;
 
 // ── Config: env and flags, parsed once ──────────────────────────────────────
@@ -499,8 +501,16 @@ function openWriter(file: string) {
   const insert = db.prepare("INSERT INTO messages (room, id, user_id, name, text, ts, ref) VALUES (?, ?, ?, ?, ?, ?, ?)");
   const one = (r: Row) => insert.run(r.room, r.id, r.user_id, r.name, r.text, r.ts, r.ref);
   const many = db.transaction((rows: Row[]) => rows.forEach(one));
+  let writes = 0;
+  /** The checkpointer thread copies the WAL into the database but cannot rewind it while we write; now and then we do. */
+  function rewindWal() {
+    try {
+      if (statSync(`${file}-wal`).size > WAL_REWIND_BYTES) db.run("PRAGMA wal_checkpoint(RESTART)");
+    } catch {} // busy: next time
+  }
   return {
     async store(rows: Row[]) {
+      if (++writes % 1000 === 0) rewindWal();
       for (let attempt = 0; ; attempt++) {
         try {
           return void (rows.length === 1 ? one(rows[0]) : many(rows));
