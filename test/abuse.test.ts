@@ -1,9 +1,9 @@
 // Hostile clients: forged identities, leaked session ids, markup and SQL in names and texts,
 // every abuse limit, floods of sessions and bodies, and cross-site origins. Real servers and sockets.
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { describe, expect, test } from "bun:test";
 import { Client, newSession, serve, spawnServer, type Session } from "./helpers.ts";
 import { RawSocket } from "./raw.ts";
-import { missingServices, startPostgres, startRedis } from "./services.ts";
+import { missingServices, sharedServices } from "./services.ts";
 import { metric, storedHistory } from "./probes.ts";
 
 const UPGRADE = { connection: "Upgrade", upgrade: "websocket", "sec-websocket-version": "13", "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==" };
@@ -373,18 +373,10 @@ describe("origin", () => {
 const skip = missingServices();
 
 describe.skipIf(!!skip)("abuse, cluster", () => {
-  let redis: Awaited<ReturnType<typeof startRedis>>;
-  let pg: Awaited<ReturnType<typeof startPostgres>>;
-  beforeAll(async () => {
-    [redis, pg] = await Promise.all([startRedis(), startPostgres()]);
-  });
-  afterAll(async () => {
-    await redis?.[Symbol.asyncDispose]();
-    await pg?.[Symbol.asyncDispose]();
-  });
+  const services = sharedServices();
 
   test("connection limits hold on a Postgres node when upgrades arrive all at once", async () => {
-    const env = { REDIS_URL: redis.url, DATABASE_URL: await pg.createDatabase(), MAX_CONNECTIONS_PER_USER: "3", MAX_CONNECTIONS: "5" };
+    const env = { REDIS_URL: services.redis.url, DATABASE_URL: await services.pg.createDatabase(), MAX_CONNECTIONS_PER_USER: "3", MAX_CONNECTIONS: "5" };
     await using node = await spawnServer({ ...env, NODE_ID: "limits" });
     const alice = await newSession(node.url);
     const perUser = await burst(node.url, Array(20).fill(alice.cookie));
@@ -398,7 +390,7 @@ describe.skipIf(!!skip)("abuse, cluster", () => {
   });
 
   test("every node applies ALLOWED_ORIGINS to a session issued by another", async () => {
-    const env = { REDIS_URL: redis.url, DATABASE_URL: await pg.createDatabase(), ALLOWED_ORIGINS: "https://chat.example.com" };
+    const env = { REDIS_URL: services.redis.url, DATABASE_URL: await services.pg.createDatabase(), ALLOWED_ORIGINS: "https://chat.example.com" };
     await using a = await spawnServer({ ...env, NODE_ID: "origin-a" });
     await using b = await spawnServer({ ...env, NODE_ID: "origin-b" });
     const session = await newSession(a.url);
@@ -411,13 +403,13 @@ describe.skipIf(!!skip)("abuse, cluster", () => {
   });
 
   test("names and texts with metacharacters cross nodes and come back from Postgres verbatim", async () => {
-    const env = { REDIS_URL: redis.url, DATABASE_URL: await pg.createDatabase(), RENAME_LIMIT: "100/1s" };
+    const env = { REDIS_URL: services.redis.url, DATABASE_URL: await services.pg.createDatabase(), RENAME_LIMIT: "100/1s" };
     await using a = await spawnServer({ ...env, NODE_ID: "meta-a" });
     await using b = await spawnServer({ ...env, NODE_ID: "meta-b" });
     await checkVerbatim(a.url, b.url);
   });
 
   test("a flood of cookie-less requests keeps unused session rows bounded on Postgres too", async () => {
-    await checkSessionFlood(await pg.createDatabase());
+    await checkSessionFlood(await services.pg.createDatabase());
   });
 });

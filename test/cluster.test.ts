@@ -1,39 +1,29 @@
 // Cluster mode: real redis-server, real Postgres and three real server processes on loopback.
-import { afterAll, afterEach, beforeAll, describe, expect, test } from "bun:test";
+import { afterEach, describe, expect, test } from "bun:test";
 import { Client, newSession, spawnServer } from "./helpers.ts";
-import { missingServices, startPostgres, startRedis } from "./services.ts";
+import { missingServices, sharedServices, startPostgres, startRedis } from "./services.ts";
 
 const skip = missingServices();
 
 type Node = Awaited<ReturnType<typeof spawnServer>>;
-type Redis = Awaited<ReturnType<typeof startRedis>>;
-type Postgres = Awaited<ReturnType<typeof startPostgres>>;
 
 describe.skipIf(!!skip)("cluster", () => {
-  let redis: Redis;
-  let pg: Postgres;
+  const services = sharedServices();
   let nodes: Node[] = [];
   let nodeCount = 0;
 
-  beforeAll(async () => {
-    [redis, pg] = await Promise.all([startRedis(), startPostgres()]);
-  });
   afterEach(async () => {
     for (const node of nodes) await node[Symbol.asyncDispose]();
     nodes = [];
   });
-  afterAll(async () => {
-    await redis?.[Symbol.asyncDispose]();
-    await pg?.[Symbol.asyncDispose]();
-  });
 
   /** Starts `count` nodes on a fresh database, sharing one Redis. */
   async function startCluster(count: number, options: { redisUrl?: string; databaseUrl?: string } = {}) {
-    const databaseUrl = options.databaseUrl ?? (await pg.createDatabase());
+    const databaseUrl = options.databaseUrl ?? (await services.pg.createDatabase());
     const started: Node[] = [];
     for (let i = 0; i < count; i++) {
       // one at a time: the first creates the tables and the shared session secret
-      const node = await spawnServer({ REDIS_URL: options.redisUrl ?? redis.url, DATABASE_URL: databaseUrl, NODE_ID: `n${++nodeCount}`, RATE_LIMIT: "1000/1s" });
+      const node = await spawnServer({ REDIS_URL: options.redisUrl ?? services.redis.url, DATABASE_URL: databaseUrl, NODE_ID: `n${++nodeCount}`, RATE_LIMIT: "1000/1s" });
       nodes.push(node);
       started.push(node);
     }

@@ -1,10 +1,10 @@
 // Crashes and restarts under load: kill -9 and SIGTERM in the middle of a burst from several
 // senders, then a restart on the same database. Nothing anyone saw may be lost or doubled, and
 // clients that rejoin with `since` must end up with the same history. Spawned servers only.
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { describe, expect, test } from "bun:test";
 import { Client, newSession, spawnServer, tempDir, until, type Session } from "./helpers.ts";
 import { countEchoes, storedHistory, type Message } from "./probes.ts";
-import { missingServices, startPostgres, startRedis } from "./services.ts";
+import { missingServices, sharedServices } from "./services.ts";
 
 const ROOM = "burst";
 const WINDOW = 40; // unconfirmed says per sender
@@ -137,18 +137,10 @@ describe("crash", () => {
 const skip = missingServices();
 
 describe.skipIf(!!skip)("crash, cluster", () => {
-  let redis: Awaited<ReturnType<typeof startRedis>>;
-  let pg: Awaited<ReturnType<typeof startPostgres>>;
-  beforeAll(async () => {
-    [redis, pg] = await Promise.all([startRedis(), startPostgres()]);
-  });
-  afterAll(async () => {
-    await redis?.[Symbol.asyncDispose]();
-    await pg?.[Symbol.asyncDispose]();
-  });
+  const services = sharedServices();
 
   test("kill -9 of a cluster node mid-burst: the other node carries on, nothing seen is lost or doubled, and everyone converges", async () => {
-    const env = { REDIS_URL: redis.url, DATABASE_URL: await pg.createDatabase(), RATE_LIMIT: "1000000/1s", RECOVERY_LIMIT: "10000" };
+    const env = { REDIS_URL: services.redis.url, DATABASE_URL: await services.pg.createDatabase(), RATE_LIMIT: "1000000/1s", RECOVERY_LIMIT: "10000" };
     await using a = await spawnServer({ ...env, NODE_ID: "crash-a" });
     await using b = await spawnServer({ ...env, NODE_ID: "crash-b" });
     const onA = await Promise.all(Array.from({ length: 3 }, () => peer(a.url)));

@@ -1,10 +1,10 @@
 // Bad input: tens of thousands of generated frames against live servers, and raw WebSocket
 // protocol abuse. The seed is fixed and printed; FUZZ_SEED=<n> replays a run, FUZZ_FRAMES=<n> resizes it.
-import { afterAll, beforeAll, describe, expect, test } from "bun:test";
+import { describe, expect, test } from "bun:test";
 import { Client, newSession, serve, spawnServer, tempDir } from "./helpers.ts";
 import { FUZZ_MAX_TEXT, runFuzz } from "./fuzz.ts";
 import { encodeFrame, OP, RawSocket } from "./raw.ts";
-import { missingServices, startPostgres, startRedis } from "./services.ts";
+import { missingServices, sharedServices } from "./services.ts";
 import { metric } from "./probes.ts";
 
 const SEED = Number(process.env.FUZZ_SEED ?? 20_251_126);
@@ -99,18 +99,10 @@ describe("fuzz", () => {
 const skip = missingServices();
 
 describe.skipIf(!!skip)("fuzz, cluster", () => {
-  let redis: Awaited<ReturnType<typeof startRedis>>;
-  let pg: Awaited<ReturnType<typeof startPostgres>>;
-  beforeAll(async () => {
-    [redis, pg] = await Promise.all([startRedis(), startPostgres()]);
-  });
-  afterAll(async () => {
-    await redis?.[Symbol.asyncDispose]();
-    await pg?.[Symbol.asyncDispose]();
-  });
+  const services = sharedServices();
 
   test("fuzzing a cluster node: Postgres keeps every accepted text byte for byte, and bystanders on both nodes hear exactly those", async () => {
-    const env = { ...FUZZ_ENV, REDIS_URL: redis.url, DATABASE_URL: await pg.createDatabase() };
+    const env = { ...FUZZ_ENV, REDIS_URL: services.redis.url, DATABASE_URL: await services.pg.createDatabase() };
     await using a = await spawnServer({ ...env, NODE_ID: "fuzz-a" });
     await using b = await spawnServer({ ...env, NODE_ID: "fuzz-b" });
     const frames = Math.round(FRAMES / 5);

@@ -1,4 +1,5 @@
 // Real Redis and Postgres servers for tests: temp folders, free loopback ports, stopped by pid.
+import { afterAll, beforeAll } from "bun:test";
 import { chownSync, existsSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -120,4 +121,20 @@ export async function startPostgres() {
       rmSync(dir, { recursive: true, force: true });
     },
   };
+}
+
+export type Redis = Awaited<ReturnType<typeof startRedis>>;
+export type Postgres = Awaited<ReturnType<typeof startPostgres>>;
+
+/** One redis-server and one Postgres for the enclosing describe block, stopped after it. */
+export function sharedServices() {
+  const services = {} as { redis: Redis; pg: Postgres };
+  beforeAll(async () => {
+    [services.redis, services.pg] = await Promise.all([startRedis(), startPostgres()]);
+  });
+  afterAll(async () => {
+    await services.redis?.[Symbol.asyncDispose]();
+    await services.pg?.[Symbol.asyncDispose]();
+  });
+  return services;
 }
