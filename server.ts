@@ -1,7 +1,7 @@
 // A real-time chat server: Bun's native WebSocket pub/sub, Hono for HTTP and
-// sessions, zod for the wire format, Bun.SQL (SQLite or Postgres) for history.
-// Read top to bottom: config → protocol → store → server state → HTTP →
-// WebSocket → startup.
+// sessions, zod for the wire format, Bun.SQL (SQLite or Postgres) for history,
+// Redis between the processes of a cluster. Read top to bottom: config →
+// protocol → store → cluster → server state → HTTP → WebSocket → startup.
 import { RedisClient, type Server, type ServerWebSocket, SQL } from "bun";
 import { Database } from "bun:sqlite";
 import { statSync } from "node:fs";
