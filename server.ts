@@ -279,6 +279,7 @@ export async function openStore(url: string) {
   }
   /** count(*), ids and BIGINTs come back as strings on Postgres: convert here. */
   const num = (v: unknown) => Number(v);
+  const toSession = (r: any): Session => ({ sid: r.sid, id: r.user_id, name: r.name, used: num(r.used) === 1 });
   const toMessage = (r: any): Message => {
     const m: Message = { type: "message", room: r.room, id: num(r.id), user: { id: r.user_id, name: r.name }, text: r.text, ts: num(r.ts) };
     if (r.ref != null) m.ref = r.ref;
@@ -371,9 +372,6 @@ export async function openStore(url: string) {
   }
 
   return {
-    kind: postgres ? ("postgres" as const) : ("sqlite" as const),
-    sql,
-
     /** The shared signing secret: generated once, first writer wins. */
     secret: (fresh: string) =>
       serial(async () => {
@@ -385,7 +383,7 @@ export async function openStore(url: string) {
     findSession: (sid: string) =>
       serial(async (): Promise<Session | undefined> => {
         const [r] = await sql`SELECT sid, user_id, name, used FROM sessions WHERE sid = ${sid}`;
-        return r && { sid: r.sid, id: r.user_id, name: r.name, used: num(r.used) === 1 };
+        return r && toSession(r);
       }),
 
     /** Creates the session row with a fresh default name `user<N>`. */
@@ -399,8 +397,8 @@ export async function openStore(url: string) {
           const rows = await sql`INSERT INTO sessions (sid, user_id, name, name_key, created)
             VALUES (${sid}, ${id}, ${name}, ${nameKey(name)}, ${Date.now()}) ON CONFLICT DO NOTHING RETURNING user_id`;
           if (rows.length) return { sid, id, name, used: false };
-          const existing = await sql`SELECT sid, user_id, name, used FROM sessions WHERE sid = ${sid}`;
-          if (existing.length) return { sid, id: existing[0].user_id, name: existing[0].name, used: num(existing[0].used) === 1 };
+          const [existing] = await sql`SELECT sid, user_id, name, used FROM sessions WHERE sid = ${sid}`;
+          if (existing) return toSession(existing); // another request created it first
         }
         throw new Error("Cannot create session: no free default name");
       }),
@@ -449,12 +447,11 @@ export async function openStore(url: string) {
      */
     append: (batch: NewMessage[]) => serial(() => (postgres ? appendLocked(batch) : appendSingleWriter(batch))),
 
-    /** The newest `limit` messages of a room (oldest first) and its last id. */
+    /** The newest `limit` messages of a room (limit ≥ 1), oldest first; the last one's id is the room's last id. */
     tail: (room: string, limit: number) =>
       serial(async () => {
-        const [r] = await sql`SELECT max(id) AS last_id FROM messages WHERE room = ${room}`;
         const rows = await sql`SELECT * FROM messages WHERE room = ${room} ORDER BY id DESC LIMIT ${limit}`;
-        return { lastId: num(r?.last_id ?? 0), messages: rows.reverse().map(toMessage) as Message[] };
+        return rows.reverse().map(toMessage) as Message[];
       }),
 
     /** Messages with after < id < before, oldest first (at most 10,000). */
@@ -762,6 +759,7 @@ type LocalUser = { id: string; name: string; sid: string; sockets: ChatSocket[] 
 type SocketData = { user: LocalUser; rooms: string[]; joining: string[] | null; buffered: number; closed: boolean };
 type ChatSocket = ServerWebSocket<SocketData>;
 type Entry = { id: number; frame: string }; // a message as sent on the wire
+const toEntry = (m: Message): Entry => ({ id: m.id, frame: JSON.stringify(m) });
 /** A room as this process sees it: local sockets, presence and the recent tail. */
 type RoomState = {
   name: string;
@@ -884,9 +882,8 @@ export async function startServer(options: ServerOptions = {}) {
         await fanout.subscribeRoom(room.name);
         for (const user of await fanout.members(room.name)) room.members.set(user.id, user);
       }
-      const { lastId, messages } = await store.tail(room.name, ringSize);
-      room.ring = messages.map((m) => ({ id: m.id, frame: JSON.stringify(m) }));
-      room.lastId = Math.max(lastId, messages.at(-1)?.id ?? 0);
+      room.ring = (await store.tail(room.name, ringSize)).map(toEntry);
+      room.lastId = room.ring.at(-1)?.id ?? 0;
       await catchUp(room);
     } catch (error) {
       log({ event: "error", where: "load room", room: room.name, error: String(error) });
@@ -955,7 +952,7 @@ export async function startServer(options: ServerOptions = {}) {
       } else if (missing.length === 0) {
         await Bun.sleep(50 * failures);
       }
-      room.waiting!.push(...missing.map((m) => ({ id: m.id, frame: JSON.stringify(m) })), ...rest);
+      room.waiting!.push(...missing.map(toEntry), ...rest);
     }
     room.waiting = null;
   }
@@ -967,7 +964,7 @@ export async function startServer(options: ServerOptions = {}) {
     room.ready = (async () => {
       try {
         const newer = await store.between(room.name, room.lastId, Number.MAX_SAFE_INTEGER);
-        for (const m of newer) room.waiting!.push({ id: m.id, frame: JSON.stringify(m) });
+        room.waiting!.push(...newer.map(toEntry));
       } catch (error) {
         log({ event: "error", where: "refresh room", room: room.name, error: String(error) });
       }
@@ -1291,6 +1288,13 @@ export async function startServer(options: ServerOptions = {}) {
     return c.body(CLIENT_HTML, 200, { "content-type": "text/html; charset=utf-8" });
   });
 
+  /** Drops sessions that never connected: older than an hour, or the oldest past MAX_UNUSED_SESSIONS. */
+  function pruneSessions() {
+    return store.pruneSessions(Date.now() - UNUSED_SESSION_TTL_MS, config.maxUnusedSessions).catch((error) =>
+      log({ event: "error", where: "prune sessions", error: String(error) }),
+    );
+  }
+
   // every MAX_UNUSED_SESSIONS/10 new rows the cap is enforced at once, so a flood of
   // cookie-less requests cannot outgrow it between the minutely prunes
   let createdSincePrune = 0;
@@ -1302,9 +1306,7 @@ export async function startServer(options: ServerOptions = {}) {
       if (!sid) await issueCookie(c, session.sid);
       if (++createdSincePrune >= Math.ceil(config.maxUnusedSessions / 10)) {
         createdSincePrune = 0;
-        await store.pruneSessions(Date.now() - UNUSED_SESSION_TTL_MS, config.maxUnusedSessions).catch((error) =>
-          log({ event: "error", where: "prune sessions", error: String(error) }),
-        );
+        await pruneSessions();
       }
     }
     c.set("session", session);
@@ -1468,11 +1470,7 @@ export async function startServer(options: ServerOptions = {}) {
     }
   }, SLOW_SWEEP_MS);
   sweep.unref();
-  const prune = setInterval(() => {
-    store.pruneSessions(Date.now() - UNUSED_SESSION_TTL_MS, config.maxUnusedSessions).catch((error) =>
-      log({ event: "error", where: "prune sessions", error: String(error) }),
-    );
-  }, 60_000);
+  const prune = setInterval(pruneSessions, 60_000);
   prune.unref();
 
   /** Starts shutting down: health answers 503 and new sockets are refused; the rest keeps working. */
@@ -1499,7 +1497,7 @@ export async function startServer(options: ServerOptions = {}) {
 
   const url = `http://${config.host === "0.0.0.0" ? "127.0.0.1" : config.host}:${server.port}`;
   log({ event: "ready", port: server.port, url });
-  return { server, port: server.port!, url, config, store, metrics, drain, stop, pruneSessions: () => store.pruneSessions(Date.now() - UNUSED_SESSION_TTL_MS, config.maxUnusedSessions) };
+  return { server, port: server.port!, url, config, store, metrics, drain, stop, pruneSessions };
 }
 export type ChatServer = Awaited<ReturnType<typeof startServer>>;
 
