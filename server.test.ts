@@ -1,5 +1,6 @@
 // The core service, end to end: real servers on port 0, real sessions, real WebSocket clients.
 import { describe, expect, test } from "bun:test";
+import { Database } from "bun:sqlite";
 import { existsSync, mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { ClientMessage, parseClientMessage, parseConfig, readSettings } from "./server.ts";
@@ -241,6 +242,48 @@ describe("chat", () => {
     const { history } = await a.join("room");
     expect(history.messages).toEqual([{ ...sent, user: { id: alice.id, name: "Alice" } }]);
     expect((await a.say("room", "next")).id).toBe(sent.id + 1);
+  });
+
+  test("a locked database holds messages back until they are stored, then delivers every one in order", async () => {
+    using tmp = tempDir();
+    const file = `${tmp.dir}/chat.db`;
+    // a server process of its own, so frames reach it at any moment of its event loop
+    await using chat = await spawnServer({ DATABASE_URL: `sqlite://${file}`, RATE_LIMIT: "100000/1s" });
+    const clients = await Promise.all([0, 1, 2, 3].map(async () => Client.connect(chat.url, await newSession(chat.url))));
+    for (const c of clients) await c.join("room");
+    const [a] = clients;
+    const first = await a.say("room", "first");
+    // another connection holding the write lock: the server's commits fail with SQLITE_BUSY and retry
+    using locker = new Database(file);
+    locker.run("PRAGMA busy_timeout = 1000");
+    locker.run("BEGIN IMMEDIATE");
+    const sent: string[][] = clients.map(() => []);
+    const send = () =>
+      clients.forEach((c, i) => {
+        const ref = `c${i}-${sent[i].length}`;
+        sent[i].push(ref);
+        c.send({ type: "say", room: "room", text: ref, ref });
+      });
+    for (let i = 0; i < 5; i++) send();
+    a.send({ type: "say", room: "elsewhere", text: "x", ref: "barrier" });
+    await a.next((f) => f.type === "error" && f.ref === "barrier"); // the server has read a's frames before it
+    expect(a.untaken().filter((f) => f.type === "message")).toEqual([]); // nothing unstored is broadcast
+    // keep sending while the lock comes and goes, so retried commits finish while more frames arrive
+    let ticks = 0;
+    const ticker = setInterval(() => {
+      send();
+      if (++ticks % 10 === 0) locker.run(locker.inTransaction ? "COMMIT" : "BEGIN IMMEDIATE");
+      if (ticks === 300) stop();
+    }, 1);
+    const stop = () => {
+      clearInterval(ticker);
+      if (locker.inTransaction) locker.run("COMMIT");
+    };
+    const total = 4 * 305;
+    const got = await a.collect("message", total, 20_000).finally(stop);
+    for (let i = 0; i < 4; i++) expect(got.map((m) => m.ref).filter((r) => r!.startsWith(`c${i}-`))).toEqual(sent[i]);
+    expect(got.map((m) => m.id)).toEqual(got.map((_, i) => first.id + 1 + i));
+    expect((await a.say("room", "after")).id).toBe(first.id + total + 1);
   });
 
   test("every kind of bad frame gets a bad_request error, the socket stays usable and nobody else hears it", async () => {

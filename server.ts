@@ -1111,8 +1111,15 @@ export async function startServer(options: ServerOptions = {}) {
     flushScheduled = true;
     setImmediate(() => {
       flushScheduled = false;
-      if (!flushing) flushing = flushLoop();
+      flush();
     });
+  }
+
+  /** Runs the flush loop unless it runs already. (Clearing `flushing` inside flushLoop would run before
+   * the assignment when the queue is already empty, and leave a settled promise that blocks all later flushes.) */
+  function flush() {
+    flushing ??= flushLoop().finally(() => (flushing = null));
+    return flushing;
   }
 
   async function flushLoop() {
@@ -1138,7 +1145,6 @@ export async function startServer(options: ServerOptions = {}) {
         }
       }
     }
-    flushing = null;
   }
 
   function say(ws: ChatSocket, msg: Extract<ClientMessage, { type: "say" }>) {
@@ -1486,8 +1492,7 @@ export async function startServer(options: ServerOptions = {}) {
     clearInterval(sweep);
     clearInterval(prune);
     while (flushing || pending.length) {
-      if (!flushing) flushing = flushLoop();
-      await flushing;
+      await flush();
     }
     for (const ws of [...allSockets()]) ws.close(1001, "server shutting down");
     await server.stop();
