@@ -2,7 +2,7 @@
 // client (bench/load.ts on bench/ws-client.ts), on loopback, server and client pinned to different cores.
 //
 //   bun bench/run.ts [--quick] [--scenario NAME[,NAME…]] [--target chat,raw-bun,node-ws] [--reps N]
-//                    [--duration S] [--window W] [--out FILE]
+//                    [--duration S] [--warmup S] [--window W] [--out FILE]
 //
 // Every scenario starts a fresh server per repetition (ours with a fresh temp SQLite file), and every
 // repetition is appended as one JSON line to bench/results/results.jsonl; bench/table.ts prints the
@@ -29,6 +29,7 @@ const { values: flags } = parseArgs({
     target: { type: "string" },
     reps: { type: "string" },
     duration: { type: "string" },
+    warmup: { type: "string" },
     window: { type: "string" },
     out: { type: "string" },
     help: { type: "boolean", short: "h", default: false },
@@ -38,14 +39,16 @@ const { values: flags } = parseArgs({
 const QUICK = flags.quick!;
 const CONFIG = {
   reps: Number(flags.reps ?? (QUICK ? 1 : 3)),
-  /** seconds measured per flood / fixed-rate repetition, after a warm-up */
+  /** seconds measured per flood repetition, after `warmup` seconds of the same traffic */
   duration: Number(flags.duration ?? (QUICK ? 1 : 5)),
-  warmup: QUICK ? 0.3 : 1,
+  warmup: Number(flags.warmup ?? (QUICK ? 0.3 : 1)),
   /** own messages in flight per flooding client: by default 1024 in total (64 each for 16 clients, 4 for 256) */
   window: flags.window === undefined ? null : Number(flags.window),
   inFlight: 1024,
   floodClients: QUICK ? [8] : [16, 64, 256],
-  rate: QUICK ? { clients: 8, perSecond: 400 } : { clients: 64, perSecond: 2500 },
+  /** fixed rate is measured longer after a longer warm-up: the JIT compiles the hot path during the first
+   * ~8 s (on the server's one core), and 10 s then hold one WAL rewind (~every 9 s at this rate) */
+  rate: QUICK ? { clients: 8, perSecond: 400, warmup: 0.3, seconds: 1 } : { clients: 64, perSecond: 2500, warmup: 10, seconds: 10 },
   /** idle sockets (below `ulimit -n` of one server process, with headroom), split over client processes */
   idle: QUICK ? { sockets: 200, procs: 2, socketsPerUser: 20, groups: 10, broadcasts: 3 } : { sockets: 18_000, procs: 2, socketsPerUser: 100, groups: 100, broadcasts: 5 },
   storm: QUICK ? { joins: 200, users: 10, concurrency: 50, history: 60 } : { joins: 10_000, users: 100, concurrency: 100, history: 200 },
@@ -61,7 +64,7 @@ const CONFIG = {
 };
 const SCENARIOS = [...CONFIG.floodClients.map((n) => `flood-${n}`), `rate-${CONFIG.rate.clients}`, "idle", "storm", "recovery"];
 const HELP = `Usage: bun bench/run.ts [--quick] [--scenario ${SCENARIOS.join("|")}[,…]] [--target ${TARGETS.join("|")}[,…]]
-                        [--reps N] [--duration S] [--window W] [--out FILE]`;
+                        [--reps N] [--duration S] [--warmup S] [--window W] [--out FILE]`;
 if (flags.help) {
   console.log(HELP);
   process.exit(0);
@@ -85,6 +88,10 @@ for (const [name, value] of [["reps", CONFIG.reps], ["duration", CONFIG.duration
     console.error(`Cannot parse --${name}: expected a positive number`);
     process.exit(2);
   }
+}
+if (!(CONFIG.warmup >= 0)) {
+  console.error("Cannot parse --warmup: expected a number of seconds, 0 or more");
+  process.exit(2);
 }
 const OUT = flags.out ?? join(ROOT, "bench", "results", "results.jsonl");
 
@@ -252,17 +259,17 @@ function assertOpened(r: OpenResult, what: string) {
 // ── Scenarios: each runs once against a fresh server and returns its metrics ──
 
 /** Flood or fixed rate: N clients in room "bench"; counts every copy per sender per receiver. */
-async function traffic(server: Server, opts: { clients: number; mode: "flood" | "rate"; perSecond?: number }) {
+async function traffic(server: Server, opts: { clients: number; mode: "flood" | "rate"; perSecond?: number; warmup: number; seconds: number }) {
   const cookies = await sessions(server.url, opts.clients);
   const window = CONFIG.window ?? Math.max(1, Math.floor(CONFIG.inFlight / opts.clients));
   return withWorkers(1, async ([w]) => {
     assertOpened(await w.call<OpenResult>("open", openArgs(server, cookies, { firstId: 0, count: opts.clients, rooms: ["bench"] })), "open");
     await w.call("start", { mode: opts.mode, window, rate: opts.perSecond ?? 0, senders: opts.clients });
-    await Bun.sleep(CONFIG.warmup * 1000);
+    await Bun.sleep(opts.warmup * 1000);
     const cpu0 = { server: cpuTimes(server.proc.pid), client: cpuTimes(w.pid) };
     const others = watchOthers([server.proc.pid, w.pid, process.pid]);
     await w.call("markStart");
-    await Bun.sleep(CONFIG.duration * 1000);
+    await Bun.sleep(opts.seconds * 1000);
     const mark = await w.call<{ copies: number; ms: number; hist: any; timeline: number[] }>("markEnd");
     const cpu1 = { server: cpuTimes(server.proc.pid), client: cpuTimes(w.pid) };
     const otherCpu = others();
@@ -453,8 +460,14 @@ async function recovery(server: Server) {
 
 function runner(scenario: string): { targets: Target[]; run: (s: Server) => Promise<Record<string, unknown>> } {
   const flood = /^flood-(\d+)$/.exec(scenario);
-  if (flood) return { targets, run: (s) => traffic(s, { clients: Number(flood[1]), mode: "flood" }) };
-  if (scenario.startsWith("rate-")) return { targets, run: (s) => traffic(s, { clients: CONFIG.rate.clients, mode: "rate", perSecond: CONFIG.rate.perSecond }) };
+  const times = { warmup: CONFIG.warmup, seconds: CONFIG.duration };
+  if (flood) return { targets, run: (s) => traffic(s, { clients: Number(flood[1]), mode: "flood", ...times }) };
+  if (scenario.startsWith("rate-")) {
+    // --warmup and --duration apply here too when given
+    const { clients, perSecond, warmup, seconds } = CONFIG.rate;
+    const rateTimes = { warmup: flags.warmup ? times.warmup : warmup, seconds: flags.duration ? times.seconds : seconds };
+    return { targets, run: (s) => traffic(s, { clients, mode: "rate", perSecond, ...rateTimes }) };
+  }
   if (scenario === "idle") return { targets, run: idle };
   if (scenario === "storm") return { targets, run: storm };
   // recovery needs stored history: only our server has it
