@@ -6,11 +6,21 @@ import { RedisClient, type Server, type ServerWebSocket, SQL } from "bun";
 import { Database } from "bun:sqlite";
 import { Hono, type Context } from "hono";
 import { getCookie, setSignedCookie } from "hono/cookie";
-import { createHmac, timingSafeEqual } from "node:crypto";
+import { createHash, createHmac, timingSafeEqual } from "node:crypto";
 import * as z from "zod";
 import page from "./client.html" with { type: "text" };
 
 const CLIENT_HTML = page as unknown as string; // bun-types types *.html as HTMLBundle
+/** The page may run and style itself only with its own inline <script> and <style>, named by hash:
+ * an injected tag or handler would not run even if some text slipped past textContent. */
+const CLIENT_CSP = (() => {
+  const hashes = (tag: string) =>
+    [...CLIENT_HTML.matchAll(new RegExp(`<${tag}[^>]*>([\\s\\S]*?)</${tag}>`, "g"))]
+      .map(([, body]) => `'sha256-${createHash("sha256").update(body).digest("base64")}'`)
+      .join(" ");
+  return `default-src 'none'; script-src ${hashes("script")}; style-src ${hashes("style")}; connect-src 'self'; ` +
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+})();
 const TOPIC_PREFIX = "room:";
 const MAX_FRAME = 64 * 1024; // larger frames close the socket with 1009 (Bun does it)
 const BACKPRESSURE_LIMIT = 1024 * 1024; // per socket; past it the socket is closed
@@ -1293,6 +1303,9 @@ export async function startServer(options: ServerOptions = {}) {
   app.get("/", async (c) => {
     if (!signedSid(c)) await issueCookie(c, randomId(24));
     c.header("cache-control", "no-store");
+    c.header("content-security-policy", CLIENT_CSP);
+    c.header("x-content-type-options", "nosniff");
+    c.header("referrer-policy", "same-origin"); // not no-referrer: that sends Origin: null on our own PUT
     return c.body(CLIENT_HTML, 200, { "content-type": "text/html; charset=utf-8" });
   });
 

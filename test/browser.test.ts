@@ -144,6 +144,39 @@ describe.skipIf(SKIP)("browser client", () => {
     expect([...a.errors, ...b.errors]).toEqual([]);
   }, TEST_MS);
 
+  test("the page runs under a strict Content-Security-Policy that refuses any script it did not ship", async () => {
+    await using chat = await serve();
+    const res = await fetch(chat.url);
+    const csp = res.headers.get("content-security-policy");
+    expect(csp).toMatch(/^default-src 'none'; script-src 'sha256-[^']+'; style-src 'sha256-[^']+'; connect-src 'self';/);
+    expect(csp).toContain("frame-ancestors 'none'");
+    expect(res.headers.get("x-content-type-options")).toBe("nosniff");
+    // violations are recorded from before the page's first line (init scripts are not subject to the policy)
+    const watch = async (page: Page) => {
+      await page.addInitScript(() => {
+        const seen: string[] = ((window as unknown as { __violations: string[] }).__violations = []);
+        document.addEventListener("securitypolicyviolation", (e) => seen.push(e.effectiveDirective));
+      });
+    };
+    await using a = await open(chat.url, "/", { setup: watch });
+    await using b = await open(chat.url, "/", { setup: watch });
+    await say(a.page, "styled, scripted and connected under the policy");
+    await shownText(b.page, "under the policy").waitFor();
+    const violations = (page: Page) => page.evaluate(() => (window as unknown as { __violations: string[] }).__violations);
+    expect(await violations(a.page)).toEqual([]);
+    expect(await a.page.locator("#composer-fields").evaluate((el) => getComputedStyle(el).display)).not.toBe("inline"); // the <style> applied
+    // a script element added by anyone but the page's own code is refused
+    await a.page.evaluate(() => {
+      const script = document.createElement("script");
+      script.textContent = "window.__ran = 1";
+      document.body.append(script);
+    });
+    await a.page.waitForFunction(() => (window as unknown as { __violations: string[] }).__violations.length > 0);
+    expect(await violations(a.page)).toEqual(["script-src-elem"]);
+    expect(await a.page.evaluate(() => (window as { __ran?: number }).__ran)).toBeUndefined();
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
   test("the typing indicator shows in the other page and clears when the message arrives or after 5 s", async () => {
     await using chat = await serve();
     await using a = await open(chat.url);
