@@ -192,7 +192,10 @@ function onBenchMessage(c: Client, b: Uint8Array, s: number, e: number, now: num
     return;
   }
   copies++;
-  if (measuring) hist.record(now - BASE_US - sendUs);
+  if (measuring) {
+    hist.record(now - BASE_US - sendUs);
+    secondHist.record(now - BASE_US - sendUs);
+  }
   const got = c.got;
   if (got !== null && sender < got.length) {
     const g = got[sender];
@@ -310,9 +313,14 @@ let markAt = 0;
 let markCopies = 0;
 /** copies per 100 ms of the measured window: shows stalls that an average hides */
 let timeline: number[] = [];
+/** p99 latency of each second of the measured window: tells a steady tail from periodic stalls */
+let secondHist = new Histogram();
+let p99PerSecondUs: number[] = [];
 let timelineTimer: Timer | null = null;
 function markStart() {
   hist = new Histogram();
+  secondHist = new Histogram();
+  p99PerSecondUs = [];
   measuring = true;
   markAt = performance.now();
   markCopies = copies;
@@ -321,6 +329,10 @@ function markStart() {
   timelineTimer = setInterval(() => {
     timeline.push(copies - last);
     last = copies;
+    if (timeline.length % 10 === 0) {
+      p99PerSecondUs.push(secondHist.quantile(0.99));
+      secondHist = new Histogram();
+    }
   }, 100);
   return {};
 }
@@ -328,7 +340,7 @@ function markEnd() {
   measuring = false;
   clearInterval(timelineTimer!);
   const ms = performance.now() - markAt;
-  return { copies: copies - markCopies, ms, hist: hist.toJSON(), timeline };
+  return { copies: copies - markCopies, ms, hist: hist.toJSON(), timeline, p99PerSecondUs };
 }
 
 /** Stops sending, waits until every connection has its own messages back and copies stop arriving. */

@@ -270,7 +270,7 @@ async function traffic(server: Server, opts: { clients: number; mode: "flood" | 
     const others = watchOthers([server.proc.pid, w.pid, process.pid]);
     await w.call("markStart");
     await Bun.sleep(opts.seconds * 1000);
-    const mark = await w.call<{ copies: number; ms: number; hist: any; timeline: number[] }>("markEnd");
+    const mark = await w.call<{ copies: number; ms: number; hist: any; timeline: number[]; p99PerSecondUs: number[] }>("markEnd");
     const cpu1 = { server: cpuTimes(server.proc.pid), client: cpuTimes(w.pid) };
     const otherCpu = others();
     const end = await w.call("stop", { expectAll: true, drainMs: 20_000 }, 60_000);
@@ -295,6 +295,7 @@ async function traffic(server: Server, opts: { clients: number; mode: "flood" | 
       slowest100msPerSec: Math.min(...mark.timeline) * 10,
       fastest100msPerSec: Math.max(...mark.timeline) * 10,
       timeline: mark.timeline,
+      p99PerSecondUs: mark.p99PerSecondUs,
       sent: totalSent,
       expectedCopies: totalSent * opts.clients,
       copies: end.copies,
@@ -524,6 +525,8 @@ for (const scenario of selected) {
         const note = contended ? ` [other processes used ${metrics!.otherCpu.toFixed(2)} cores${retry ? ": repeating" : ""}]` : error && retry ? " [repeating]" : "";
         const others = metrics ? `, others ${Number(metrics.otherCpu).toFixed(2)} cores` : "";
         console.log(`${scenario.padEnd(9)} ${target.padEnd(7)} rep ${rep}: ${error ? `FAILED: ${error}` : brief(metrics!)} (${seconds.toFixed(1)} s${others})${note}`);
+        const perSecond = metrics?.p99PerSecondUs as number[] | undefined;
+        if (perSecond && process.env.BENCH_VERBOSE) console.log(`  p99 of each second: ${perSecond.map((us) => (us / 1000).toFixed(1)).join(" ")} ms`);
         if (error && server) console.log(server.lines.slice(-10).join("\n"));
         if (!retry) break;
       }
