@@ -47,8 +47,9 @@ const CONFIG = {
   inFlight: 1024,
   floodClients: QUICK ? [8] : [16, 64, 256],
   /** fixed rate is measured longer after a longer warm-up: the JIT compiles the hot path during the first
-   * ~8 s (on the server's one core), and 10 s then hold one WAL rewind (~every 9 s at this rate) */
-  rate: QUICK ? { clients: 8, perSecond: 400, warmup: 0.3, seconds: 1 } : { clients: 64, perSecond: 2500, warmup: 10, seconds: 10 },
+   * ~8 s (on the server's one core), and 10 s then hold one WAL rewind (~every 9 s at this rate);
+   * and 5 times, since one window's p99 swings between runs far more than a throughput does */
+  rate: QUICK ? { clients: 8, perSecond: 400, warmup: 0.3, seconds: 1, reps: 1 } : { clients: 64, perSecond: 2500, warmup: 10, seconds: 10, reps: 5 },
   /** idle sockets (below `ulimit -n` of one server process, with headroom), split over client processes */
   idle: QUICK ? { sockets: 200, procs: 2, socketsPerUser: 20, groups: 10, broadcasts: 3 } : { sockets: 18_000, procs: 2, socketsPerUser: 100, groups: 100, broadcasts: 5 },
   storm: QUICK ? { joins: 200, users: 10, concurrency: 50, history: 60 } : { joins: 10_000, users: 100, concurrency: 100, history: 200 },
@@ -482,6 +483,11 @@ function record(line: object) {
   appendFileSync(OUT, JSON.stringify(line) + "\n");
 }
 
+/** --reps N applies to every scenario when given */
+function repsOf(scenario: string) {
+  return scenario.startsWith("rate-") && !flags.reps ? CONFIG.rate.reps : CONFIG.reps;
+}
+
 function brief(m: Record<string, any>): string {
   const f = (x: number, d = 0) => (Number.isFinite(x) ? x.toFixed(d) : "–");
   if ("copiesPerSec" in m) return `${f(m.copiesPerSec)} copies/s, p50 ${f(m.p50Us / 1000, 2)} ms, p99 ${f(m.p99Us / 1000, 2)} ms, max ${f(m.maxUs / 1000, 1)} ms, lost ${m.lost}, server cpu ${f(m.serverCpu * 100)}% (sys ${f(m.serverSys * 100)}%), client cpu ${f(m.clientCpu * 100)}% (sys ${f(m.clientSys * 100)}%)`;
@@ -491,14 +497,14 @@ function brief(m: Record<string, any>): string {
   return JSON.stringify(m);
 }
 
-console.log(`bench ${RUN_ID}: ${selected.join(", ")} × ${targets.join(", ")}, ${CONFIG.reps} rep(s); ${MACHINE.cores} cores, ${MACHINE.pinning}; results → ${OUT}`);
+console.log(`bench ${RUN_ID}: ${selected.join(", ")} × ${targets.join(", ")}, ${CONFIG.reps} rep(s) (fixed rate: ${repsOf("rate-")}); ${MACHINE.cores} cores, ${MACHINE.pinning}; results → ${OUT}`);
 let failures = 0;
 let quietBudget = CONFIG.quietBudgetMs;
 let retryBudget = CONFIG.retryBudget;
 const started = performance.now();
 for (const scenario of selected) {
   const { targets: scenarioTargets, run } = runner(scenario);
-  for (let rep = 1; rep <= CONFIG.reps; rep++) {
+  for (let rep = 1; rep <= repsOf(scenario); rep++) {
     for (const target of scenarioTargets) {
       for (let attempt = 1; ; attempt++) {
         const waitedMs = quietBudget > 0 ? await waitQuiet(CONFIG.maxOtherCpu, Math.min(CONFIG.quietWaitMs, quietBudget)) : 0;

@@ -46,7 +46,9 @@ export function makeTable(run: Line[]) {
   const first = run[0];
   const m = first.machine;
   out.push(`Run ${first.runId}${first.quick ? " (--quick)" : ""}: ${m.cores} cores (${m.cpu}), ${m.memGiB} GiB, Linux ${m.kernel}, Bun ${m.bun}, Node ${m.node}; ${m.pinning}; loopback.`);
-  out.push(`Cells: median of ${first.config.reps} repetition(s) (min–max); a fresh server per repetition. \`*\` = some repetitions shared the CPU with other processes.`);
+  const rateReps = run.filter((l) => l.scenario.startsWith("rate-") && l.target === "chat").length;
+  const repsNote = rateReps && rateReps !== first.config.reps ? ` (fixed rate: ${rateReps})` : "";
+  out.push(`Cells: median of ${first.config.reps} repetition(s)${repsNote} (min–max); a fresh server per repetition. \`*\` = some repetitions shared the CPU with other processes.`);
   out.push("");
   out.push(`| scenario | metric | ${targets.map((t) => TARGET_NAMES[t]).join(" | ")} | ours / raw Bun | ours / Node + ws |`);
   out.push(`| --- | --- | ${targets.map(() => "---:").join(" | ")} | ---: | ---: |`);
