@@ -286,6 +286,27 @@ describe("chat", () => {
     expect((await a.say("room", "after")).id).toBe(first.id + total + 1);
   });
 
+  test("a commit that gives up answers unavailable, and the ids it had taken are handed out again", async () => {
+    using tmp = tempDir();
+    const file = `${tmp.dir}/chat.db`;
+    await using chat = await serve({ databaseUrl: `sqlite://${file}`, rateLimit: "100000/1s" });
+    const a = await Client.connect(chat.url, await newSession(chat.url));
+    await a.join("one");
+    await a.join("two");
+    const firstOne = await a.say("one", "first");
+    const firstTwo = await a.say("two", "first");
+    // held past the writer's ~2 s of retries: the batch (both rooms, three messages) fails as a whole
+    using locker = new Database(file);
+    locker.run("BEGIN IMMEDIATE");
+    for (const [room, ref] of [["one", "a"], ["two", "b"], ["one", "c"]]) a.send({ type: "say", room, text: ref, ref });
+    const errors = [await a.next((f) => f.type === "error", 10_000), await a.next((f) => f.type === "error"), await a.next((f) => f.type === "error")];
+    locker.run("ROLLBACK");
+    expect(errors.map((e) => [e.code, e.ref])).toEqual([["unavailable", "a"], ["unavailable", "b"], ["unavailable", "c"]]);
+    expect(a.untaken().filter((f) => f.type === "message")).toEqual([]);
+    expect((await a.say("one", "again")).id).toBe(firstOne.id + 1);
+    expect((await a.say("two", "again")).id).toBe(firstTwo.id + 1);
+  }, 20_000);
+
   test("every kind of bad frame gets a bad_request error, the socket stays usable and nobody else hears it", async () => {
     await using chat = await serve();
     const [alice, bob] = [await newSession(chat.url), await newSession(chat.url)];

@@ -359,7 +359,6 @@ export async function openStore(url: string) {
       await sql`INSERT INTO rooms (name, last_id) VALUES (${m.room}, 0) ON CONFLICT (name) DO NOTHING`;
       lastIds.set(m.room, num(r?.last_id ?? 0));
     }
-    const before = new Map(lastIds);
     const ids = batch.map((m) => {
       const id = lastIds.get(m.room)! + 1;
       lastIds.set(m.room, id);
@@ -374,7 +373,8 @@ export async function openStore(url: string) {
         for (let i = 0; i < rows.length; i += 4000) await tx`INSERT INTO messages ${tx(rows.slice(i, i + 4000))}`;
       });
     } catch (error) {
-      for (const [room, id] of before) lastIds.set(room, id); // nothing was stored: hand the ids out again
+      // nothing was stored: hand the ids out again (backwards, so each room ends at its first id - 1)
+      for (let i = batch.length - 1; i >= 0; i--) lastIds.set(batch[i].room, ids[i] - 1);
       throw error;
     }
     return ids;
