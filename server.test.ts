@@ -1,7 +1,7 @@
 // The core service, end to end: real servers on port 0, real sessions, real WebSocket clients.
 import { describe, expect, test } from "bun:test";
 import { Database } from "bun:sqlite";
-import { existsSync, mkdirSync } from "node:fs";
+import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { ClientMessage, parseClientMessage, parseConfig, readSettings } from "./server.ts";
 import { BUN, Client, newSession, ROOT, serve, spawnServer, tempDir, until } from "./test/helpers.ts";
@@ -243,6 +243,34 @@ describe("chat", () => {
     expect(history.messages).toEqual([{ ...sent, user: { id: alice.id, name: "Alice" } }]);
     expect((await a.say("room", "next")).id).toBe(sent.id + 1);
   });
+
+  test("a thread of its own at nice 19 copies the WAL into the database file while the server runs", async () => {
+    using tmp = tempDir();
+    const file = `${tmp.dir}/chat.db`;
+    await using chat = await spawnServer({ DATABASE_URL: `sqlite://${file}`, RATE_LIMIT: "100000/1s" });
+    const a = await Client.connect(chat.url, await newSession(chat.url));
+    await a.join("room");
+    for (let i = 0; i < 30; i++) await a.say("room", `m${i}`);
+    // the file alone, without its -wal, holds only what a checkpoint copied (no connection autocheckpoints)
+    const copied = () => {
+      const copy = `${tmp.dir}/copy-${Date.now()}.db`;
+      copyFileSync(file, copy);
+      try {
+        using db = new Database(copy, { readonly: true });
+        return (db.query("SELECT count(*) AS n FROM messages").get() as { n: number }).n === 30;
+      } catch {
+        return false; // copied halfway through a checkpoint's writes
+      }
+    };
+    await until(copied, 5000, "a checkpoint");
+    const nice = (tid: string) => {
+      const stat = readFileSync(`/proc/${chat.proc.pid}/task/${tid}/stat`, "utf8");
+      return Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[16]);
+    };
+    const tasks = readdirSync(`/proc/${chat.proc.pid}/task`);
+    expect(nice(String(chat.proc.pid))).toBe(0);
+    expect(tasks.filter((tid) => nice(tid) === 19).length).toBeGreaterThan(0);
+  }, 10_000);
 
   test("a locked database holds messages back until they are stored, then delivers every one in order", async () => {
     using tmp = tempDir();
