@@ -1,7 +1,8 @@
 // Prints the markdown table of the latest bench run (or --run <id>) from bench/results/results.jsonl:
 // medians over repetitions with min–max, our server against raw Bun and Node + ws, and the targets.
+// `--run all` pools every run in the file (e.g. bench/results/rate-runs.jsonl).
 //
-//   bun bench/table.ts [--in FILE] [--run RUN_ID]
+//   bun bench/table.ts [--in FILE] [--run RUN_ID|all]
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
@@ -24,7 +25,7 @@ export function loadRun(file: string, runId?: string): Line[] {
   const lines = readFileSync(file, "utf8").split("\n").filter(Boolean).map((l) => JSON.parse(l) as Line);
   if (lines.length === 0) throw new Error(`Cannot read ${file}: it is empty`);
   const id = runId ?? lines.at(-1)!.runId;
-  const run = lines.filter((l) => l.runId === id && !l.retried);
+  const run = lines.filter((l) => (id === "all" || l.runId === id) && !l.retried);
   if (run.length === 0) throw new Error(`Cannot find run ${id} in ${file}`);
   return run;
 }
@@ -45,10 +46,12 @@ export function makeTable(run: Line[]) {
   const out: string[] = [];
   const first = run[0];
   const m = first.machine;
-  out.push(`Run ${first.runId}${first.quick ? " (--quick)" : ""}: ${m.cores} cores (${m.cpu}), ${m.memGiB} GiB, Linux ${m.kernel}, Bun ${m.bun}, Node ${m.node}; ${m.pinning}; loopback.`);
+  const runIds = [...new Set(run.map((l) => l.runId))];
+  const runName = runIds.length > 1 ? `${runIds.length} runs pooled (${runIds[0]} to ${runIds.at(-1)})` : `Run ${first.runId}`;
+  out.push(`${runName}${first.quick ? " (--quick)" : ""}: ${m.cores} cores (${m.cpu}), ${m.memGiB} GiB, Linux ${m.kernel}, Bun ${m.bun}, Node ${m.node}; ${m.pinning}; loopback.`);
   const rateReps = run.filter((l) => l.scenario.startsWith("rate-") && l.target === "chat").length;
   const repsNote = rateReps && rateReps !== first.config.reps ? ` (fixed rate: ${rateReps})` : "";
-  out.push(`Cells: median of ${first.config.reps} repetition(s)${repsNote} (min–max); a fresh server per repetition. \`*\` = some repetitions shared the CPU with other processes.`);
+  out.push(`Cells: median of ${runIds.length > 1 ? "all" : first.config.reps} repetition(s)${runIds.length > 1 ? "" : repsNote} (min–max); a fresh server per repetition. \`*\` = some repetitions shared the CPU with other processes.`);
   out.push("");
   out.push(`| scenario | metric | ${targets.map((t) => TARGET_NAMES[t]).join(" | ")} | ours / raw Bun | ours / Node + ws |`);
   out.push(`| --- | --- | ${targets.map(() => "---:").join(" | ")} | ---: | ---: |`);
@@ -120,6 +123,13 @@ export function makeTable(run: Line[]) {
     const ours = med(rate, "chat", (x) => x.p99Us), raw = med(rate, "raw-bun", (x) => x.p99Us);
     const lost = run.filter((l) => l.scenario === rate && l.target === "chat" && l.metrics).reduce((n, l) => n + l.metrics!.lost, 0);
     checks.push(`- ${rate}: ours p99 ≤ 2× raw Bun's — ${(ours / raw).toFixed(1)}× (${(ours / 1000).toFixed(2)} vs ${(raw / 1000).toFixed(2)} ms): ${verdict(Number.isFinite(ours / raw) ? ours <= 2 * raw : null)}; nothing lost — ${lost} lost: ${verdict(lost === 0)}`);
+    // each repetition of ours against the raw Bun one run right after it: steadier when the machine drifts
+    const pairs = run
+      .filter((l) => l.scenario === rate && l.target === "chat" && l.metrics)
+      .map((l) => [l, run.find((r) => r.scenario === rate && r.target === "raw-bun" && r.runId === l.runId && r.rep === l.rep && r.metrics)] as const)
+      .filter(([, r]) => r)
+      .map(([l, r]) => l.metrics!.p99Us / r!.metrics!.p99Us);
+    if (pairs.length > 1) checks.push(`  - p99 ratio of each repetition of ours to the raw Bun one right after it: median ${median(pairs).toFixed(2)}× (${Math.min(...pairs).toFixed(2)}–${Math.max(...pairs).toFixed(2)}×, ${pairs.length} pairs)`);
   }
   if (scenarios.includes("idle")) {
     const ours = med("idle", "chat", (x) => x.kibPerConn), raw = med("idle", "raw-bun", (x) => x.kibPerConn);
