@@ -533,7 +533,8 @@ function startCheckpointer(file: string): Worker {
   // - nice 19 (this thread only, on Linux): on a one-core machine a checkpoint takes only idle CPU.
   // - A PASSIVE checkpoint that never catches up never syncs the database file, so RESTART's own
   //   sync, under the write lock, flushed seconds of copied pages (10-14 ms): sync them before.
-  // - The descriptor stays open: closing any descriptor of the file drops SQLite's locks on it.
+  // - The descriptor is never closed (one per store): closing any descriptor of the file would drop
+  //   this process's SQLite locks on it.
   const code = `import { Database } from "bun:sqlite";
     import { fdatasyncSync, openSync } from "node:fs";
     import { setPriority } from "node:os";
