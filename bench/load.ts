@@ -193,8 +193,9 @@ function onBenchMessage(c: Client, b: Uint8Array, s: number, e: number, now: num
   }
   copies++;
   if (measuring) {
-    hist.record(now - BASE_US - sendUs);
-    secondHist.record(now - BASE_US - sendUs);
+    const latencyUs = now - BASE_US - sendUs;
+    hist.record(latencyUs);
+    secondHist.record(latencyUs);
   }
   const got = c.got;
   if (got !== null && sender < got.length) {
