@@ -1,8 +1,9 @@
 // Prints the markdown table of the latest bench run (or --run <id>) from bench/results/results.jsonl:
 // medians over repetitions with min–max, our server against raw Bun and Node + ws, and the targets.
-// `--run all` pools every run in the file (e.g. bench/results/rate-runs.jsonl).
+// `--run all` pools every run in the file (e.g. bench/results/rate-runs.jsonl); `--sha` keeps only
+// the runs that measured that version of server.ts (the first hex digits of `serverSha`).
 //
-//   bun bench/table.ts [--in FILE] [--run RUN_ID|all]
+//   bun bench/table.ts [--in FILE] [--run RUN_ID|all] [--sha HEX]
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
@@ -10,23 +11,25 @@ import { median } from "./lib.ts";
 
 const { values: flags } = parseArgs({
   args: Bun.argv.slice(2),
-  options: { in: { type: "string" }, run: { type: "string" } },
+  options: { in: { type: "string" }, run: { type: "string" }, sha: { type: "string" } },
 });
 const FILE = flags.in ?? join(import.meta.dir, "results", "results.jsonl");
 
 type Line = {
-  runId: string; scenario: string; target: string; rep: number; attempt?: number; retried?: boolean; contended?: boolean;
+  runId: string; scenario: string; target: string; rep: number; attempt?: number; retried?: boolean; contended?: boolean; serverSha?: string;
   quick: boolean; machine: Record<string, any>; config: Record<string, any>; metrics: Record<string, any> | null; error: string | null;
 };
 
 /** The final attempt of every repetition of one run. */
-export function loadRun(file: string, runId?: string): Line[] {
+export function loadRun(file: string, runId?: string, sha?: string): Line[] {
   if (!existsSync(file)) throw new Error(`Cannot read ${file}: no results yet (run npm run bench)`);
   const lines = readFileSync(file, "utf8").split("\n").filter(Boolean).map((l) => JSON.parse(l) as Line);
   if (lines.length === 0) throw new Error(`Cannot read ${file}: it is empty`);
   const id = runId ?? lines.at(-1)!.runId;
-  const run = lines.filter((l) => (id === "all" || l.runId === id) && !l.retried);
-  if (run.length === 0) throw new Error(`Cannot find run ${id} in ${file}`);
+  // a run measured one server.ts: its chat lines name it (raw Bun's and Node's do not)
+  const ofSha = sha === undefined ? null : new Set(lines.filter((l) => l.serverSha?.startsWith(sha)).map((l) => l.runId));
+  const run = lines.filter((l) => (id === "all" || l.runId === id) && (!ofSha || ofSha.has(l.runId)) && !l.retried);
+  if (run.length === 0) throw new Error(`Cannot find run ${id}${sha === undefined ? "" : ` of server.ts ${sha}`} in ${file}`);
   return run;
 }
 
@@ -156,7 +159,7 @@ const COUNT: Unit = { f: (v) => v.toFixed(0) };
 
 if (import.meta.main) {
   try {
-    console.log(makeTable(loadRun(FILE, flags.run)));
+    console.log(makeTable(loadRun(FILE, flags.run, flags.sha)));
   } catch (error) {
     console.error(error instanceof Error ? error.message : error);
     process.exit(1);

@@ -47,4 +47,11 @@ test("the quick bench runs every scenario against every server and loses nothing
   const table = Bun.spawnSync([BUN, join(ROOT, "bench", "table.ts"), "--in", out], { cwd: ROOT });
   expect(table.exitCode).toBe(0);
   expect(table.stdout.toString()).toContain("| scenario | metric |");
+  // --sha keeps the runs of one server.ts: this run's, and none of a version never measured
+  const sha = lines.find((l) => l.target === "chat")!.serverSha;
+  const ofSha = Bun.spawnSync([BUN, join(ROOT, "bench", "table.ts"), "--in", out, "--run", "all", "--sha", sha], { cwd: ROOT });
+  expect(ofSha.stdout.toString()).toBe(table.stdout.toString());
+  const none = Bun.spawnSync([BUN, join(ROOT, "bench", "table.ts"), "--in", out, "--run", "all", "--sha", "not-a-sha"], { cwd: ROOT });
+  expect(none.exitCode).toBe(1);
+  expect(none.stderr.toString()).toContain("Cannot find run all of server.ts not-a-sha");
 }, 120_000);
