@@ -532,7 +532,8 @@ function openWriter(file: string) {
 function startCheckpointer(file: string): Worker {
   // - nice 19 (this thread only, on Linux): on a one-core machine a checkpoint takes only idle CPU.
   // - Every 100 ms: each checkpoint fsyncs the WAL, and a commit writing the page being written back
-  //   waits in pwrite (ext4). Every 500 ms that wait was 3-7 ms, every 2 s 9-17 ms; now under ~3 ms.
+  //   waits in pwrite (ext4). Per 30 s of the bench's fixed rate, every 500 ms gave a dozen commits
+  //   of 3-7 ms, every 2 s fewer of 9-17 ms, every 100 ms 1-5 of 3-5 ms.
   // - A PASSIVE checkpoint that never catches up never syncs the database file, so RESTART's own
   //   sync, under the write lock, flushed seconds of copied pages (10-14 ms): sync them before.
   // - The descriptor is never closed (one per store): closing any descriptor of the file would drop
