@@ -547,7 +547,7 @@ describe("process", () => {
   test("defaults apply when nothing is set, rate limits included", () => {
     expect(parseConfig(readSettings({}, []))).toMatchObject({
       port: 3000, host: "0.0.0.0", databaseUrl: "sqlite://chat.db", historyOnJoin: 50, recoveryLimit: 500, maxText: 2000,
-      rateLimit: { count: 20, perMs: 10_000 }, renameLimit: { count: 5, perMs: 60_000 },
+      rateLimit: { count: 20, perMs: 10_000 }, renameLimit: { count: 5, perMs: 60_000 }, joinLimit: { count: 100, perMs: 60_000 },
     });
   });
 

@@ -59,6 +59,7 @@ export const Config = z.object({
   maxText: Int(1, 32_000).default(2000),
   rateLimit: Rate.prefault("20/10s"),
   renameLimit: Rate.prefault("5/60s"),
+  joinLimit: Rate.prefault("100/60s"),
   maxConnections: Int(1, 1_000_000).default(10_000),
   maxConnectionsPerUser: Int(1, 10_000).default(20),
   maxRoomsPerConnection: Int(1, 10_000).default(50),
@@ -81,6 +82,7 @@ const ENV_KEYS: Record<keyof Config, string> = {
   maxText: "MAX_TEXT",
   rateLimit: "RATE_LIMIT",
   renameLimit: "RENAME_LIMIT",
+  joinLimit: "JOIN_LIMIT",
   maxConnections: "MAX_CONNECTIONS",
   maxConnectionsPerUser: "MAX_CONNECTIONS_PER_USER",
   maxRoomsPerConnection: "MAX_ROOMS_PER_CONNECTION",
@@ -106,7 +108,7 @@ Environment (flags win over env):
   SESSION_SECRET=              cookie signing key (default: generated, kept in the database)
   ALLOWED_ORIGINS=             comma list of origins allowed to open /chat (default: same host)
   HISTORY_ON_JOIN=50  RECOVERY_LIMIT=500  MAX_TEXT=2000
-  RATE_LIMIT=20/10s  RENAME_LIMIT=5/60s
+  RATE_LIMIT=20/10s  RENAME_LIMIT=5/60s  JOIN_LIMIT=100/60s (per connection)
   MAX_CONNECTIONS=10000  MAX_CONNECTIONS_PER_USER=20  MAX_ROOMS_PER_CONNECTION=50
   MAX_UNUSED_SESSIONS=100000  IDLE_TIMEOUT=60  NODE_ID=`;
 
@@ -212,6 +214,7 @@ export const ServerMessage = z.discriminatedUnion("type", [
     message: z.string(),
     ref: Ref.optional(),
     retryAfterMs: z.number().int().nonnegative().optional(),
+    room: Room.optional(), // the room of a refused join
   }),
 ]);
 export type ServerMessage = z.infer<typeof ServerMessage>;
@@ -782,7 +785,7 @@ type LocalUser = { id: string; name: string; sid: string; sockets: ChatSocket[] 
  * rooms: joined (history sent, subscribed); joining: waiting for the room to load (usually null).
  * Plain arrays: a socket holds a few rooms, and per-socket memory is what idle servers are made of.
  */
-type SocketData = { user: LocalUser; rooms: string[]; joining: string[] | null; buffered: number; closed: boolean };
+type SocketData = { user: LocalUser; rooms: string[]; joining: string[] | null; joins: Bucket | null; buffered: number; closed: boolean };
 type ChatSocket = ServerWebSocket<SocketData>;
 type Entry = { id: number; frame: string }; // a message as sent on the wire
 const toEntry = (m: Message): Entry => ({ id: m.id, frame: JSON.stringify(m) });
@@ -861,13 +864,18 @@ export async function startServer(options: ServerOptions = {}) {
       }, log)
     : null;
 
+  /** Takes one token from the bucket of `key`; returns 0 or the ms until one is free. */
+  function take(buckets: Map<string, Bucket>, key: string, rate: Config["rateLimit"]): number {
+    let b = buckets.get(key);
+    if (!b) buckets.set(key, (b = { tokens: rate.count, at: performance.now() }));
+    return spend(b, rate);
+  }
+
   /** Takes one token from a bucket; returns 0 or the ms until one is free. */
-  function take(buckets: Map<string, Bucket>, key: string, rate: { count: number; perMs: number }): number {
+  function spend(b: Bucket, rate: Config["rateLimit"]): number {
     const now = performance.now();
-    const b = buckets.get(key) ?? { tokens: rate.count, at: now };
     b.tokens = Math.min(rate.count, b.tokens + ((now - b.at) * rate.count) / rate.perMs);
     b.at = now;
-    buckets.set(key, b);
     if (b.tokens >= 1) {
       b.tokens -= 1;
       return 0;
@@ -879,7 +887,7 @@ export async function startServer(options: ServerOptions = {}) {
     ws.send(JSON.stringify(msg));
   }
 
-  function sendError(ws: ChatSocket, code: ErrorCode, message: string, extra: { ref?: string; retryAfterMs?: number } = {}) {
+  function sendError(ws: ChatSocket, code: ErrorCode, message: string, extra: { ref?: string; retryAfterMs?: number; room?: string } = {}) {
     send(ws, { type: "error", code, message, ...extra });
   }
 
@@ -1059,7 +1067,13 @@ export async function startServer(options: ServerOptions = {}) {
     const data = ws.data;
     const known = data.rooms.includes(roomName) || !!data.joining?.includes(roomName);
     if (!known && data.rooms.length + (data.joining?.length ?? 0) >= config.maxRoomsPerConnection) {
-      return sendError(ws, "limit_exceeded", `Cannot join ${roomName}: at most ${config.maxRoomsPerConnection} rooms per connection`);
+      return sendError(ws, "limit_exceeded", `Cannot join ${roomName}: at most ${config.maxRoomsPerConnection} rooms per connection`, { room: roomName });
+    }
+    // each join can announce the user to the room, and sends history: a socket toggling a room would flood both
+    const wait = spend((data.joins ??= { tokens: config.joinLimit.count, at: performance.now() }), config.joinLimit);
+    if (wait) {
+      metrics.rateLimited++;
+      return sendError(ws, "rate_limited", `Cannot join ${roomName}: too many joins, try again in ${wait} ms`, { room: roomName, retryAfterMs: wait });
     }
     const room = getRoom(roomName);
     if (!known) {
@@ -1073,7 +1087,7 @@ export async function startServer(options: ServerOptions = {}) {
     if (data.closed || (!joined && !data.joining?.includes(roomName))) return;
     if (rooms.get(roomName) !== room) {
       leave(ws, roomName);
-      return sendError(ws, "unavailable", `Cannot join ${roomName}: history is unavailable, try again`);
+      return sendError(ws, "unavailable", `Cannot join ${roomName}: history is unavailable, try again`, { room: roomName });
     }
     // from here on nothing awaits: history up to lastId, then live messages after it, exactly
     ws.sendText(historyFrame(room, since));
@@ -1419,7 +1433,7 @@ export async function startServer(options: ServerOptions = {}) {
       user = { id: session.id, name: session.name, sid: session.sid, sockets: [] };
       users.set(user.id, user);
     }
-    const data: SocketData = { user, rooms: [], joining: null, buffered: 0, closed: false };
+    const data: SocketData = { user, rooms: [], joining: null, joins: null, buffered: 0, closed: false };
     if (c.env.upgrade(c.req.raw, { data })) return new Response(null);
     return c.json({ error: { code: "bad_request", message: "WebSocket upgrade failed" } }, 400);
   });

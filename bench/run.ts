@@ -141,6 +141,7 @@ async function startTarget(target: Target): Promise<Server> {
     Object.assign(env, {
       DATABASE_URL: `sqlite://${join(dir, "chat.db")}`,
       RATE_LIMIT: "1000000/1s",
+      JOIN_LIMIT: "1000000/1s", // the recovery scenario joins 2,000 times on one socket
       MAX_CONNECTIONS: "100000",
       MAX_CONNECTIONS_PER_USER: "10000",
     });

@@ -275,6 +275,32 @@ describe("limits", () => {
     expect((await other.say("room", "mine")).id).toBe(5);
   });
 
+  test("JOIN_LIMIT is per connection: a socket toggling a room gets rate_limited naming the room, the room hears no more of it", async () => {
+    await using chat = await serve({ joinLimit: "3/60s" });
+    const [aliceSession, bobSession] = [await newSession(chat.url), await newSession(chat.url)];
+    const [alice, bob] = [await Client.connect(chat.url, aliceSession), await Client.connect(chat.url, bobSession)];
+    await bob.join("room");
+    for (let i = 0; i < 3; i++) {
+      await alice.join("room");
+      alice.send({ type: "leave", room: "room" });
+    }
+    alice.send({ type: "join", room: "room" });
+    const refused = await alice.next((f) => f.type === "error");
+    expect(refused).toMatchObject({ code: "rate_limited", room: "room", message: expect.stringContaining("Cannot join room") });
+    expect(refused.retryAfterMs).toBeGreaterThan(0);
+    // bob's own echo comes after everything the server sent him before it
+    await bob.say("room", "sync");
+    const presence = bob.frames.filter((f) => (f.type === "joined" || f.type === "left") && f.user.id === aliceSession.id);
+    expect(presence.map((f) => f.type)).toEqual(["joined", "left", "joined", "left", "joined", "left"]);
+    // the refused socket stays open, and another connection of alice has a budget of its own
+    alice.send({ type: "say", room: "room", text: "not in it", ref: "r1" });
+    expect(await alice.next((f) => f.type === "error")).toMatchObject({ code: "not_joined", ref: "r1" });
+    const tab2 = await Client.connect(chat.url, aliceSession);
+    await tab2.join("room");
+    expect((await tab2.say("room", "back")).text).toBe("back");
+    expect(await metric(chat.url, "chat_rate_limited_total")).toBe(1);
+  });
+
   test("a flood of cookie-less requests keeps unused session rows near MAX_UNUSED_SESSIONS; sessions in use survive", async () => {
     await checkSessionFlood(":memory:");
   });

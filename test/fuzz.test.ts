@@ -9,7 +9,7 @@ import { metric } from "./probes.ts";
 
 const SEED = Number(process.env.FUZZ_SEED ?? 20_251_126);
 const FRAMES = Number(process.env.FUZZ_FRAMES ?? 30_000);
-const FUZZ_ENV = { RATE_LIMIT: "1000000/1s", MAX_TEXT: String(FUZZ_MAX_TEXT) };
+const FUZZ_ENV = { RATE_LIMIT: "1000000/1s", JOIN_LIMIT: "1000000/1s", MAX_TEXT: String(FUZZ_MAX_TEXT) };
 
 describe("fuzz", () => {
   test("every generated frame gets its error or its echo; bystanders hear only accepted messages; the store keeps them byte for byte", async () => {
