@@ -780,6 +780,7 @@ export type Fanout = Awaited<ReturnType<typeof openFanout>>;
 // ── Server state: everything lives inside startServer, so each call starts empty ──
 
 type Bucket = { tokens: number; at: number };
+const fullBucket = (rate: Config["rateLimit"]): Bucket => ({ tokens: rate.count, at: performance.now() });
 type LocalUser = { id: string; name: string; sid: string; sockets: ChatSocket[] }; // a user has a few tabs
 /**
  * rooms: joined (history sent, subscribed); joining: waiting for the room to load (usually null).
@@ -867,7 +868,7 @@ export async function startServer(options: ServerOptions = {}) {
   /** Takes one token from the bucket of `key`; returns 0 or the ms until one is free. */
   function take(buckets: Map<string, Bucket>, key: string, rate: Config["rateLimit"]): number {
     let b = buckets.get(key);
-    if (!b) buckets.set(key, (b = { tokens: rate.count, at: performance.now() }));
+    if (!b) buckets.set(key, (b = fullBucket(rate)));
     return spend(b, rate);
   }
 
@@ -1070,7 +1071,7 @@ export async function startServer(options: ServerOptions = {}) {
       return sendError(ws, "limit_exceeded", `Cannot join ${roomName}: at most ${config.maxRoomsPerConnection} rooms per connection`, { room: roomName });
     }
     // each join can announce the user to the room, and sends history: a socket toggling a room would flood both
-    const wait = spend((data.joins ??= { tokens: config.joinLimit.count, at: performance.now() }), config.joinLimit);
+    const wait = spend((data.joins ??= fullBucket(config.joinLimit)), config.joinLimit);
     if (wait) {
       metrics.rateLimited++;
       return sendError(ws, "rate_limited", `Cannot join ${roomName}: too many joins, try again in ${wait} ms`, { room: roomName, retryAfterMs: wait });

@@ -219,7 +219,7 @@ describe("limits", () => {
     const c = await Client.connect(chat.url, session);
     for (const room of ["r1", "r2", "r3"]) await c.join(room);
     c.send({ type: "join", room: "r4" });
-    expect(await c.next((f) => f.type === "error")).toMatchObject({ code: "limit_exceeded", message: expect.stringContaining("3 rooms") });
+    expect(await c.next((f) => f.type === "error")).toMatchObject({ code: "limit_exceeded", room: "r4", message: expect.stringContaining("3 rooms") });
     c.send({ type: "say", room: "r4", text: "x", ref: "nope" });
     expect(await c.next((f) => f.type === "error")).toMatchObject({ code: "not_joined", ref: "nope" });
     await c.join("r2", 0); // already joined: no new slot needed
