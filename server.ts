@@ -1,16 +1,54 @@
-// A real-time chat server: Bun's native WebSocket pub/sub, Hono for HTTP and
-// sessions, zod for the wire format, Bun.SQL (SQLite or Postgres) for history,
-// Redis between the processes of a cluster. Read top to bottom: config →
-// protocol → store → cluster → server state → HTTP → WebSocket → startup.
-import { RedisClient, type Server, type ServerWebSocket, SQL } from "bun";
-import { Database } from "bun:sqlite";
+// A real-time chat server: Bun's native WebSocket pub/sub, Hono for HTTP and sessions, zod for the
+// wire format, SQLite (bun:sqlite) or Postgres (Bun.SQL) for history, Redis between the processes of
+// a cluster. It reads top to bottom in the order data flows; README's "Development" maps the units.
+import { RedisClient, type Server, type ServerWebSocket, SQL, type WebSocketHandler } from "bun";
+import { Database, type Statement } from "bun:sqlite";
 import { Hono, type Context } from "hono";
 import { getCookie, setSignedCookie } from "hono/cookie";
+import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { createHash, createHmac, timingSafeEqual } from "node:crypto";
 import * as z from "zod";
 import page from "./client.html" with { type: "text" };
 
+// ── Constants: every fixed number, named ─────────────────────────────────────
+
 const CLIENT_HTML = page as unknown as string; // bun-types types *.html as HTMLBundle
+const TOPIC_PREFIX = "room:"; // Bun pub/sub topic of a room
+const MAX_FRAME = 64 * 1024; // a larger frame closes the socket with 1009 (Bun does it); also the largest HTTP body
+const BACKPRESSURE_LIMIT = 1024 * 1024; // unsent bytes per socket; past it Bun closes the socket
+const BUFFER_SAMPLE_MS = 200; // every socket's unsent bytes are sampled this often, so a close can tell a slow reader
+const BACKPRESSURE_SAMPLE_MS = 20; // and a room's at most this often right after a publish met backpressure
+const JANITOR_MS = 60_000; // how often stale throttle entries, idle rate buckets and unused sessions are dropped
+const STALE_MS = 60_000; // a typing entry or an idle rate bucket older than this is forgotten
+const BUCKETS_KEPT = 10_000; // rate-limit buckets are pruned only past this many
+const TYPING_EVERY_MS = 1_000; // at most one typing frame per user and room is passed on in this time
+const SHUTDOWN_TIMEOUT_MS = 8_000; // a graceful stop that takes longer exits with 1
+const UNUSED_SESSION_TTL_MS = 60 * 60_000; // a session row that never connected goes after an hour
+const COOKIE_MAX_AGE_S = 400 * 24 * 3600; // browsers cap cookie lifetimes at 400 days
+const SID_BYTES = 24; // 192-bit session ids
+const USER_ID_BYTES = 9;
+const SECRET_BYTES = 32;
+const NODE_SUFFIX_BYTES = 4;
+const DEFAULT_NAME_ATTEMPTS = 20; // tries at a free user<N> before creating a session fails
+const ROOM_LIST_LIMIT = 100; // rooms in GET /api/rooms
+const GAP_READ_LIMIT = 10_000; // messages one read of the store returns when filling a gap
+const GAP_ATTEMPTS = 5; // empty reads of a gap before it is skipped
+const GAP_RETRY_MS = 50; // the wait after the n-th empty read is n times this
+// SQLite
+const WAL_REWIND_BYTES = 64 * 1024 * 1024; // past this the checkpointer rewinds the WAL to its start
+const CHECKPOINT_MS = 100; // the checkpointer's interval (see startCheckpointer)
+const SQLITE_BUSY_ATTEMPTS = 2_000; // 1 ms apart: a statement that meets a lock retries for about 2 s
+// Postgres
+const PG_POOL = 8;
+const PG_ROWS_PER_INSERT = 1_000; // 7 parameters a row stays under Postgres's 65,535 per statement
+const PG_SCHEMA_LOCK = 727_274; // advisory lock key: nodes starting together create the tables one at a time
+// Redis
+const HEARTBEAT_MS = 5_000;
+const NODE_TTL_MS = 15_000; // a node silent this long is dead: its members leave presence
+const REDIS_CONNECT_TIMEOUT_MS = 2_000;
+const ROOM_CHANNEL = "chat:room:"; // + room: messages, typing and presence of one room
+const USERS_CHANNEL = "chat:users"; // renames
+
 /** The page may run and style itself only with its own inline <script> and <style>, named by hash:
  * an injected tag or handler would not run even if some text slipped past textContent. */
 const CLIENT_CSP = (() => {
@@ -21,16 +59,8 @@ const CLIENT_CSP = (() => {
   return `default-src 'none'; script-src ${hashes("script")}; style-src ${hashes("style")}; connect-src 'self'; ` +
     "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 })();
-const TOPIC_PREFIX = "room:";
-const MAX_FRAME = 64 * 1024; // larger frames close the socket with 1009 (Bun does it)
-const BACKPRESSURE_LIMIT = 1024 * 1024; // per socket; past it the socket is closed
-const SLOW_SWEEP_MS = 200; // how often buffered amounts are sampled for metrics
-const BACKPRESSURE_SAMPLE_MS = 20; // and at most this often per room right after a publish meets backpressure
-const SHUTDOWN_TIMEOUT_MS = 8_000;
-const WAL_REWIND_BYTES = 64 * 1024 * 1024; // past this the checkpointer rewinds the WAL to its start
-const UNUSED_SESSION_TTL_MS = 60 * 60 * 1000;
 
-// ── Config: env and flags, parsed once ──────────────────────────────────────
+// ── Config: env and flags, parsed once; HELP is written from the same table ─
 
 const RatePattern = /^(\d+)\/(\d+(?:\.\d+)?)s$/;
 const Rate = z
@@ -41,88 +71,74 @@ const Rate = z
     return { count: Number(count), perMs: Number(seconds) * 1000 };
   })
   .refine((r) => r.count > 0 && r.perMs > 0, "count and seconds must be positive");
+export type Rate = z.output<typeof Rate>;
 
 const Int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
+const DatabaseUrl = z
+  .string()
+  .regex(/^(sqlite:\/\/.+|:memory:|postgres(ql)?:\/\/.+)$/, "expected sqlite://<file>, :memory: or postgres://user@host/db");
+const Origins = z
+  .string()
+  .transform((s) => s.split(",").map((o) => o.trim()).filter(Boolean))
+  .pipe(z.array(z.url()));
 
-export const Config = z.object({
-  port: Int(0, 65535).default(3000),
-  host: z.string().min(1).default("0.0.0.0"),
-  databaseUrl: z.string().min(1).default("sqlite://chat.db"),
-  sessionSecret: z.string().min(16, "must be at least 16 characters").optional(),
-  allowedOrigins: z
-    .string()
-    .transform((s) => s.split(",").map((o) => o.trim()).filter(Boolean))
-    .pipe(z.array(z.url()))
-    .optional(),
-  historyOnJoin: Int(0, 1000).default(50),
-  recoveryLimit: Int(1, 10_000).default(500),
-  maxText: Int(1, 32_000).default(2000),
-  rateLimit: Rate.prefault("20/10s"),
-  renameLimit: Rate.prefault("5/60s"),
-  joinLimit: Rate.prefault("100/60s"),
-  maxConnections: Int(1, 1_000_000).default(10_000),
-  maxConnectionsPerUser: Int(1, 10_000).default(20),
-  maxRoomsPerConnection: Int(1, 10_000).default(50),
-  maxUnusedSessions: Int(1, 100_000_000).default(100_000),
-  idleTimeout: Int(1, 960).default(60),
-  redisUrl: z.string().optional(),
-  nodeId: z.string().regex(/^[A-Za-z0-9_.-]{1,64}$/).optional(),
-});
+/** A setting with a default, written as it would be in the environment. */
+function setting<S extends z.ZodType>(env: string, schema: S, fallback: string, help: string, flag?: string) {
+  return { env, flag, fallback, help, schema: schema.prefault(fallback as z.input<S>) };
+}
+/** A setting that may stay unset. */
+function optional<S extends z.ZodType>(env: string, schema: S, help: string, flag?: string) {
+  return { env, flag, fallback: "", help, schema: schema.optional() };
+}
+
+const SETTINGS = {
+  port: setting("PORT", Int(0, 65535), "3000", "TCP port (0 picks a free one)", "--port"),
+  host: setting("HOST", z.string().min(1), "0.0.0.0", "address to listen on", "--host"),
+  databaseUrl: setting("DATABASE_URL", DatabaseUrl, "sqlite://chat.db", "sqlite://<file>, :memory: or postgres://user@host/db", "--db"),
+  redisUrl: optional("REDIS_URL", z.string().min(1), "redis://host:port turns on the cluster fan-out", "--redis"),
+  nodeId: optional("NODE_ID", z.string().regex(/^[A-Za-z0-9_.-]{1,64}$/), "this process's name in a cluster (default: pid + random)"),
+  sessionSecret: optional("SESSION_SECRET", z.string().min(16, "must be at least 16 characters"), "cookie signing key (default: generated, kept in the database)"),
+  allowedOrigins: optional("ALLOWED_ORIGINS", Origins, "comma list of origins allowed to open /chat (default: same host)"),
+  historyOnJoin: setting("HISTORY_ON_JOIN", Int(0, 1000), "50", "messages sent on a plain join"),
+  recoveryLimit: setting("RECOVERY_LIMIT", Int(1, 10_000), "500", "most messages sent on a join with since"),
+  maxText: setting("MAX_TEXT", Int(1, 32_000), "2000", "longest message, in UTF-16 code units"),
+  rateLimit: setting("RATE_LIMIT", Rate, "20/10s", "say frames per user (all tabs together)"),
+  renameLimit: setting("RENAME_LIMIT", Rate, "5/60s", "renames per user"),
+  joinLimit: setting("JOIN_LIMIT", Rate, "100/60s", "join frames per connection"),
+  maxConnections: setting("MAX_CONNECTIONS", Int(1, 1_000_000), "10000", "open sockets per process"),
+  maxConnectionsPerUser: setting("MAX_CONNECTIONS_PER_USER", Int(1, 10_000), "20", "open sockets per user"),
+  maxRoomsPerConnection: setting("MAX_ROOMS_PER_CONNECTION", Int(1, 10_000), "50", "rooms one socket may join"),
+  maxUnusedSessions: setting("MAX_UNUSED_SESSIONS", Int(1, 100_000_000), "100000", "session rows that never connected"),
+  idleTimeout: setting("IDLE_TIMEOUT", Int(1, 960), "60", "seconds without a frame or pong before a socket is dropped"),
+};
+type Settings = typeof SETTINGS;
+
+export const Config = z.object(
+  Object.fromEntries(Object.entries(SETTINGS).map(([key, s]) => [key, s.schema])) as { [K in keyof Settings]: Settings[K]["schema"] },
+);
 export type Config = z.output<typeof Config>;
 type ConfigInput = z.input<typeof Config>;
 
-const ENV_KEYS: Record<keyof Config, string> = {
-  port: "PORT",
-  host: "HOST",
-  databaseUrl: "DATABASE_URL",
-  sessionSecret: "SESSION_SECRET",
-  allowedOrigins: "ALLOWED_ORIGINS",
-  historyOnJoin: "HISTORY_ON_JOIN",
-  recoveryLimit: "RECOVERY_LIMIT",
-  maxText: "MAX_TEXT",
-  rateLimit: "RATE_LIMIT",
-  renameLimit: "RENAME_LIMIT",
-  joinLimit: "JOIN_LIMIT",
-  maxConnections: "MAX_CONNECTIONS",
-  maxConnectionsPerUser: "MAX_CONNECTIONS_PER_USER",
-  maxRoomsPerConnection: "MAX_ROOMS_PER_CONNECTION",
-  maxUnusedSessions: "MAX_UNUSED_SESSIONS",
-  idleTimeout: "IDLE_TIMEOUT",
-  redisUrl: "REDIS_URL",
-  nodeId: "NODE_ID",
-};
-const FLAGS: Record<string, keyof Config> = {
-  "--port": "port",
-  "--host": "host",
-  "--db": "databaseUrl",
-  "--redis": "redisUrl",
-};
+const FLAGS = new Map(Object.entries(SETTINGS).flatMap(([key, s]) => (s.flag ? [[s.flag, key] as const] : [])));
 
-export const HELP = `Usage: bun run server.ts [--port N] [--host ADDR] [--db URL] [--redis URL]
-
-Environment (flags win over env):
-  PORT=3000                    --port   TCP port (0 picks a free one)
-  HOST=0.0.0.0                 --host   address to listen on
-  DATABASE_URL=sqlite://chat.db  --db   sqlite://file, :memory: or postgres://user@host/db
-  REDIS_URL=                   --redis  redis://host:port turns on cluster fan-out
-  SESSION_SECRET=              cookie signing key (default: generated, kept in the database)
-  ALLOWED_ORIGINS=             comma list of origins allowed to open /chat (default: same host)
-  HISTORY_ON_JOIN=50  RECOVERY_LIMIT=500  MAX_TEXT=2000
-  RATE_LIMIT=20/10s  RENAME_LIMIT=5/60s  JOIN_LIMIT=100/60s (per connection)
-  MAX_CONNECTIONS=10000  MAX_CONNECTIONS_PER_USER=20  MAX_ROOMS_PER_CONNECTION=50
-  MAX_UNUSED_SESSIONS=100000  IDLE_TIMEOUT=60  NODE_ID=`;
+export const HELP = [
+  "Usage: bun run server.ts [--port N] [--host ADDR] [--db URL] [--redis URL]",
+  "",
+  "Settings, from the environment (a flag wins over its variable):",
+  ...Object.values(SETTINGS).map((s) => `  ${`${s.env}=${s.fallback}`.padEnd(36)}${(s.flag ?? "").padEnd(9)}${s.help}`),
+].join("\n");
 
 export class ConfigError extends Error {}
 
 /** Collects raw settings from env and argv (flags win); throws ConfigError on an unknown flag. */
 export function readSettings(env: Record<string, string | undefined>, argv: string[] = []): Record<string, string> {
   const raw: Record<string, string> = {};
-  for (const [key, name] of Object.entries(ENV_KEYS)) {
+  for (const [key, { env: name }] of Object.entries(SETTINGS)) {
     if (env[name] !== undefined && env[name] !== "") raw[key] = env[name];
   }
   for (let i = 0; i < argv.length; i++) {
     const [flag, inline] = argv[i].split(/=(.*)/s, 2);
-    const key = FLAGS[flag];
+    const key = FLAGS.get(flag);
     if (!key) throw new ConfigError(`Cannot parse flags: unknown flag ${flag} (see --help)`);
     const value = inline ?? argv[++i];
     if (value === undefined) throw new ConfigError(`Cannot parse flags: ${flag} needs a value`);
@@ -134,12 +150,10 @@ export function readSettings(env: Record<string, string | undefined>, argv: stri
 /** Validates settings; throws ConfigError with one line naming the bad one. */
 export function parseConfig(raw: Record<string, unknown>): Config {
   const result = Config.safeParse(raw);
-  if (!result.success) {
-    const issue = result.error.issues[0];
-    const key = issue.path[0] as keyof Config;
-    throw new ConfigError(`Cannot parse ${ENV_KEYS[key] ?? key}=${JSON.stringify(raw[key])}: ${issue.message}`);
-  }
-  return result.data;
+  if (result.success) return result.data;
+  const issue = result.error.issues[0];
+  const key = issue.path[0] as keyof Settings;
+  throw new ConfigError(`Cannot parse ${SETTINGS[key]?.env ?? key}=${JSON.stringify(raw[key])}: ${issue.message}`);
 }
 
 // ── Protocol: the only definition of the wire format ────────────────────────
@@ -147,7 +161,7 @@ export function parseConfig(raw: Record<string, unknown>): Config {
 // C0 controls other than tab/newline/CR, and DEL: invisible and unsafe to store
 const CONTROL = /[\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F]/;
 const ROOM = /^[a-z0-9][a-z0-9_-]{0,31}$/;
-export const Room = z.string().regex(ROOM, "room must match ^[a-z0-9][a-z0-9_-]{0,31}$");
+export const RoomName = z.string().regex(ROOM, "room must match ^[a-z0-9][a-z0-9_-]{0,31}$");
 export const Name = z
   .string()
   .trim()
@@ -170,17 +184,18 @@ export const User = z.strictObject({ id: z.string(), name: z.string() });
 export type User = z.infer<typeof User>;
 
 export const ClientMessage = z.discriminatedUnion("type", [
-  z.strictObject({ type: z.literal("join"), room: Room, since: MessageId.optional() }),
-  z.strictObject({ type: z.literal("leave"), room: Room }),
-  z.strictObject({ type: z.literal("say"), room: Room, text: Text, ref: Ref.optional() }),
-  z.strictObject({ type: z.literal("typing"), room: Room }),
+  z.strictObject({ type: z.literal("join"), room: RoomName, since: MessageId.optional() }),
+  z.strictObject({ type: z.literal("leave"), room: RoomName }),
+  z.strictObject({ type: z.literal("say"), room: RoomName, text: Text, ref: Ref.optional() }),
+  z.strictObject({ type: z.literal("typing"), room: RoomName }),
   z.strictObject({ type: z.literal("nick"), name: Name }),
 ]);
 export type ClientMessage = z.infer<typeof ClientMessage>;
+type Frame<T extends ClientMessage["type"]> = Extract<ClientMessage, { type: T }>;
 
 export const Message = z.strictObject({
   type: z.literal("message"),
-  room: Room,
+  room: RoomName,
   id: MessageId,
   user: User,
   text: z.string(),
@@ -189,35 +204,29 @@ export const Message = z.strictObject({
 });
 export type Message = z.infer<typeof Message>;
 
-export const ErrorCode = z.enum([
-  "bad_request",
-  "not_joined",
-  "rate_limited",
-  "name_taken",
-  "limit_exceeded",
-  "unavailable",
-]);
+export const ErrorCode = z.enum(["bad_request", "not_joined", "rate_limited", "name_taken", "limit_exceeded", "unavailable"]);
 export type ErrorCode = z.infer<typeof ErrorCode>;
 
 export const ServerMessage = z.discriminatedUnion("type", [
   z.strictObject({ type: z.literal("welcome"), user: User, maxText: z.number().int() }),
-  z.strictObject({ type: z.literal("history"), room: Room, messages: z.array(Message), complete: z.boolean() }),
-  z.strictObject({ type: z.literal("presence"), room: Room, users: z.array(User) }),
+  z.strictObject({ type: z.literal("history"), room: RoomName, messages: z.array(Message), complete: z.boolean() }),
+  z.strictObject({ type: z.literal("presence"), room: RoomName, users: z.array(User) }),
   Message,
-  z.strictObject({ type: z.literal("joined"), room: Room, user: User }),
-  z.strictObject({ type: z.literal("left"), room: Room, user: User }),
+  z.strictObject({ type: z.literal("joined"), room: RoomName, user: User }),
+  z.strictObject({ type: z.literal("left"), room: RoomName, user: User }),
   z.strictObject({ type: z.literal("renamed"), user: User, previous: z.string() }),
-  z.strictObject({ type: z.literal("typing"), room: Room, user: User }),
+  z.strictObject({ type: z.literal("typing"), room: RoomName, user: User }),
   z.strictObject({
     type: z.literal("error"),
     code: ErrorCode,
     message: z.string(),
     ref: Ref.optional(),
     retryAfterMs: z.number().int().nonnegative().optional(),
-    room: Room.optional(), // the room of a refused join
+    room: RoomName.optional(), // the room of a refused join
   }),
 ]);
 export type ServerMessage = z.infer<typeof ServerMessage>;
+type ErrorExtra = { ref?: string; retryAfterMs?: number; room?: string };
 
 export const RenameBody = z.strictObject({ name: Name });
 export const MessagesQuery = z.strictObject({
@@ -225,23 +234,45 @@ export const MessagesQuery = z.strictObject({
   limit: z.coerce.number().int().min(1).max(100).default(50),
 });
 
-type Parsed<T> = { ok: true; value: T } | { ok: false; error: string; ref?: string };
+/** A message as stored and sent: the one place a Message is put together. */
+export function messageOf(m: { room: string; id: number; user: User; text: string; ts: number; ref?: string | null }): Message {
+  const message: Message = { type: "message", room: m.room, id: m.id, user: m.user, text: m.text, ts: m.ts };
+  if (m.ref != null) message.ref = m.ref;
+  return message;
+}
+
+/** A message as it goes on the wire: its id, and its frame serialized once for every recipient. */
+export type Entry = { id: number; frame: string };
+const entryOf = (m: Message): Entry => ({ id: m.id, frame: JSON.stringify(m) });
+
+/** The history frame from frames already serialized (a join sends up to RECOVERY_LIMIT of them). */
+function historyFrame(room: string, frames: string[], complete: boolean): string {
+  return `{"type":"history","room":${JSON.stringify(room)},"messages":[${frames.join(",")}],"complete":${complete}}`;
+}
+
+function send(ws: ChatSocket, msg: ServerMessage) {
+  ws.send(JSON.stringify(msg));
+}
+
+function sendError(ws: ChatSocket, code: ErrorCode, message: string, extra: ErrorExtra = {}) {
+  send(ws, { type: "error", code, message, ...extra });
+}
 
 /** Describes the first zod issue as `path: message`. */
-function describe(error: z.ZodError): string {
+function firstIssue(error: z.ZodError): string {
   const issue = error.issues[0];
   if (issue.path.length === 0 && issue.code === "invalid_type") return "frame must be a JSON object with a type";
   const path = issue.path.join(".");
   return path ? `${path}: ${issue.message}` : issue.message;
 }
 
-type Say = Extract<ClientMessage, { type: "say" }>;
+type Parsed<T> = { ok: true; value: T } | { ok: false; error: string; ref?: string };
 
 /**
  * The hot frame checked by hand with exactly ClientMessage's rules (a test compares the two on
  * generated frames); anything it does not accept goes to zod, which also words the error.
  */
-function quickSay(v: any): Say | undefined {
+function quickSay(v: any): Frame<"say"> | undefined {
   if (typeof v !== "object" || v === null || v.type !== "say") return;
   for (const key in v) if (key !== "type" && key !== "room" && key !== "text" && key !== "ref") return;
   const { room, text, ref } = v;
@@ -268,279 +299,338 @@ export function parseClientMessage(raw: string | Buffer): Parsed<ClientMessage> 
   // echo a well-formed ref so the client can pin the error on its message
   const ref = (json as { ref?: unknown })?.ref;
   const safeRef = Ref.safeParse(ref).success ? (ref as string) : undefined;
-  return { ok: false, error: describe(result.error), ref: safeRef };
+  return { ok: false, error: firstIssue(result.error), ref: safeRef };
 }
 
-// ── Store: all SQL lives here (SQLite or Postgres through Bun.SQL) ───────────
+/** What nodes tell each other on Redis: a JSON header, and for message and typing the client frame after a newline. */
+export const FanoutHeader = z.discriminatedUnion("kind", [
+  z.strictObject({ kind: z.literal("message"), id: MessageId, sentAt: z.number() }),
+  z.strictObject({ kind: z.literal("typing"), node: z.string() }),
+  // published by PRESENCE_LUA, with cjson
+  z.strictObject({ kind: z.literal("presence"), change: z.enum(["joined", "left"]), user: User }),
+  z.strictObject({ kind: z.literal("renamed"), node: z.string(), user: User, previous: z.string() }),
+]);
+export type FanoutHeader = z.infer<typeof FanoutHeader>;
+export type FanoutPayload = FanoutHeader & { frame: string };
 
-type Session = { sid: string; id: string; name: string; used: boolean };
-type NewMessage = { room: string; user: User; text: string; ts: number; ref?: string };
+/** The one encoder and decoder of fan-out payloads (JSON never holds a raw newline, so the first one ends the header). */
+export const FanoutCodec = {
+  encode(header: FanoutHeader, frame = ""): string {
+    return `${JSON.stringify(header)}\n${frame}`;
+  },
+  /** The payload, or undefined when it is not one of ours. */
+  decode(payload: string): FanoutPayload | undefined {
+    const nl = payload.indexOf("\n");
+    let json: unknown;
+    try {
+      json = JSON.parse(nl < 0 ? payload : payload.slice(0, nl));
+    } catch {
+      return;
+    }
+    const header = FanoutHeader.safeParse(json);
+    return header.success ? { ...header.data, frame: nl < 0 ? "" : payload.slice(nl + 1) } : undefined;
+  },
+};
 
-/** Opens the database named by a URL (sqlite://file, :memory:, postgres://…). */
-export async function openStore(url: string) {
-  const postgres = /^postgres(ql)?:\/\//.test(url);
-  const sql = postgres ? new SQL(url, { max: 8 }) : new SQL(url === ":memory:" ? "sqlite://:memory:" : url);
-  // SQLite has one connection: a query during a transaction would see its
-  // uncommitted rows, so every SQLite call is serialized.
-  let tail: Promise<unknown> = Promise.resolve();
-  function serial<T>(fn: () => Promise<T>): Promise<T> {
-    if (postgres) return fn();
-    const run = tail.then(fn, fn);
-    tail = run.catch(() => {});
-    return run;
+// ── Rate limits: one token bucket for every limit ────────────────────────────
+
+/** `rate.count` tokens refilled evenly over `rate.perMs`. */
+export class TokenBucket {
+  private tokens: number;
+  constructor(private readonly rate: Rate, public lastUsed = performance.now()) {
+    this.tokens = rate.count;
   }
-  /** count(*), ids and BIGINTs come back as strings on Postgres: convert here. */
-  const num = (v: unknown) => Number(v);
-  const toSession = (r: any): Session => ({ sid: r.sid, id: r.user_id, name: r.name, used: num(r.used) === 1 });
-  const toMessage = (r: any): Message => {
-    const m: Message = { type: "message", room: r.room, id: num(r.id), user: { id: r.user_id, name: r.name }, text: r.text, ts: num(r.ts) };
-    if (r.ref != null) m.ref = r.ref;
-    return m;
-  };
+  /** Takes a token: 0, or the ms until one is free (and nothing is taken). */
+  take(now = performance.now()): number {
+    const { count, perMs } = this.rate;
+    this.tokens = Math.min(count, this.tokens + ((now - this.lastUsed) * count) / perMs);
+    this.lastUsed = now;
+    if (this.tokens >= 1) {
+      this.tokens -= 1;
+      return 0;
+    }
+    return Math.ceil(((1 - this.tokens) * perMs) / count);
+  }
+}
 
-  if (!postgres) {
-    await sql`PRAGMA journal_mode = WAL`;
+/** A token bucket per key (a user id), made full on first use and forgotten when idle. */
+export class RateLimiter {
+  private readonly buckets = new Map<string, TokenBucket>();
+  constructor(private readonly rate: Rate) {}
+  take(key: string): number {
+    let bucket = this.buckets.get(key);
+    if (!bucket) this.buckets.set(key, (bucket = new TokenBucket(this.rate)));
+    return bucket.take();
+  }
+  /** Past `kept` buckets, forgets those unused since `before` whose key `keep` does not hold on to. */
+  prune(before: number, keep: (key: string) => boolean, kept = BUCKETS_KEPT) {
+    if (this.buckets.size <= kept) return;
+    for (const [key, bucket] of this.buckets) if (bucket.lastUsed < before && !keep(key)) this.buckets.delete(key);
+  }
+  get size() {
+    return this.buckets.size;
+  }
+}
+
+/** Typing frames pass at most once per TYPING_EVERY_MS per user and room; the others are dropped quietly. */
+export class TypingThrottle {
+  private readonly seen = new Map<string, number>();
+  allow(userId: string, room: string, now = performance.now()): boolean {
+    const key = `${userId}\n${room}`;
+    if (now - (this.seen.get(key) ?? -Infinity) < TYPING_EVERY_MS) return false;
+    this.seen.set(key, now);
+    return true;
+  }
+  prune(before: number) {
+    for (const [key, at] of this.seen) if (at < before) this.seen.delete(key);
+  }
+  get size() {
+    return this.seen.size;
+  }
+}
+
+// ── Store: every SQL statement, behind one interface with two engines ───────
+
+export type Session = { sid: string; id: string; name: string; used: boolean };
+export type NewMessage = { room: string; user: User; text: string; ts: number; ref?: string };
+
+export interface Store {
+  /** The cookie-signing secret shared by every process: `fresh`, unless one is stored already. */
+  secret(fresh: string): Promise<string>;
+  findSession(sid: string): Promise<Session | undefined>;
+  /** Creates the session row with a fresh default name user<N> (or returns it if another request just did). */
+  createSession(sid: string): Promise<Session>;
+  markUsed(sid: string): Promise<void>;
+  /** Renames a user: the previous name, or undefined when another user holds the name (ignoring case). */
+  rename(userId: string, name: string): Promise<string | undefined>;
+  /** Deletes sessions that never connected: those created before `before`, then the oldest past `keep`. */
+  pruneSessions(before: number, keep: number): Promise<void>;
+  countSessions(): Promise<number>;
+  /** Stores a batch atomically and returns the ids: gap-free per room, committed in id order. */
+  append(batch: NewMessage[]): Promise<number[]>;
+  /** The newest `limit` messages of a room, oldest first. */
+  tail(room: string, limit: number): Promise<Message[]>;
+  /** Messages with after < id < before, oldest first (at most GAP_READ_LIMIT). */
+  between(room: string, after: number, before: number): Promise<Message[]>;
+  /** Scrollback: up to `limit` messages before an id, oldest first. */
+  before(room: string, before: number, limit: number): Promise<Message[]>;
+  /** Rooms with the newest messages first, and their last ids. */
+  rooms(limit: number): Promise<{ name: string; lastId: number }[]>;
+  close(): Promise<void>;
+}
+
+/** Opens the database a URL names: sqlite://<file>, :memory:, or postgres://… */
+export async function openStore(url: string): Promise<Store> {
+  if (/^postgres(ql)?:\/\//.test(url)) return PostgresStore.open(url);
+  if (url === ":memory:") return new SqliteStore(":memory:");
+  if (url.startsWith("sqlite://") && url.length > "sqlite://".length) return new SqliteStore(url.slice("sqlite://".length));
+  throw new Error(`Cannot open DATABASE_URL=${url}: expected sqlite://<file>, :memory: or postgres://…`);
+}
+
+/** The tables, the same on both engines but for SQLite's WITHOUT ROWID messages (one b-tree write a message). */
+function schema(engine: "sqlite" | "postgres"): string[] {
+  return [
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
+    `CREATE TABLE IF NOT EXISTS sessions (sid TEXT PRIMARY KEY, user_id TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+      name_key TEXT NOT NULL UNIQUE, created BIGINT NOT NULL, used INTEGER NOT NULL DEFAULT 0)`,
+    "CREATE INDEX IF NOT EXISTS sessions_unused ON sessions (used, created)",
+    // on Postgres last_id is the room's id counter; on SQLite the row only lists the room
+    "CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, last_id BIGINT NOT NULL)",
+    `CREATE TABLE IF NOT EXISTS messages (room TEXT NOT NULL, id BIGINT NOT NULL, user_id TEXT NOT NULL, name TEXT NOT NULL,
+      text TEXT NOT NULL, ts BIGINT NOT NULL, ref TEXT, PRIMARY KEY (room, id))${engine === "sqlite" ? " WITHOUT ROWID" : ""}`,
+  ];
+}
+
+/** A messages row as stored. */
+type Row = { room: string; id: number; user_id: string; name: string; text: string; ts: number; ref: string | null };
+const rowOf = (m: NewMessage, id: number): Row => ({
+  room: m.room, id, user_id: m.user.id, name: m.user.name, text: m.text, ts: m.ts, ref: m.ref ?? null,
+});
+// Postgres returns BIGINT and count(*) as strings: Number() on every such column
+const messageOfRow = (r: any): Message =>
+  messageOf({ room: r.room, id: Number(r.id), user: { id: r.user_id, name: r.name }, text: r.text, ts: Number(r.ts), ref: r.ref });
+const sessionOfRow = (r: any): Session => ({ sid: r.sid, id: r.user_id, name: r.name, used: Number(r.used) === 1 });
+/** Names are unique ignoring case and compatibility forms. */
+const nameKey = (name: string) => name.normalize("NFKC").toLowerCase();
+const isUniqueViolation = (error: unknown) => /unique|duplicate/i.test(String((error as Error)?.message));
+
+/**
+ * SQLite through bun:sqlite on one connection, every statement prepared once. This process is the only
+ * writer of the file, so it hands out message ids itself; a worker thread checkpoints the WAL.
+ */
+class SqliteStore implements Store {
+  private readonly db: Database;
+  private readonly checkpointer: Worker | null;
+  private readonly insertMessage: Statement;
+  private readonly insertMessages: (rows: Row[]) => void;
+  private readonly lastIds = new Map<string, number>(); // the last id handed out per room
+
+  constructor(file: string) {
+    this.db = new Database(file, { create: true });
+    this.db.run("PRAGMA journal_mode = WAL");
     // NORMAL in WAL mode survives a process crash (kill -9); only an OS crash or power loss can drop the last commits
-    await sql`PRAGMA synchronous = NORMAL`;
-    await sql`PRAGMA busy_timeout = 5000`;
-    // a checkpoint fsyncs the database file: done by a worker thread, never on the event loop
-    await sql`PRAGMA wal_autocheckpoint = 0`;
+    this.db.run("PRAGMA synchronous = NORMAL");
+    // never sleep on a lock inside the event loop: a busy statement is retried asynchronously (see retrying)
+    this.db.run("PRAGMA busy_timeout = 0");
+    this.db.run("PRAGMA wal_autocheckpoint = 0"); // the checkpointer thread does it, off the event loop
+    this.db.transaction(() => schema("sqlite").forEach((ddl) => this.db.run(ddl)))();
+    this.insertMessage = this.db.prepare("INSERT INTO messages (room, id, user_id, name, text, ts, ref) VALUES (?, ?, ?, ?, ?, ?, ?)");
+    const insert = (r: Row) => this.insertMessage.run(r.room, r.id, r.user_id, r.name, r.text, r.ts, r.ref);
+    this.insertMessages = this.db.transaction((rows: Row[]) => rows.forEach(insert));
+    this.checkpointer = file === ":memory:" ? null : startCheckpointer(file);
   }
-  // the same DDL on both; on Postgres several nodes may start at once, so take a lock
-  await sql.begin(async (tx) => {
-    if (postgres) await tx`SELECT pg_advisory_xact_lock(727274)`;
-    await tx`CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)`;
-    await tx`CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL)`;
-    await tx`CREATE TABLE IF NOT EXISTS sessions (
-      sid TEXT PRIMARY KEY, user_id TEXT NOT NULL UNIQUE, name TEXT NOT NULL, name_key TEXT NOT NULL UNIQUE,
-      created BIGINT NOT NULL, used INTEGER NOT NULL DEFAULT 0)`;
-    await tx`CREATE INDEX IF NOT EXISTS sessions_unused ON sessions (used, created)`;
-    await tx`CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, last_id BIGINT NOT NULL)`;
-    // SQLite stores a message in one b-tree page write without a rowid table and its index beside it
-    await tx.unsafe(`CREATE TABLE IF NOT EXISTS messages (
-      room TEXT NOT NULL, id BIGINT NOT NULL, user_id TEXT NOT NULL, name TEXT NOT NULL,
-      text TEXT NOT NULL, ts BIGINT NOT NULL, ref TEXT, PRIMARY KEY (room, id))${postgres ? "" : " WITHOUT ROWID"}`);
-  });
-  const file = postgres ? null : (sql.options as { filename?: string }).filename;
-  const onDisk = !!file && file !== ":memory:";
-  const checkpointer = onDisk ? startCheckpointer(file) : null;
-  // The one hot statement gets a prepared bun:sqlite statement on a second connection: Bun.SQL's
-  // SQLite adapter prepares every query anew, which was most of the server's CPU at a fixed rate.
-  const writer = onDisk ? openWriter(file) : null;
 
-  const nameKey = (name: string) => name.normalize("NFKC").toLowerCase();
-  const toRow = (m: NewMessage, id: number): Row => ({
-    room: m.room, id, user_id: m.user.id, name: m.user.name, text: m.text, ts: m.ts, ref: m.ref ?? null,
-  });
-
-  async function appendLocked(batch: NewMessage[]): Promise<number[]> {
-    return sql.begin(async (tx) => {
-      const byRoom = new Map<string, number[]>();
-      batch.forEach((m, i) => {
-        const list = byRoom.get(m.room);
-        list ? list.push(i) : byRoom.set(m.room, [i]);
-      });
-      const ids = new Array<number>(batch.length);
-      // rooms in name order, so two nodes' batches never wait on each other's locks in a cycle
-      for (const [room, indexes] of [...byRoom].sort(([a], [b]) => (a < b ? -1 : 1))) {
-        const [{ last_id }] = await tx`INSERT INTO rooms (name, last_id) VALUES (${room}, ${indexes.length})
-          ON CONFLICT (name) DO UPDATE SET last_id = rooms.last_id + ${indexes.length} RETURNING last_id`;
-        let id = num(last_id) - indexes.length;
-        for (const i of indexes) ids[i] = ++id;
+  /** Runs a statement, retrying while another connection holds the lock (the checkpointer's WAL rewind, a backup). */
+  private async retrying<T>(run: () => T): Promise<T> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return run();
+      } catch (error) {
+        const busy = /SQLITE_BUSY/.test(String((error as { code?: string }).code));
+        if (!busy || attempt >= SQLITE_BUSY_ATTEMPTS) throw error;
+        await Bun.sleep(1);
       }
-      const rows = batch.map((m, i) => toRow(m, ids[i]));
-      for (let i = 0; i < rows.length; i += 1000) await tx`INSERT INTO messages ${tx(rows.slice(i, i + 1000))}`;
-      return ids;
+    }
+  }
+
+  secret(fresh: string) {
+    return this.retrying(() => {
+      this.db.query("INSERT INTO meta (key, value) VALUES ('session_secret', ?) ON CONFLICT (key) DO NOTHING").run(fresh);
+      return (this.db.query("SELECT value FROM meta WHERE key = 'session_secret'").get() as { value: string }).value;
     });
   }
 
-  const lastIds = new Map<string, number>(); // SQLite only: the last id allocated per room
-  async function appendSingleWriter(batch: NewMessage[]): Promise<number[]> {
-    for (const m of batch) {
-      if (lastIds.has(m.room)) continue;
-      const [r] = await sql`SELECT max(id) AS last_id FROM messages WHERE room = ${m.room}`;
-      await sql`INSERT INTO rooms (name, last_id) VALUES (${m.room}, 0) ON CONFLICT (name) DO NOTHING`;
-      lastIds.set(m.room, num(r?.last_id ?? 0));
-    }
+  private sessionBySid(sid: string): Session | undefined {
+    const row = this.db.query("SELECT sid, user_id, name, used FROM sessions WHERE sid = ?").get(sid);
+    return row ? sessionOfRow(row) : undefined;
+  }
+
+  findSession(sid: string) {
+    return this.retrying(() => this.sessionBySid(sid));
+  }
+
+  createSession(sid: string) {
+    const create = this.db.transaction((): Session => {
+      const id = `u${randomId(USER_ID_BYTES)}`;
+      for (let attempt = 0; attempt < DEFAULT_NAME_ATTEMPTS; attempt++) {
+        const { value } = this.db.query(`INSERT INTO counters (name, value) VALUES ('user', 1)
+          ON CONFLICT (name) DO UPDATE SET value = counters.value + 1 RETURNING value`).get() as { value: number };
+        const name = `user${value}`;
+        const made = this.db.query(`INSERT INTO sessions (sid, user_id, name, name_key, created) VALUES (?, ?, ?, ?, ?)
+          ON CONFLICT DO NOTHING RETURNING user_id`).get(sid, id, name, nameKey(name), Date.now());
+        if (made) return { sid, id, name, used: false };
+        const existing = this.sessionBySid(sid);
+        if (existing) return existing;
+      }
+      throw new Error("Cannot create session: no free default name");
+    });
+    return this.retrying(create);
+  }
+
+  async markUsed(sid: string) {
+    await this.retrying(() => this.db.query("UPDATE sessions SET used = 1 WHERE sid = ? AND used = 0").run(sid));
+  }
+
+  rename(userId: string, name: string) {
+    return this.retrying(() => {
+      const old = this.db.query("SELECT name FROM sessions WHERE user_id = ?").get(userId) as { name: string } | null;
+      if (!old) throw new Error(`Cannot rename: no user ${userId}`);
+      try {
+        const renamed = this.db.query(`UPDATE sessions SET name = ?1, name_key = ?2, used = 1 WHERE user_id = ?3
+          AND NOT EXISTS (SELECT 1 FROM sessions s2 WHERE s2.name_key = ?2 AND s2.user_id <> ?3) RETURNING name`).get(name, nameKey(name), userId);
+        return renamed ? old.name : undefined;
+      } catch (error) {
+        if (isUniqueViolation(error)) return undefined;
+        throw error;
+      }
+    });
+  }
+
+  async pruneSessions(before: number, keep: number) {
+    await this.retrying(() => {
+      this.db.query("DELETE FROM sessions WHERE used = 0 AND created < ?").run(before);
+      const { n } = this.db.query("SELECT count(*) AS n FROM sessions WHERE used = 0").get() as { n: number };
+      if (n > keep) this.db.query("DELETE FROM sessions WHERE sid IN (SELECT sid FROM sessions WHERE used = 0 ORDER BY created LIMIT ?)").run(n - keep);
+    });
+  }
+
+  countSessions() {
+    return this.retrying(() => (this.db.query("SELECT count(*) AS n FROM sessions").get() as { n: number }).n);
+  }
+
+  async append(batch: NewMessage[]) {
+    for (const m of batch) if (!this.lastIds.has(m.room)) await this.retrying(() => this.openRoom(m.room));
     const ids = batch.map((m) => {
-      const id = lastIds.get(m.room)! + 1;
-      lastIds.set(m.room, id);
+      const id = this.lastIds.get(m.room)! + 1;
+      this.lastIds.set(m.room, id);
       return id;
     });
-    const rows = batch.map((m, i) => toRow(m, ids[i]));
+    const rows = batch.map((m, i) => rowOf(m, ids[i]));
     try {
-      // one statement is one transaction; a batch too big for one statement gets a real one
-      if (writer) await writer.store(rows);
-      else if (rows.length <= 4000) await sql`INSERT INTO messages ${sql(rows)}`;
-      else await sql.begin(async (tx) => {
-        for (let i = 0; i < rows.length; i += 4000) await tx`INSERT INTO messages ${tx(rows.slice(i, i + 4000))}`;
-      });
+      // one row is its own transaction; more share one
+      await this.retrying(() => (rows.length === 1 ? this.insertMessage.run(...Object.values(rows[0])) : this.insertMessages(rows)));
     } catch (error) {
       // nothing was stored: hand the ids out again (backwards, so each room ends at its first id - 1)
-      for (let i = batch.length - 1; i >= 0; i--) lastIds.set(batch[i].room, ids[i] - 1);
+      for (let i = batch.length - 1; i >= 0; i--) this.lastIds.set(batch[i].room, ids[i] - 1);
       throw error;
     }
     return ids;
   }
 
-  return {
-    /** The shared signing secret: generated once, first writer wins. */
-    secret: (fresh: string) =>
-      serial(async () => {
-        await sql`INSERT INTO meta (key, value) VALUES ('session_secret', ${fresh}) ON CONFLICT (key) DO NOTHING`;
-        const [row] = await sql`SELECT value FROM meta WHERE key = 'session_secret'`;
-        return row.value as string;
-      }),
+  /** Learns a room's last id, and lists the room. */
+  private openRoom(room: string) {
+    const { last } = this.db.query("SELECT max(id) AS last FROM messages WHERE room = ?").get(room) as { last: number | null };
+    this.db.query("INSERT INTO rooms (name, last_id) VALUES (?, 0) ON CONFLICT (name) DO NOTHING").run(room);
+    this.lastIds.set(room, last ?? 0);
+  }
 
-    findSession: (sid: string) =>
-      serial(async (): Promise<Session | undefined> => {
-        const [r] = await sql`SELECT sid, user_id, name, used FROM sessions WHERE sid = ${sid}`;
-        return r && toSession(r);
-      }),
+  tail(room: string, limit: number) {
+    return this.retrying(() =>
+      this.db.query("SELECT * FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?").all(room, limit).reverse().map(messageOfRow),
+    );
+  }
 
-    /** Creates the session row with a fresh default name `user<N>`. */
-    createSession: (sid: string) =>
-      serial(async (): Promise<Session> => {
-        const id = `u${randomId(9)}`;
-        for (let attempt = 0; attempt < 20; attempt++) {
-          const [{ value }] = await sql`INSERT INTO counters (name, value) VALUES ('user', 1)
-            ON CONFLICT (name) DO UPDATE SET value = counters.value + 1 RETURNING value`;
-          const name = `user${num(value)}`;
-          const rows = await sql`INSERT INTO sessions (sid, user_id, name, name_key, created)
-            VALUES (${sid}, ${id}, ${name}, ${nameKey(name)}, ${Date.now()}) ON CONFLICT DO NOTHING RETURNING user_id`;
-          if (rows.length) return { sid, id, name, used: false };
-          const [existing] = await sql`SELECT sid, user_id, name, used FROM sessions WHERE sid = ${sid}`;
-          if (existing) return toSession(existing); // another request created it first
-        }
-        throw new Error("Cannot create session: no free default name");
-      }),
+  between(room: string, after: number, before: number) {
+    return this.retrying(() =>
+      this.db.query("SELECT * FROM messages WHERE room = ? AND id > ? AND id < ? ORDER BY id LIMIT ?").all(room, after, before, GAP_READ_LIMIT).map(messageOfRow),
+    );
+  }
 
-    markUsed: (sid: string) => serial(() => sql`UPDATE sessions SET used = 1 WHERE sid = ${sid} AND used = 0`),
+  before(room: string, before: number, limit: number) {
+    return this.retrying(() =>
+      this.db.query("SELECT * FROM messages WHERE room = ? AND id < ? ORDER BY id DESC LIMIT ?").all(room, before, limit).reverse().map(messageOfRow),
+    );
+  }
 
-    /** Renames a user and returns the previous name; undefined when another user holds the name (case-insensitive). */
-    rename: (userId: string, name: string) =>
-      serial(async (): Promise<string | undefined> => {
-        const [old] = await sql`SELECT name FROM sessions WHERE user_id = ${userId}`;
-        if (!old) throw new Error(`Cannot rename: no user ${userId}`);
-        try {
-          const rows = await sql`UPDATE sessions SET name = ${name}, name_key = ${nameKey(name)}, used = 1
-            WHERE user_id = ${userId} AND NOT EXISTS (
-              SELECT 1 FROM sessions s2 WHERE s2.name_key = ${nameKey(name)} AND s2.user_id <> ${userId})
-            RETURNING name`;
-          return rows.length > 0 ? (old.name as string) : undefined;
-        } catch (e) {
-          if (/unique|duplicate/i.test(String((e as Error).message))) return undefined;
-          throw e;
-        }
-      }),
+  rooms(limit: number) {
+    return this.retrying(() =>
+      (this.db.query(`SELECT name, (SELECT max(id) FROM messages WHERE room = rooms.name) AS last_id
+        FROM rooms ORDER BY last_id DESC LIMIT ?`).all(limit) as { name: string; last_id: number | null }[])
+        .map((r) => ({ name: r.name, lastId: r.last_id ?? 0 })),
+    );
+  }
 
-    /** Deletes sessions that never connected or renamed: old ones, then the oldest past the cap. */
-    pruneSessions: (olderThan: number, keep: number) =>
-      serial(async () => {
-        await sql`DELETE FROM sessions WHERE used = 0 AND created < ${olderThan}`;
-        const [{ n }] = await sql`SELECT count(*) AS n FROM sessions WHERE used = 0`;
-        const excess = num(n) - keep;
-        if (excess > 0) {
-          await sql`DELETE FROM sessions WHERE sid IN (
-            SELECT sid FROM sessions WHERE used = 0 ORDER BY created LIMIT ${excess})`;
-        }
-      }),
-
-    countSessions: () =>
-      serial(async () => {
-        const [{ n }] = await sql`SELECT count(*) AS n FROM sessions`;
-        return num(n);
-      }),
-
-    /**
-     * Stores a batch atomically and returns the ids. Ids are gap-free per room and commit in order:
-     * on Postgres the room's counter row (rooms.last_id) stays locked until commit; SQLite has one
-     * writer, this process, which allocates them in memory and stores the batch in one statement.
-     */
-    append: (batch: NewMessage[]) => serial(() => (postgres ? appendLocked(batch) : appendSingleWriter(batch))),
-
-    /** The newest `limit` messages of a room (limit ≥ 1), oldest first; the last one's id is the room's last id. */
-    tail: (room: string, limit: number) =>
-      serial(async () => {
-        const rows = await sql`SELECT * FROM messages WHERE room = ${room} ORDER BY id DESC LIMIT ${limit}`;
-        return rows.reverse().map(toMessage) as Message[];
-      }),
-
-    /** Messages with after < id < before, oldest first (at most 10,000). */
-    between: (room: string, after: number, before: number) =>
-      serial(async () => {
-        const rows = await sql`SELECT * FROM messages WHERE room = ${room} AND id > ${after} AND id < ${before} ORDER BY id LIMIT 10000`;
-        return rows.map(toMessage) as Message[];
-      }),
-
-    /** Scrollback: up to `limit` messages before an id, oldest first. */
-    before: (room: string, before: number, limit: number) =>
-      serial(async () => {
-        const rows = await sql`SELECT * FROM messages WHERE room = ${room} AND id < ${before} ORDER BY id DESC LIMIT ${limit}`;
-        return rows.reverse().map(toMessage) as Message[];
-      }),
-
-    rooms: (limit: number) =>
-      serial(async (): Promise<{ name: string; lastId: number }[]> => {
-        // rooms.last_id is only the Postgres id counter; the messages' own index answers for both
-        const rows = await sql`SELECT name, (SELECT max(id) FROM messages WHERE room = rooms.name) AS last_id
-          FROM rooms ORDER BY last_id DESC LIMIT ${limit}`;
-        return rows.map((r: any) => ({ name: r.name as string, lastId: num(r.last_id ?? 0) }));
-      }),
-
-    close: () =>
-      serial(async () => {
-        checkpointer?.terminate();
-        writer?.close();
-        await sql.close();
-      }),
-  };
-}
-export type Store = Awaited<ReturnType<typeof openStore>>;
-
-type Row = { room: string; id: number; user_id: string; name: string; text: string; ts: number; ref: string | null };
-
-/** Stores rows in one transaction through a prepared statement (synchronous, on its own connection). */
-function openWriter(file: string) {
-  const db = new Database(file);
-  // never sleep on a lock inside the event loop: a busy database is retried asynchronously
-  db.run("PRAGMA busy_timeout = 0");
-  db.run("PRAGMA synchronous = NORMAL");
-  db.run("PRAGMA wal_autocheckpoint = 0"); // the checkpointer thread does it
-  const insert = db.prepare("INSERT INTO messages (room, id, user_id, name, text, ts, ref) VALUES (?, ?, ?, ?, ?, ?, ?)");
-  const one = (r: Row) => insert.run(r.room, r.id, r.user_id, r.name, r.text, r.ts, r.ref);
-  const many = db.transaction((rows: Row[]) => rows.forEach(one));
-  return {
-    async store(rows: Row[]) {
-      for (let attempt = 0; ; attempt++) {
-        try {
-          return void (rows.length === 1 ? one(rows[0]) : many(rows));
-        } catch (error) {
-          const busy = /SQLITE_BUSY/.test(String((error as { code?: string }).code));
-          if (!busy || attempt >= 2000) throw error;
-          await Bun.sleep(1);
-        }
-      }
-    },
-    close: () => db.close(),
-  };
+  async close() {
+    this.checkpointer?.terminate();
+    this.db.close();
+  }
 }
 
 /**
- * A worker thread with its own connection that checkpoints the WAL ten times a second, off the event loop.
- * A PASSIVE checkpoint never waits for the writer, so under nonstop writes the WAL is never all copied
- * and never rewinds: past WAL_REWIND_BYTES a RESTART holds new commits (they retry) for one more copy.
- * The file keeps its size (cutting a 64 MB file took 60 ms); it is reused from the start.
+ * Starts a worker thread with its own connection that checkpoints the WAL every CHECKPOINT_MS, off the event loop.
+ * A PASSIVE checkpoint never waits for the writer, so under nonstop writes the WAL is never all copied and never
+ * rewinds: past `rewindBytes` a RESTART holds new commits (they retry) for one more copy. The file keeps its size
+ * (cutting a 64 MB file took 60 ms); it is reused from the start. README ("Configuration") has the measurements.
+ * - nice 19 (this thread only, on Linux): on a one-core machine a checkpoint takes only idle CPU.
+ * - A PASSIVE checkpoint that never catches up never syncs the database file, and RESTART's own sync, under the
+ *   write lock, would flush seconds of copied pages at once: the worker syncs them first, outside the lock.
+ * - Its descriptor of the file is never closed: closing any descriptor of the file would drop this process's
+ *   SQLite locks on it.
+ * The worker's code is a string (a worker needs a module of its own, and the binary embeds this one);
+ * server.test.ts runs it directly.
  */
-function startCheckpointer(file: string): Worker {
-  // - nice 19 (this thread only, on Linux): on a one-core machine a checkpoint takes only idle CPU.
-  // - Every 100 ms: each checkpoint fsyncs the WAL, and a commit writing the page being written back
-  //   waits in pwrite (ext4). Per 30 s of the bench's fixed rate, every 500 ms gave a dozen commits
-  //   of 3-7 ms, every 2 s fewer of 9-17 ms, every 100 ms 1-5 of 3-5 ms.
-  // - A PASSIVE checkpoint that never catches up never syncs the database file, so RESTART's own
-  //   sync, under the write lock, flushed seconds of copied pages (10-14 ms): sync them before.
-  // - The descriptor is never closed (one per store): closing any descriptor of the file would drop
-  //   this process's SQLite locks on it.
+export function startCheckpointer(file: string, { intervalMs = CHECKPOINT_MS, rewindBytes = WAL_REWIND_BYTES } = {}): Worker {
   const code = `import { Database } from "bun:sqlite";
     import { fdatasyncSync, openSync } from "node:fs";
     import { setPriority } from "node:os";
@@ -552,32 +642,214 @@ function startCheckpointer(file: string): Worker {
     setInterval(() => {
       try {
         const { log } = db.query("PRAGMA wal_checkpoint(PASSIVE)").get();
-        if (log * frameBytes <= ${WAL_REWIND_BYTES}) return;
+        if (log * frameBytes <= ${rewindBytes}) return;
         fdatasyncSync(fd);
         db.run("PRAGMA wal_checkpoint(RESTART)");
       } catch {}
-    }, 100);`;
+    }, ${intervalMs});`;
   const worker = new Worker(URL.createObjectURL(new Blob([code], { type: "text/javascript" })));
   (worker as unknown as { unref(): void }).unref(); // bun-types lacks Worker.unref
   return worker;
+}
+
+/** Postgres through Bun.SQL's pool. Many nodes write at once: a message's id comes from its room's counter row. */
+class PostgresStore implements Store {
+  private constructor(private readonly sql: SQL) {}
+
+  static async open(url: string): Promise<PostgresStore> {
+    const sql = new SQL(url, { max: PG_POOL });
+    await sql.begin(async (tx) => {
+      await tx`SELECT pg_advisory_xact_lock(${PG_SCHEMA_LOCK})`;
+      for (const ddl of schema("postgres")) await tx.unsafe(ddl);
+    });
+    return new PostgresStore(sql);
+  }
+
+  async secret(fresh: string) {
+    await this.sql`INSERT INTO meta (key, value) VALUES ('session_secret', ${fresh}) ON CONFLICT (key) DO NOTHING`;
+    const [row] = await this.sql`SELECT value FROM meta WHERE key = 'session_secret'`;
+    return row.value as string;
+  }
+
+  async findSession(sid: string) {
+    const [row] = await this.sql`SELECT sid, user_id, name, used FROM sessions WHERE sid = ${sid}`;
+    return row ? sessionOfRow(row) : undefined;
+  }
+
+  async createSession(sid: string): Promise<Session> {
+    const id = `u${randomId(USER_ID_BYTES)}`;
+    for (let attempt = 0; attempt < DEFAULT_NAME_ATTEMPTS; attempt++) {
+      const [{ value }] = await this.sql`INSERT INTO counters (name, value) VALUES ('user', 1)
+        ON CONFLICT (name) DO UPDATE SET value = counters.value + 1 RETURNING value`;
+      const name = `user${Number(value)}`;
+      const made = await this.sql`INSERT INTO sessions (sid, user_id, name, name_key, created)
+        VALUES (${sid}, ${id}, ${name}, ${nameKey(name)}, ${Date.now()}) ON CONFLICT DO NOTHING RETURNING user_id`;
+      if (made.length) return { sid, id, name, used: false };
+      const existing = await this.findSession(sid);
+      if (existing) return existing; // another request created it first
+    }
+    throw new Error("Cannot create session: no free default name");
+  }
+
+  async markUsed(sid: string) {
+    await this.sql`UPDATE sessions SET used = 1 WHERE sid = ${sid} AND used = 0`;
+  }
+
+  async rename(userId: string, name: string) {
+    const [old] = await this.sql`SELECT name FROM sessions WHERE user_id = ${userId}`;
+    if (!old) throw new Error(`Cannot rename: no user ${userId}`);
+    try {
+      const renamed = await this.sql`UPDATE sessions SET name = ${name}, name_key = ${nameKey(name)}, used = 1
+        WHERE user_id = ${userId} AND NOT EXISTS (
+          SELECT 1 FROM sessions s2 WHERE s2.name_key = ${nameKey(name)} AND s2.user_id <> ${userId}) RETURNING name`;
+      return renamed.length > 0 ? (old.name as string) : undefined;
+    } catch (error) {
+      if (isUniqueViolation(error)) return undefined;
+      throw error;
+    }
+  }
+
+  async pruneSessions(before: number, keep: number) {
+    await this.sql`DELETE FROM sessions WHERE used = 0 AND created < ${before}`;
+    const [{ n }] = await this.sql`SELECT count(*) AS n FROM sessions WHERE used = 0`;
+    const excess = Number(n) - keep;
+    if (excess > 0) await this.sql`DELETE FROM sessions WHERE sid IN (SELECT sid FROM sessions WHERE used = 0 ORDER BY created LIMIT ${excess})`;
+  }
+
+  async countSessions() {
+    const [{ n }] = await this.sql`SELECT count(*) AS n FROM sessions`;
+    return Number(n);
+  }
+
+  /** The room's counter row stays locked until commit, so ids are gap-free and commit in order on every node. */
+  append(batch: NewMessage[]): Promise<number[]> {
+    return this.sql.begin(async (tx) => {
+      const byRoom = Map.groupBy(batch.keys(), (i) => batch[i].room);
+      const ids = new Array<number>(batch.length);
+      // rooms in name order, so two nodes' batches never wait on each other's locks in a cycle
+      for (const [room, indexes] of [...byRoom].sort(([a], [b]) => (a < b ? -1 : 1))) {
+        const [{ last_id }] = await tx`INSERT INTO rooms (name, last_id) VALUES (${room}, ${indexes.length})
+          ON CONFLICT (name) DO UPDATE SET last_id = rooms.last_id + ${indexes.length} RETURNING last_id`;
+        let id = Number(last_id) - indexes.length;
+        for (const i of indexes) ids[i] = ++id;
+      }
+      const rows = batch.map((m, i) => rowOf(m, ids[i]));
+      for (let i = 0; i < rows.length; i += PG_ROWS_PER_INSERT) await tx`INSERT INTO messages ${tx(rows.slice(i, i + PG_ROWS_PER_INSERT))}`;
+      return ids;
+    });
+  }
+
+  async tail(room: string, limit: number) {
+    const rows = await this.sql`SELECT * FROM messages WHERE room = ${room} ORDER BY id DESC LIMIT ${limit}`;
+    return rows.reverse().map(messageOfRow) as Message[];
+  }
+
+  async between(room: string, after: number, before: number) {
+    const rows = await this.sql`SELECT * FROM messages WHERE room = ${room} AND id > ${after} AND id < ${before} ORDER BY id LIMIT ${GAP_READ_LIMIT}`;
+    return rows.map(messageOfRow) as Message[];
+  }
+
+  async before(room: string, before: number, limit: number) {
+    const rows = await this.sql`SELECT * FROM messages WHERE room = ${room} AND id < ${before} ORDER BY id DESC LIMIT ${limit}`;
+    return rows.reverse().map(messageOfRow) as Message[];
+  }
+
+  async rooms(limit: number) {
+    const rows = await this.sql`SELECT name, last_id FROM rooms ORDER BY last_id DESC LIMIT ${limit}`;
+    return rows.map((r: any) => ({ name: r.name as string, lastId: Number(r.last_id) }));
+  }
+
+  async close() {
+    await this.sql.close();
+  }
 }
 
 function randomId(bytes: number): string {
   return Buffer.from(crypto.getRandomValues(new Uint8Array(bytes))).toString("base64url");
 }
 
-// ── Cluster: Redis fan-out and presence (only with REDIS_URL) ────────────────
+// ── Fan-out: how a node hears of the others (alone: nobody; in a cluster: Redis) ──
+
+/** What the fan-out brings a node. A node's own events come back too: handling them twice changes nothing. */
+export type FanoutEvents = {
+  message(room: string, entry: Entry): void;
+  typing(room: string, frame: string): void;
+  presence(room: string, change: "joined" | "left", user: User): void;
+  renamed(user: User, previous: string): void;
+  /** The fan-out was down and is back: events may have been missed. */
+  reconnected(): void;
+};
+
+/** A Prometheus sample: name, type, help, value, and labels. */
+type MetricLine = { name: string; type: "counter" | "gauge"; help: string; value: number; labels?: Record<string, string> };
+
+export interface Fanout {
+  /** false while a cluster node cannot reach Redis; it keeps serving its own clients meanwhile */
+  readonly connected: boolean;
+  listen(events: FanoutEvents): void;
+  subscribe(room: string): Promise<void>;
+  unsubscribe(room: string): void;
+  /** A user's first socket in a room on this node joined, or its last one left: the fan-out decides, for the whole
+   * cluster, whether the user arrived or went, and answers with a presence event. */
+  join(room: string, user: User): void;
+  leave(room: string, user: User): void;
+  /** Everyone in a room, on every node (what a node that loads the room starts from). */
+  members(room: string): Promise<User[]>;
+  /** How many are in each of these rooms on other nodes. */
+  online(rooms: string[]): Promise<number[]>;
+  /** Makes this node's presence registrations exactly these (after Redis came back). */
+  register(members: [room: string, user: User][]): Promise<void>;
+  publishMessage(room: string, entry: Entry): void;
+  publishTyping(room: string, frame: string): void;
+  publishRename(user: User, previous: string, rooms: string[]): void;
+  metrics(): MetricLine[];
+  close(): Promise<void>;
+}
+
+/** One process: presence is decided at once, and there is nobody else to tell. */
+class LocalFanout implements Fanout {
+  readonly connected = true;
+  private events: FanoutEvents | null = null;
+  constructor(private readonly node: string) {}
+  listen(events: FanoutEvents) {
+    this.events = events;
+  }
+  async subscribe() {}
+  unsubscribe() {}
+  join(room: string, user: User) {
+    this.events?.presence(room, "joined", user);
+  }
+  leave(room: string, user: User) {
+    this.events?.presence(room, "left", user);
+  }
+  async members() {
+    return [];
+  }
+  async online(rooms: string[]) {
+    return rooms.map(() => 0);
+  }
+  async register() {}
+  publishMessage() {}
+  publishTyping() {}
+  publishRename() {}
+  metrics(): MetricLine[] {
+    return [{ name: "chat_node_info", type: "gauge", help: "This process", value: 1, labels: { node: this.node, cluster: "0" } }];
+  }
+  async close() {}
+}
 
 // Presence in Redis: chat:node:<node> holds what each node registered ("room\nuser" → name);
 // chat:count:<room> counts the nodes holding each user; chat:presence:<room> names them.
-// joined/left are published from inside the scripts, so they fire once cluster-wide.
-const PRESENCE_LUA = String.raw`
+// joined/left are published from inside the script (FanoutHeader "presence"), so they fire once cluster-wide.
+// A string, as Redis runs it; test/cluster.test.ts runs it directly.
+export const PRESENCE_LUA = String.raw`
+local function announce(room, change, user, name)
+  redis.call('PUBLISH', 'chat:room:' .. room, cjson.encode({kind = 'presence', change = change, user = {id = user, name = name}}))
+end
 local function joinRoom(node, room, user, name)
   if redis.call('HSETNX', 'chat:node:' .. node, room .. '\n' .. user, name) == 0 then return end
   redis.call('HSET', 'chat:presence:' .. room, user, name)
-  if redis.call('HINCRBY', 'chat:count:' .. room, user, 1) == 1 then
-    redis.call('PUBLISH', 'chat:room:' .. room, 'p\t' .. cjson.encode({k = 'joined', user = {id = user, name = name}}))
-  end
+  if redis.call('HINCRBY', 'chat:count:' .. room, user, 1) == 1 then announce(room, 'joined', user, name) end
 end
 local function leaveRoom(node, room, user)
   if redis.call('HDEL', 'chat:node:' .. node, room .. '\n' .. user) == 0 then return end
@@ -585,7 +857,7 @@ local function leaveRoom(node, room, user)
     local name = redis.call('HGET', 'chat:presence:' .. room, user) or ''
     redis.call('HDEL', 'chat:count:' .. room, user)
     redis.call('HDEL', 'chat:presence:' .. room, user)
-    redis.call('PUBLISH', 'chat:room:' .. room, 'p\t' .. cjson.encode({k = 'left', user = {id = user, name = name}}))
+    announce(room, 'left', user, name)
   end
 end
 local function split(field)
@@ -617,986 +889,1173 @@ elseif op == 'sync' or op == 'drop' then
 end
 return 1
 `;
-const HEARTBEAT_MS = 5_000;
-const NODE_TTL_MS = 15_000; // a node silent this long is dead: its members leave presence
 
-type FanoutEvents = {
-  message(room: string, id: number, frame: string, sentAt: number): void;
-  typing(room: string, frame: string): void;
-  presence(room: string, kind: "joined" | "left", user: User): void;
-  renamed(user: User, previous: string): void;
-  /** After a reconnect: resubscribed; the state may have missed events. */
-  reconnected(): void;
-};
+/** Redis pub/sub between nodes, and presence in Redis: one publishing and one subscribed connection per process. */
+class RedisFanout implements Fanout {
+  private readonly channels = new Set<string>([USERS_CHANNEL]);
+  private events: FanoutEvents | null = null;
+  private subscribed = false;
+  private epoch = 0; // listeners of older subscriptions fall silent (see subscribeAll)
+  private received = 0;
+  private lagMs = 0;
+  private beat: Timer | undefined;
 
-/** Redis pub/sub between nodes: one publisher and one subscriber connection per process. */
-export async function openFanout(url: string, node: string, on: FanoutEvents, log: (e: Record<string, unknown>) => void) {
-  const options = { autoReconnect: true, maxRetries: 1_000_000, enableOfflineQueue: false, connectionTimeout: 2_000 };
-  const pub = new RedisClient(url, options);
-  const sub = new RedisClient(url, options);
-  const channels = new Set<string>(["chat:users"]);
-  let subscribed = false;
+  private constructor(private readonly pub: RedisClient, private readonly sub: RedisClient, private readonly node: string, private readonly logger: Logger) {}
 
-  function listener(payload: string, channel: string) {
-    const tab = payload.indexOf("\t");
-    const kind = payload.slice(0, tab);
-    if (channel === "chat:users") {
-      const [origin, json] = [payload.slice(tab + 1, payload.indexOf("\t", tab + 1)), payload.slice(payload.indexOf("\t", tab + 1) + 1)];
-      if (kind === "r" && origin !== node) {
-        const { user, previous } = JSON.parse(json);
-        on.renamed(user, previous);
-      }
-      return;
-    }
-    const room = channel.slice("chat:room:".length);
-    if (kind === "m") {
-      // m \t sentAt \t id \t frame
-      const t2 = payload.indexOf("\t", tab + 1);
-      const t3 = payload.indexOf("\t", t2 + 1);
-      on.message(room, Number(payload.slice(t2 + 1, t3)), payload.slice(t3 + 1), Number(payload.slice(tab + 1, t2)));
-    } else if (kind === "t") {
-      const t2 = payload.indexOf("\t", tab + 1);
-      if (payload.slice(tab + 1, t2) !== node) on.typing(room, payload.slice(t2 + 1));
-    } else if (kind === "p") {
-      const { k, user } = JSON.parse(payload.slice(tab + 1));
-      on.presence(room, k, { id: String(user.id), name: String(user.name) });
+  static async open(url: string, node: string, logger: Logger): Promise<RedisFanout> {
+    const options = { autoReconnect: true, maxRetries: 1_000_000, enableOfflineQueue: false, connectionTimeout: REDIS_CONNECT_TIMEOUT_MS };
+    const fanout = new RedisFanout(new RedisClient(url, options), new RedisClient(url, options), node, logger);
+    await Promise.all([fanout.pub.connect(), fanout.sub.connect()]);
+    await fanout.subscribeAll();
+    fanout.sub.onconnect = () => void fanout.resubscribe();
+    fanout.sub.onclose = () => void (fanout.subscribed = false);
+    fanout.beat = setInterval(() => void fanout.heartbeat().catch((e) => logger.error("redis heartbeat", e)), HEARTBEAT_MS);
+    fanout.beat.unref();
+    await fanout.heartbeat();
+    return fanout;
+  }
+
+  get connected() {
+    return this.pub.connected && this.sub.connected && this.subscribed;
+  }
+
+  listen(events: FanoutEvents) {
+    this.events = events;
+  }
+
+  private receive(payload: string, channel: string) {
+    const event = FanoutCodec.decode(payload);
+    const on = this.events;
+    if (!event || !on) return;
+    const room = channel.slice(ROOM_CHANNEL.length);
+    switch (event.kind) {
+      case "message":
+        this.received++;
+        this.lagMs = Math.max(0, Date.now() - event.sentAt);
+        return on.message(room, { id: event.id, frame: event.frame });
+      case "typing":
+        return event.node === this.node ? undefined : on.typing(room, event.frame);
+      case "presence":
+        return on.presence(room, event.change, event.user);
+      case "renamed":
+        return event.node === this.node ? undefined : on.renamed(event.user, event.previous);
+      default:
+        event satisfies never;
     }
   }
 
-  // A reconnect loses the server-side subscriptions but Bun keeps the old listeners:
-  // each (re)subscription gets listeners of a new epoch, and older ones fall silent.
-  let epoch = 0;
-  const current = () => {
-    const mine = epoch;
-    return (payload: string, channel: string) => void (mine === epoch && listener(payload, channel));
-  };
-  function unsubscribe(channel: string) {
+  // A reconnect loses the server-side subscriptions but Bun keeps the old listeners: each (re)subscription
+  // gets listeners of a new epoch, and older ones fall silent.
+  private listener() {
+    const mine = this.epoch;
+    return (payload: string, channel: string) => void (mine === this.epoch && this.receive(payload, channel));
+  }
+
+  private unsubscribeChannel(channel: string) {
     try {
-      sub.unsubscribe(channel)?.catch?.(() => {});
+      this.sub.unsubscribe(channel)?.catch?.(() => {});
     } catch {} // throws when the client is not in subscriber mode
   }
-  async function subscribeAll() {
-    epoch++;
-    for (const channel of channels) {
-      unsubscribe(channel);
-      await sub.subscribe(channel, current());
+
+  private async subscribeAll() {
+    this.epoch++;
+    for (const channel of this.channels) {
+      this.unsubscribeChannel(channel);
+      await this.sub.subscribe(channel, this.listener());
     }
+    this.subscribed = true;
   }
 
-  let first = true;
-  sub.onconnect = () => {
-    if (first) return;
-    subscribed = false;
-    subscribeAll().then(
-      () => {
-        subscribed = true;
-        log({ event: "redis", state: "resubscribed", channels: channels.size });
-        on.reconnected();
-      },
-      (error) => log({ event: "error", where: "redis resubscribe", error: String(error) }),
-    );
-  };
-  sub.onclose = () => {
-    subscribed = false;
-  };
-  await Promise.all([pub.connect(), sub.connect()]);
-  await subscribeAll();
-  subscribed = true;
-  first = false;
-
-  const eval_ = (...args: string[]) => pub.send("EVAL", [PRESENCE_LUA, "0", ...args]);
-  const quiet = (what: string) => (error: unknown) => log({ event: "error", where: `redis ${what}`, error: String(error) });
-
-  // Heartbeat: announce this node, and clear the registrations of nodes that stopped announcing.
-  async function heartbeat() {
-    if (!pub.connected) return;
-    await pub.send("SET", [`chat:alive:${node}`, String(Date.now()), "PX", String(NODE_TTL_MS)]);
-    await pub.send("SADD", ["chat:nodes", node]);
-    const nodes = (await pub.send("SMEMBERS", ["chat:nodes"])) as string[];
-    for (const other of nodes) {
-      if (other === node) continue;
-      if ((await pub.send("EXISTS", [`chat:alive:${other}`])) === 0) {
-        log({ event: "redis", state: "node expired", node: other });
-        await eval_("drop", other);
-      }
-    }
-  }
-  const beat = setInterval(() => void heartbeat().catch(quiet("heartbeat")), HEARTBEAT_MS);
-  beat.unref();
-  await heartbeat();
-
-  return {
-    get connected() {
-      return pub.connected && sub.connected && subscribed;
-    },
-    async subscribeRoom(room: string) {
-      const channel = `chat:room:${room}`;
-      if (channels.has(channel)) return;
-      channels.add(channel);
-      // while Redis is down this fails; the reconnect subscribes every channel again
-      if (sub.connected) await sub.subscribe(channel, current()).catch(quiet("subscribe"));
-    },
-    unsubscribeRoom(room: string) {
-      const channel = `chat:room:${room}`;
-      channels.delete(channel);
-      if (sub.connected) unsubscribe(channel);
-    },
-    publishMessage(room: string, id: number, frame: string) {
-      if (pub.connected) pub.publish(`chat:room:${room}`, `m\t${Date.now()}\t${id}\t${frame}`).catch(quiet("publish"));
-    },
-    publishTyping(room: string, frame: string) {
-      if (pub.connected) pub.publish(`chat:room:${room}`, `t\t${node}\t${frame}`).catch(quiet("publish"));
-    },
-    publishRename(user: User, previous: string, rooms: string[]) {
-      if (!pub.connected) return;
-      pub.publish("chat:users", `r\t${node}\t${JSON.stringify({ user, previous })}`).catch(quiet("publish"));
-      if (rooms.length) eval_("rename", node, user.id, ...rooms, user.name).catch(quiet("rename"));
-    },
-    join(room: string, user: User) {
-      if (pub.connected) eval_("join", node, room, user.id, user.name).catch(quiet("join"));
-    },
-    leave(room: string, userId: string) {
-      if (pub.connected) eval_("leave", node, room, userId).catch(quiet("leave"));
-    },
-    /** Makes this node's registrations exactly `entries` (after a reconnect). */
-    sync: (entries: [room: string, user: string, name: string][]) => eval_("sync", node, JSON.stringify(entries)),
-    async members(room: string): Promise<User[]> {
-      const hash = (await pub.send("HGETALL", [`chat:presence:${room}`])) as Record<string, string>;
-      return Object.entries(hash ?? {}).map(([id, name]) => ({ id, name }));
-    },
-    async online(rooms: string[]): Promise<number[]> {
-      return Promise.all(rooms.map(async (r) => Number(await pub.send("HLEN", [`chat:presence:${r}`]))));
-    },
-    async close() {
-      clearInterval(beat);
-      if (pub.connected) await eval_("drop", node).catch(quiet("drop"));
-      sub.close();
-      pub.close();
-    },
-  };
-}
-export type Fanout = Awaited<ReturnType<typeof openFanout>>;
-
-// ── Server state: everything lives inside startServer, so each call starts empty ──
-
-type Bucket = { tokens: number; at: number };
-const fullBucket = (rate: Config["rateLimit"]): Bucket => ({ tokens: rate.count, at: performance.now() });
-type LocalUser = { id: string; name: string; sid: string; sockets: ChatSocket[] }; // a user has a few tabs
-/**
- * rooms: joined (history sent, subscribed); joining: waiting for the room to load (usually null).
- * Plain arrays: a socket holds a few rooms, and per-socket memory is what idle servers are made of.
- */
-type SocketData = { user: LocalUser; rooms: string[]; joining: string[] | null; joins: Bucket | null; buffered: number; closed: boolean };
-type ChatSocket = ServerWebSocket<SocketData>;
-type Entry = { id: number; frame: string }; // a message as sent on the wire
-const toEntry = (m: Message): Entry => ({ id: m.id, frame: JSON.stringify(m) });
-/** A room as this process sees it: local sockets, presence and the recent tail. */
-type RoomState = {
-  name: string;
-  topic: string;
-  count: number; // local sockets, joined or joining (a Set of them would cost memory on every socket)
-  sampledAt: number; // when unsent bytes were last sampled after a publish met backpressure
-  local: Map<string, number>; // user id → local joined sockets
-  members: Map<string, User>; // everyone in the room (on every node, in cluster mode)
-  lastId: number; // the last id delivered here; ids are 1, 2, 3… without gaps
-  ring: Entry[]; // the newest messages, enough for any join or recovery
-  waiting: Entry[] | null; // held while the room loads or a gap is filled from the store
-  ready: Promise<void>;
-  historyFrame: string | null; // cached reply to a join without `since`
-};
-
-export type ServerOptions = Partial<ConfigInput> & {
-  /** Logs one JSON line per event; off in tests. */
-  log?: (event: Record<string, unknown>) => void;
-};
-
-/** Starts a chat server; resolves once it listens. */
-export async function startServer(options: ServerOptions = {}) {
-  const { log = () => {}, ...input } = options;
-  const config = Config.parse(input);
-  const nodeId = config.nodeId ?? `${process.pid}-${randomId(4)}`;
-  const store = await openStore(config.databaseUrl);
-  const secret = config.sessionSecret ?? (await store.secret(randomId(32)));
-  const ringSize = Math.max(config.recoveryLimit, config.historyOnJoin);
-
-  const rooms = new Map<string, RoomState>();
-  const users = new Map<string, LocalUser>();
-  const sayBuckets = new Map<string, Bucket>();
-  const renameBuckets = new Map<string, Bucket>();
-  const typingSeen = new Map<string, number>();
-  let connections = 0; // open sockets; each is in its user's `sockets`
-  function* allSockets() {
-    for (const user of users.values()) yield* user.sockets;
-  }
-  const metrics = {
-    messagesReceived: 0,
-    messagesPublished: 0,
-    framesRejected: 0,
-    rateLimited: 0,
-    slowConsumersClosed: 0,
-    connectionsRefused: 0,
-    storeErrors: 0,
-    fanoutReceived: 0,
-    fanoutLagMs: 0,
-    gapsFilled: 0,
-  };
-  let shuttingDown = false;
-  let stopped = false;
-  let server!: Server<SocketData>;
-
-  const fanout = config.redisUrl
-    ? await openFanout(config.redisUrl, nodeId, {
-        message(name, id, frame, sentAt) {
-          metrics.fanoutReceived++;
-          metrics.fanoutLagMs = Math.max(0, Date.now() - sentAt);
-          const room = rooms.get(name);
-          if (room) deliver(room, { id, frame });
-        },
-        typing(name, frame) {
-          const room = rooms.get(name);
-          if (room) publish(room, frame);
-        },
-        presence(name, kind, user) {
-          const room = rooms.get(name);
-          if (room) (kind === "joined" ? addMember : removeMember)(room, user);
-        },
-        renamed: (user, previous) => applyRename(user, previous),
-        reconnected: () => void reconcile().catch((error) => log({ event: "error", where: "reconcile", error: String(error) })),
-      }, log)
-    : null;
-
-  /** Takes one token from the bucket of `key`; returns 0 or the ms until one is free. */
-  function take(buckets: Map<string, Bucket>, key: string, rate: Config["rateLimit"]): number {
-    let b = buckets.get(key);
-    if (!b) buckets.set(key, (b = fullBucket(rate)));
-    return spend(b, rate);
-  }
-
-  /** Takes one token from a bucket; returns 0 or the ms until one is free. */
-  function spend(b: Bucket, rate: Config["rateLimit"]): number {
-    const now = performance.now();
-    b.tokens = Math.min(rate.count, b.tokens + ((now - b.at) * rate.count) / rate.perMs);
-    b.at = now;
-    if (b.tokens >= 1) {
-      b.tokens -= 1;
-      return 0;
-    }
-    return Math.ceil(((1 - b.tokens) * rate.perMs) / rate.count);
-  }
-
-  function send(ws: ChatSocket, msg: ServerMessage) {
-    ws.send(JSON.stringify(msg));
-  }
-
-  function sendError(ws: ChatSocket, code: ErrorCode, message: string, extra: { ref?: string; retryAfterMs?: number; room?: string } = {}) {
-    send(ws, { type: "error", code, message, ...extra });
-  }
-
-  function userOf(ws: ChatSocket): User {
-    return { id: ws.data.user.id, name: ws.data.user.name };
-  }
-
-  // Rooms: loaded on the first local join, dropped when the last local socket leaves.
-
-  function getRoom(name: string): RoomState {
-    let room = rooms.get(name);
-    if (room) return room;
-    room = {
-      name, topic: TOPIC_PREFIX + name, count: 0, sampledAt: 0, local: new Map(), members: new Map(), lastId: 0,
-      ring: [], waiting: [], ready: Promise.resolve(), historyFrame: null,
-    };
-    rooms.set(name, room);
-    room.ready = load(room);
-    return room;
-  }
-
-  /** Fills a new room from the store (and, in a cluster, Redis): subscribe first, then read, so nothing falls between. */
-  async function load(room: RoomState) {
+  /** After Redis came back: subscribe again and tell the node, which re-registers and catches up. */
+  private async resubscribe() {
+    this.subscribed = false;
     try {
-      if (fanout) {
-        await fanout.subscribeRoom(room.name);
-        for (const user of await fanout.members(room.name)) room.members.set(user.id, user);
-      }
-      room.ring = (await store.tail(room.name, ringSize)).map(toEntry);
-      room.lastId = room.ring.at(-1)?.id ?? 0;
-      await catchUp(room);
+      await this.subscribeAll();
+      this.logger.info("redis", { state: "resubscribed", channels: this.channels.size });
+      this.events?.reconnected();
     } catch (error) {
-      log({ event: "error", where: "load room", room: room.name, error: String(error) });
-      room.waiting = null;
-      unload(room, true);
+      this.logger.error("redis resubscribe", error);
+    }
+  }
+
+  private presence(...args: string[]) {
+    return this.pub.send("EVAL", [PRESENCE_LUA, "0", ...args]);
+  }
+
+  /** Announces this node, and clears the registrations of nodes that stopped announcing. */
+  private async heartbeat() {
+    if (!this.pub.connected) return;
+    await this.pub.send("SET", [`chat:alive:${this.node}`, String(Date.now()), "PX", String(NODE_TTL_MS)]);
+    await this.pub.send("SADD", ["chat:nodes", this.node]);
+    for (const other of (await this.pub.send("SMEMBERS", ["chat:nodes"])) as string[]) {
+      if (other === this.node || (await this.pub.send("EXISTS", [`chat:alive:${other}`])) !== 0) continue;
+      this.logger.info("redis", { state: "node expired", node: other });
+      await this.presence("drop", other);
+    }
+  }
+
+  async subscribe(room: string) {
+    const channel = ROOM_CHANNEL + room;
+    if (this.channels.has(channel)) return;
+    this.channels.add(channel);
+    // while Redis is down this fails; the reconnect subscribes every channel again
+    if (this.sub.connected) await this.sub.subscribe(channel, this.listener()).catch((e) => this.logger.error("redis subscribe", e));
+  }
+
+  unsubscribe(room: string) {
+    const channel = ROOM_CHANNEL + room;
+    this.channels.delete(channel);
+    if (this.sub.connected) this.unsubscribeChannel(channel);
+  }
+
+  join(room: string, user: User) {
+    if (this.pub.connected) this.presence("join", this.node, room, user.id, user.name).catch((e) => this.logger.error("redis join", e));
+  }
+
+  leave(room: string, user: User) {
+    if (this.pub.connected) this.presence("leave", this.node, room, user.id).catch((e) => this.logger.error("redis leave", e));
+  }
+
+  async members(room: string) {
+    const hash = (await this.pub.send("HGETALL", [`chat:presence:${room}`])) as Record<string, string> | null;
+    return Object.entries(hash ?? {}).map(([id, name]) => ({ id, name }));
+  }
+
+  online(rooms: string[]) {
+    return Promise.all(rooms.map(async (r) => Number(await this.pub.send("HLEN", [`chat:presence:${r}`]))));
+  }
+
+  async register(members: [room: string, user: User][]) {
+    await this.presence("sync", this.node, JSON.stringify(members.map(([room, user]) => [room, user.id, user.name])));
+  }
+
+  private publish(channel: string, payload: string) {
+    if (this.pub.connected) this.pub.publish(channel, payload).catch((e) => this.logger.error("redis publish", e));
+  }
+
+  publishMessage(room: string, entry: Entry) {
+    this.publish(ROOM_CHANNEL + room, FanoutCodec.encode({ kind: "message", id: entry.id, sentAt: Date.now() }, entry.frame));
+  }
+
+  publishTyping(room: string, frame: string) {
+    this.publish(ROOM_CHANNEL + room, FanoutCodec.encode({ kind: "typing", node: this.node }, frame));
+  }
+
+  publishRename(user: User, previous: string, rooms: string[]) {
+    this.publish(USERS_CHANNEL, FanoutCodec.encode({ kind: "renamed", node: this.node, user, previous }));
+    if (rooms.length && this.pub.connected) this.presence("rename", this.node, user.id, ...rooms, user.name).catch((e) => this.logger.error("redis rename", e));
+  }
+
+  metrics(): MetricLine[] {
+    return [
+      { name: "chat_node_info", type: "gauge", help: "This process", value: 1, labels: { node: this.node, cluster: "1" } },
+      { name: "chat_redis_connected", type: "gauge", help: "1 while the Redis fan-out is connected and subscribed", value: this.connected ? 1 : 0 },
+      { name: "chat_fanout_received_total", type: "counter", help: "Messages received from other nodes through Redis", value: this.received },
+      { name: "chat_fanout_lag_ms", type: "gauge", help: "Publish-to-receive delay of the last message from Redis", value: this.lagMs },
+    ];
+  }
+
+  async close() {
+    clearInterval(this.beat);
+    // removes this node's members from presence at once
+    if (this.pub.connected) await this.presence("drop", this.node).catch((e) => this.logger.error("redis drop", e));
+    this.sub.close();
+    this.pub.close();
+  }
+}
+
+// ── Logs and metrics ─────────────────────────────────────────────────────────
+
+/** Receives one object per event; startServer's caller decides where it goes (stdout as JSON lines in main). */
+export type Log = (event: Record<string, unknown>) => void;
+
+export class Logger {
+  constructor(private readonly write: Log) {}
+  info(event: string, fields: Record<string, unknown> = {}) {
+    this.write({ event, ...fields });
+  }
+  error(where: string, error: unknown, fields: Record<string, unknown> = {}) {
+    this.write({ event: "error", where, error: String(error), ...fields });
+  }
+}
+
+/** This process's counters, exposed at /metrics. */
+export class Metrics {
+  messagesReceived = 0;
+  messagesPublished = 0;
+  framesRejected = 0;
+  rateLimited = 0;
+  slowConsumersClosed = 0;
+  connectionsRefused = 0;
+  storeErrors = 0;
+  gapsFilled = 0;
+
+  lines(gauges: { connections: number; rooms: number }): MetricLine[] {
+    const counter = (name: string, help: string, value: number): MetricLine => ({ name, type: "counter", help, value });
+    return [
+      { name: "chat_connections", type: "gauge", help: "Open WebSocket connections", value: gauges.connections },
+      { name: "chat_rooms", type: "gauge", help: "Rooms with members on this process", value: gauges.rooms },
+      counter("chat_messages_received_total", "Chat messages accepted from clients", this.messagesReceived),
+      counter("chat_messages_published_total", "Chat messages broadcast to rooms", this.messagesPublished),
+      counter("chat_frames_rejected_total", "Client frames answered with bad_request", this.framesRejected),
+      counter("chat_rate_limited_total", "Frames refused by a rate limit", this.rateLimited),
+      counter("chat_slow_consumers_closed_total", "Sockets closed with unsent data buffered (slow or dead readers)", this.slowConsumersClosed),
+      counter("chat_connections_refused_total", "Connections refused by a connection limit", this.connectionsRefused),
+      counter("chat_store_errors_total", "Failed writes of chat messages", this.storeErrors),
+      counter("chat_gaps_filled_total", "Out-of-order arrivals filled from the store", this.gapsFilled),
+    ];
+  }
+}
+
+/** Prometheus text format 0.0.4. */
+function renderMetrics(lines: MetricLine[]): string {
+  return lines
+    .map(({ name, type, help, value, labels }) => {
+      const tags = labels ? `{${Object.entries(labels).map(([k, v]) => `${k}="${v}"`).join(",")}}` : "";
+      return `# HELP ${name} ${help}\n# TYPE ${name} ${type}\n${name}${tags} ${value}\n`;
+    })
+    .join("");
+}
+
+// ── Connections: users with open sockets on this node, and the limits on them ─
+
+type LocalUser = { id: string; name: string; sid: string; sockets: ChatSocket[] }; // a user has a few tabs
+/** Per socket. Plain arrays: a socket holds a few rooms, and per-socket memory is what idle servers are made of. */
+type SocketData = {
+  user: LocalUser;
+  rooms: string[]; // joined: history sent, subscribed
+  joining: string[] | null; // waiting for the room to load (usually null)
+  joins: TokenBucket | null; // JOIN_LIMIT, made on the first join
+  buffered: number; // unsent bytes when last sampled
+  closed: boolean;
+};
+type ChatSocket = ServerWebSocket<SocketData>;
+type Refusal = { status: 429 | 503; code: ErrorCode; message: string };
+
+const userOf = (ws: ChatSocket): User => ({ id: ws.data.user.id, name: ws.data.user.name });
+
+/** Removes a room from one of a socket's lists; true if it was there. */
+function removeFrom(data: SocketData, list: "rooms" | "joining", room: string): boolean {
+  const names = data[list];
+  const i = names ? names.indexOf(room) : -1;
+  if (i < 0) return false;
+  names!.splice(i, 1);
+  if (list === "joining" && names!.length === 0) data.joining = null;
+  return true;
+}
+
+export class Connections {
+  count = 0; // open sockets; each is in its user's `sockets`
+  private readonly users = new Map<string, LocalUser>();
+  constructor(private readonly limits: Pick<Config, "maxConnections" | "maxConnectionsPerUser">, private readonly metrics: Metrics) {}
+
+  /** The new socket's data, or why it may not open. Nothing may await between this and the upgrade, or a burst gets past it. */
+  admit(session: Session): SocketData | Refusal {
+    const { maxConnections, maxConnectionsPerUser } = this.limits;
+    let refusal: Refusal | undefined;
+    if (this.count >= maxConnections) refusal = { status: 503, code: "unavailable", message: "Too many connections, try again later" };
+    else if ((this.users.get(session.id)?.sockets.length ?? 0) >= maxConnectionsPerUser) {
+      refusal = { status: 429, code: "limit_exceeded", message: `At most ${maxConnectionsPerUser} connections per user` };
+    }
+    if (refusal) {
+      this.metrics.connectionsRefused++;
+      return refusal;
+    }
+    let user = this.users.get(session.id);
+    if (!user) this.users.set(session.id, (user = { id: session.id, name: session.name, sid: session.sid, sockets: [] }));
+    return { user, rooms: [], joining: null, joins: null, buffered: 0, closed: false };
+  }
+
+  /** The upgrade did not happen after all. */
+  abandon(data: SocketData) {
+    if (data.user.sockets.length === 0) this.users.delete(data.user.id);
+  }
+
+  opened(ws: ChatSocket) {
+    this.count++;
+    ws.data.user.sockets.push(ws);
+  }
+
+  closed(ws: ChatSocket) {
+    const { user } = ws.data;
+    this.count--;
+    user.sockets.splice(user.sockets.indexOf(ws), 1);
+    if (user.sockets.length === 0) this.users.delete(user.id);
+  }
+
+  user(id: string): LocalUser | undefined {
+    return this.users.get(id);
+  }
+
+  *all(): Generator<ChatSocket> {
+    for (const user of this.users.values()) yield* user.sockets;
+  }
+
+  /** This node's sockets joined to a room. */
+  *socketsIn(room: Room): Generator<ChatSocket> {
+    for (const userId of room.localUsers.keys()) {
+      for (const ws of this.users.get(userId)?.sockets ?? []) if (ws.data.rooms.includes(room.name)) yield ws;
+    }
+  }
+
+  /** Samples each socket's unsent bytes, so a close can tell a slow reader from a clean exit. */
+  sampleBuffered() {
+    for (const ws of this.all()) ws.data.buffered = ws.getBufferedAmount();
+  }
+}
+
+// ── Rooms: each room's state, recent messages, presence and broadcast on this node ──
+
+/** Bun's pub/sub topics. Publishing needs the server, which Bun.serve makes from handlers that use the rooms:
+ * startServer binds it right after, and before that no socket exists to publish to. */
+class Topics {
+  private server: Server<SocketData> | null = null;
+  bind(server: Server<SocketData>) {
+    this.server = server;
+  }
+  /** To every subscriber, or every one but `except`; Bun's status: ≤ 0 when some reader has unsent bytes. */
+  publish(topic: string, frame: string, except?: ChatSocket): number {
+    return except ? except.publish(topic, frame) : (this.server?.publish(topic, frame) ?? 1);
+  }
+}
+
+/**
+ * - loading: its recent messages are being read from the store;
+ * - live: each arrival is delivered at once, in id order;
+ * - catching-up: missing ids are being read from the store (a gap, or messages another node stored);
+ * - failed: it could not load; it is gone from the registry, and its joiners get unavailable.
+ * Arrivals while loading or catching up are held, and delivered in order after.
+ */
+type RoomState = "loading" | "live" | "catching-up" | "failed";
+
+export class Room {
+  readonly topic: string;
+  state: RoomState = "loading";
+  /** local sockets joined or joining: the room stays loaded while there is one */
+  sockets = 0;
+  /** user id → that user's joined sockets on this node */
+  readonly localUsers = new Map<string, number>();
+  /** presence: everyone in the room, on every node */
+  readonly members = new Map<string, User>();
+  /** the last id delivered here; ids are 1, 2, 3… without gaps */
+  lastId = 0;
+  private recent: Entry[] = []; // the newest messages, enough for any join or recovery
+  private held: Entry[] = [];
+  private settled: Promise<void>; // the load or catch-up under way
+  private plainHistory: string | null = null; // the history frame of a join without since, until the next message
+  private sampledAt = 0; // when unsent bytes were last sampled after a publish met backpressure
+
+  constructor(readonly name: string, private readonly registry: Rooms) {
+    this.topic = TOPIC_PREFIX + name;
+    this.settled = this.load();
+  }
+
+  /** Subscribes first, then reads, so no message falls between the two. */
+  private async load() {
+    const { store, fanout, logger } = this.registry.units;
+    try {
+      await fanout.subscribe(this.name);
+      for (const user of await fanout.members(this.name)) this.members.set(user.id, user);
+      this.recent = (await store.tail(this.name, this.registry.keep)).map(entryOf);
+      this.lastId = this.recent.at(-1)?.id ?? 0;
+    } catch (error) {
+      logger.error("load room", error, { room: this.name });
+      this.state = "failed";
+      this.registry.forget(this);
       return;
     }
-    if (room.count === 0) unload(room);
+    await this.deliverHeld();
+    this.state = "live";
+    this.registry.release(this); // its joiners may have gone meanwhile
   }
 
-  function unload(room: RoomState, force = false) {
-    if (rooms.get(room.name) !== room || (!force && (room.count > 0 || room.waiting))) return;
-    rooms.delete(room.name);
-    fanout?.unsubscribeRoom(room.name);
+  /** Resolves once the room is live (true), or failed to load (false). */
+  async ready(): Promise<boolean> {
+    while (this.state === "loading" || this.state === "catching-up") await this.settled;
+    return this.state === "live";
   }
 
-  /** Delivers messages in id order, exactly once; ids at or below lastId were delivered already. */
-  function deliver(room: RoomState, entry: Entry) {
-    if (room.waiting) return void room.waiting.push(entry);
-    if (entry.id <= room.lastId) return;
-    if (entry.id === room.lastId + 1) return apply(room, entry);
-    // a gap: ids commit in order, so the missing ones are in the store; fetch them first
-    room.waiting = [entry];
-    room.ready = catchUp(room);
+  /** A stored message, from this node or another: delivered in id order, exactly once. */
+  receive(entry: Entry) {
+    if (this.state !== "live") return void this.held.push(entry);
+    if (entry.id <= this.lastId) return;
+    if (entry.id === this.lastId + 1) return this.deliver(entry);
+    // a gap: ids commit in order, so the missing ones are in the store
+    this.held.push(entry);
+    this.catchUp();
   }
 
-  function apply(room: RoomState, entry: Entry) {
-    room.lastId = entry.id;
-    room.ring.push(entry);
-    if (room.ring.length >= ringSize * 2) room.ring = room.ring.slice(-ringSize);
-    room.historyFrame = null;
-    publish(room, entry.frame);
-    metrics.messagesPublished++;
+  /** Delivers whatever the store has past lastId: another node may have stored messages this one has not heard of. */
+  refresh(): Promise<void> {
+    return this.state === "live" ? this.catchUp(true) : this.settled;
   }
 
-  /** Publishes to a room's sockets (all, or all but `from`). */
-  function publish(room: RoomState, frame: string, from?: ChatSocket) {
-    // -1 or 0: some reader has unsent bytes (0: past the limit). Bun closes a reader that passes the limit
-    // during a later publish, and the 200 ms sweep can miss one that fills up faster, so note them now
-    if ((from ?? server).publish(room.topic, frame) > 0) return;
-    const now = performance.now();
-    if (now - room.sampledAt < BACKPRESSURE_SAMPLE_MS) return;
-    room.sampledAt = now;
-    for (const ws of allSockets()) if (ws.data.rooms.includes(room.name)) ws.data.buffered = ws.getBufferedAmount();
+  private catchUp(toNewest = false): Promise<void> {
+    this.state = "catching-up";
+    this.settled = (async () => {
+      if (toNewest) this.held.push(...(await this.read(this.lastId, Number.MAX_SAFE_INTEGER)));
+      await this.deliverHeld();
+      this.state = "live";
+    })();
+    return this.settled;
   }
 
-  /** Applies held messages in order, fetching missing ids from the store; ends with waiting = null. */
-  async function catchUp(room: RoomState) {
+  /** Delivers held arrivals in id order, reading missing ids from the store. A gap the store cannot fill in
+   * GAP_ATTEMPTS reads is skipped: its clients see the jump and rejoin with since. */
+  private async deliverHeld() {
     let failures = 0;
-    while (room.waiting!.length) {
-      const queue = room.waiting!.sort((a, b) => a.id - b.id);
-      room.waiting = [];
+    while (this.held.length) {
+      const queue = this.held.sort((a, b) => a.id - b.id);
+      this.held = [];
       let i = 0;
-      for (; i < queue.length && queue[i].id <= room.lastId + 1; i++) {
-        if (queue[i].id === room.lastId + 1) apply(room, queue[i]);
-      }
+      for (; i < queue.length && queue[i].id <= this.lastId + 1; i++) if (queue[i].id === this.lastId + 1) this.deliver(queue[i]);
       if (i === queue.length) continue;
       const rest = queue.slice(i);
-      const missing = await store.between(room.name, room.lastId, rest[0].id).catch((error) => {
-        log({ event: "error", where: "fill gap", room: room.name, error: String(error) });
-        return [] as Message[];
-      });
-      metrics.gapsFilled += missing.length ? 1 : 0;
-      if (missing.length === 0 && ++failures >= 5) {
-        room.lastId = rest[0].id - 1; // the store cannot fill it: move on; clients see the gap and rejoin with since
-      } else if (missing.length === 0) {
-        await Bun.sleep(50 * failures);
-      }
-      room.waiting!.push(...missing.map(toEntry), ...rest);
-    }
-    room.waiting = null;
-  }
-
-  /** Delivers whatever the store has past lastId (a cluster node may lag its peers, or have missed fan-out). */
-  function refresh(room: RoomState): Promise<void> {
-    if (room.waiting) return room.ready;
-    room.waiting = [];
-    room.ready = (async () => {
-      try {
-        const newer = await store.between(room.name, room.lastId, Number.MAX_SAFE_INTEGER);
-        room.waiting!.push(...newer.map(toEntry));
-      } catch (error) {
-        log({ event: "error", where: "refresh room", room: room.name, error: String(error) });
-      }
-      await catchUp(room);
-    })();
-    return room.ready;
-  }
-
-  /** After Redis comes back: re-register local members, refresh presence, deliver what fan-out missed. */
-  async function reconcile() {
-    if (!fanout) return;
-    const entries: [string, string, string][] = [];
-    for (const room of rooms.values()) {
-      for (const userId of room.local.keys()) entries.push([room.name, userId, users.get(userId)?.name ?? ""]);
-    }
-    await fanout.sync(entries);
-    for (const room of [...rooms.values()]) {
-      const now = new Map((await fanout.members(room.name)).map((u) => [u.id, u]));
-      for (const user of now.values()) addMember(room, user);
-      for (const user of [...room.members.values()]) if (!now.has(user.id)) removeMember(room, user);
-      await refresh(room);
+      const missing = await this.read(this.lastId, rest[0].id);
+      if (missing.length) this.registry.units.metrics.gapsFilled++;
+      else if (++failures >= GAP_ATTEMPTS) {
+        this.registry.units.logger.info("gap skipped", { room: this.name, from: this.lastId + 1, to: rest[0].id - 1 });
+        this.lastId = rest[0].id - 1;
+      } else await Bun.sleep(GAP_RETRY_MS * failures);
+      this.held.push(...missing, ...rest);
     }
   }
 
-  /** The history frame for a join, from the in-memory tail: exact and synchronous. */
-  function historyFrame(room: RoomState, since: number | undefined): string {
-    const { ring, lastId } = room;
-    if (since === undefined && room.historyFrame) return room.historyFrame;
+  /** Stored messages with after < id < before; none when the store fails (logged). */
+  private async read(after: number, before: number): Promise<Entry[]> {
+    try {
+      return (await this.registry.units.store.between(this.name, after, before)).map(entryOf);
+    } catch (error) {
+      this.registry.units.logger.error("read room", error, { room: this.name });
+      return [];
+    }
+  }
+
+  private deliver(entry: Entry) {
+    const { keep } = this.registry;
+    this.lastId = entry.id;
+    this.recent.push(entry);
+    if (this.recent.length >= keep * 2) this.recent = this.recent.slice(-keep);
+    this.plainHistory = null;
+    this.broadcast(entry.frame);
+    this.registry.units.metrics.messagesPublished++;
+  }
+
+  /** Publishes a frame to the room's sockets on this node (all, or all but `except`). */
+  broadcast(frame: string, except?: ChatSocket) {
+    // ≤ 0: some reader has unsent bytes. Bun closes a reader that passes the limit during a later publish, and the
+    // BUFFER_SAMPLE_MS sampler can miss one that fills up faster, so note them now
+    const { topics, connections } = this.registry.units;
+    if (topics.publish(this.topic, frame, except) > 0) return;
+    const now = performance.now();
+    if (now - this.sampledAt < BACKPRESSURE_SAMPLE_MS) return;
+    this.sampledAt = now;
+    for (const ws of connections.socketsIn(this)) ws.data.buffered = ws.getBufferedAmount();
+  }
+
+  /** The history frame for a join, from the recent messages: exact and synchronous. */
+  history(since: number | undefined): string {
+    if (since === undefined && this.plainHistory) return this.plainHistory;
+    const { recent, lastId } = this;
+    const { historyOnJoin, recoveryLimit } = this.registry.limits;
     let count: number;
     let complete: boolean;
     if (since === undefined || since > lastId) {
       // a fresh join, or a client ahead of the server (its database was reset): the newest messages
-      count = Math.min(config.historyOnJoin, ring.length);
-      const firstId = count ? ring[ring.length - count].id : lastId + 1;
+      count = Math.min(historyOnJoin, recent.length);
+      const firstId = count ? recent[recent.length - count].id : lastId + 1;
       complete = since === undefined && firstId === 1;
     } else {
-      count = Math.min(lastId - since, config.recoveryLimit);
-      complete = lastId - since <= config.recoveryLimit;
+      count = Math.min(lastId - since, recoveryLimit);
+      complete = lastId - since <= recoveryLimit;
     }
-    const items = ring.slice(ring.length - count).map((e) => e.frame);
-    const frame = `{"type":"history","room":"${room.name}","messages":[${items.join(",")}],"complete":${complete}}`;
-    if (since === undefined) room.historyFrame = frame;
+    const frame = historyFrame(this.name, recent.slice(recent.length - count).map((e) => e.frame), complete);
+    if (since === undefined) this.plainHistory = frame;
     return frame;
   }
 
-  // Presence: `members` is who is in the room; joined/left go out when it changes.
-
-  function addMember(room: RoomState, user: User, joiner?: ChatSocket) {
-    const known = room.members.get(user.id);
-    room.members.set(user.id, user);
-    if (known) return;
-    const frame = JSON.stringify({ type: "joined", room: room.name, user } satisfies ServerMessage);
-    publish(room, frame, joiner); // with a joiner: everyone but the joiner, who gets presence
+  /** Counts a joined socket of a user: true for the user's first here. */
+  addLocal(userId: string): boolean {
+    const sockets = (this.localUsers.get(userId) ?? 0) + 1;
+    this.localUsers.set(userId, sockets);
+    return sockets === 1;
   }
 
-  function removeMember(room: RoomState, user: User) {
-    const known = room.members.get(user.id);
+  /** Uncounts a socket that left: true for the user's last here. */
+  removeLocal(userId: string): boolean {
+    const sockets = (this.localUsers.get(userId) ?? 1) - 1;
+    if (sockets > 0) this.localUsers.set(userId, sockets);
+    else this.localUsers.delete(userId);
+    return sockets === 0;
+  }
+
+  /** A user arrived: everyone but `except` (the joiner, who gets the whole list) hears joined. */
+  addMember(user: User, except?: ChatSocket) {
+    const known = this.members.has(user.id);
+    this.members.set(user.id, user);
+    if (!known) this.broadcast(JSON.stringify({ type: "joined", room: this.name, user } satisfies ServerMessage), except);
+  }
+
+  removeMember(user: User) {
+    const known = this.members.get(user.id);
     if (!known) return;
-    room.members.delete(user.id);
-    publish(room, JSON.stringify({ type: "left", room: room.name, user: known } satisfies ServerMessage));
+    this.members.delete(user.id);
+    this.broadcast(JSON.stringify({ type: "left", room: this.name, user: known } satisfies ServerMessage));
+  }
+}
+
+type RoomUnits = { store: Store; fanout: Fanout; topics: Topics; connections: Connections; metrics: Metrics; logger: Logger };
+
+/** The rooms loaded on this node: loaded on the first local join, dropped when the last local socket leaves. */
+export class Rooms {
+  private readonly rooms = new Map<string, Room>();
+  /** recent messages kept per room */
+  readonly keep: number;
+
+  constructor(readonly units: RoomUnits, readonly limits: Pick<Config, "historyOnJoin" | "recoveryLimit">) {
+    this.keep = Math.max(limits.historyOnJoin, limits.recoveryLimit);
   }
 
-  // Joining and leaving
-
-  async function join(ws: ChatSocket, roomName: string, since: number | undefined) {
-    const data = ws.data;
-    const known = data.rooms.includes(roomName) || !!data.joining?.includes(roomName);
-    if (!known && data.rooms.length + (data.joining?.length ?? 0) >= config.maxRoomsPerConnection) {
-      return sendError(ws, "limit_exceeded", `Cannot join ${roomName}: at most ${config.maxRoomsPerConnection} rooms per connection`, { room: roomName });
-    }
-    // each join can announce the user to the room, and sends history: a socket toggling a room would flood both
-    const wait = spend((data.joins ??= fullBucket(config.joinLimit)), config.joinLimit);
-    if (wait) {
-      metrics.rateLimited++;
-      return sendError(ws, "rate_limited", `Cannot join ${roomName}: too many joins, try again in ${wait} ms`, { room: roomName, retryAfterMs: wait });
-    }
-    const room = getRoom(roomName);
-    if (!known) {
-      (data.joining ??= []).push(room.name); // reserved: a leave or close meanwhile cleans up; room.name is shared, not a copy per socket
-      room.count++;
-    }
-    // a cluster node may not have received the newest messages yet: ask the store before saying "you are ahead"
-    if (fanout && since !== undefined && since > room.lastId) await refresh(room);
-    while (room.waiting) await room.ready;
-    const joined = data.rooms.includes(roomName);
-    if (data.closed || (!joined && !data.joining?.includes(roomName))) return;
-    if (rooms.get(roomName) !== room) {
-      leave(ws, roomName);
-      return sendError(ws, "unavailable", `Cannot join ${roomName}: history is unavailable, try again`, { room: roomName });
-    }
-    // from here on nothing awaits: history up to lastId, then live messages after it, exactly
-    ws.sendText(historyFrame(room, since));
-    if (!joined) {
-      dropFrom(data, "joining", roomName);
-      data.rooms.push(room.name);
-      ws.subscribe(room.topic);
-      const user = userOf(ws);
-      const conns = (room.local.get(user.id) ?? 0) + 1;
-      room.local.set(user.id, conns);
-      if (conns === 1) {
-        addMember(room, user, ws);
-        fanout?.join(roomName, user);
-      }
-    }
-    send(ws, { type: "presence", room: roomName, users: [...room.members.values()] });
+  get(name: string): Room | undefined {
+    return this.rooms.get(name);
   }
 
-  /** Removes a room from a socket's list; true if it was there. */
-  function dropFrom(data: SocketData, list: "rooms" | "joining", roomName: string): boolean {
-    const names = data[list];
-    const i = names ? names.indexOf(roomName) : -1;
-    if (i < 0) return false;
-    names!.splice(i, 1);
-    if (list === "joining" && names!.length === 0) data.joining = null;
-    return true;
+  /** The room, loading it on first use. */
+  open(name: string): Room {
+    let room = this.rooms.get(name);
+    if (!room) this.rooms.set(name, (room = new Room(name, this)));
+    return room;
   }
 
-  function leave(ws: ChatSocket, roomName: string) {
-    const data = ws.data;
-    const joined = dropFrom(data, "rooms", roomName);
-    if (!joined && !dropFrom(data, "joining", roomName)) return;
-    const room = rooms.get(roomName);
-    if (!room) return;
-    room.count--;
-    if (joined) {
-      if (!data.closed) ws.unsubscribe(room.topic);
-      const userId = data.user.id;
-      const conns = (room.local.get(userId) ?? 1) - 1;
-      if (conns > 0) room.local.set(userId, conns);
-      else {
-        room.local.delete(userId);
-        // in a cluster the user may still be here through another node: Redis decides and announces
-        if (fanout) fanout.leave(roomName, userId);
-        else removeMember(room, room.members.get(userId) ?? userOf(ws));
-      }
-    }
-    unload(room);
+  /** Drops a live room that no local socket uses any more. */
+  release(room: Room) {
+    if (room.state === "live" && room.sockets === 0) this.forget(room);
   }
 
-  // Saying: validated frames queue up and are stored together in one transaction,
-  // then broadcast after the commit, so nothing is broadcast that is not stored.
+  /** Drops a room from this node: released, or failed to load. */
+  forget(room: Room) {
+    this.rooms.delete(room.name);
+    this.units.fanout.unsubscribe(room.name);
+  }
 
-  type Pending = NewMessage & { ws: ChatSocket };
-  let pending: Pending[] = [];
-  let flushing: Promise<void> | null = null;
-  let flushScheduled = false;
+  values() {
+    return this.rooms.values();
+  }
+
+  get size() {
+    return this.rooms.size;
+  }
+}
+
+// ── The say queue: accepted messages are stored together, then delivered; nothing unstored is broadcast ──
+
+type Pending = NewMessage & { ws: ChatSocket };
+
+export class SayQueue {
+  private pending: Pending[] = [];
+  private flushing: Promise<void> | null = null;
+  private scheduled = false;
+
+  constructor(private readonly store: Store, private readonly rooms: Rooms, private readonly fanout: Fanout, private readonly metrics: Metrics, private readonly logger: Logger) {}
+
+  push(message: Pending) {
+    this.pending.push(message);
+    this.schedule();
+  }
 
   /** Flushes after one more I/O poll: frames a client wrote on several sockets at once arrive microseconds
-   * apart, and share one commit and one round of sends (2.7 messages per commit instead of 2.3 at the fixed rate). */
-  function scheduleFlush() {
-    if (flushScheduled) return;
-    flushScheduled = true;
+   * apart, and share one commit and one round of sends (README, "Where the time went"). */
+  private schedule() {
+    if (this.scheduled) return;
+    this.scheduled = true;
     setImmediate(() =>
       setImmediate(() => {
-        flushScheduled = false;
-        flush();
+        this.scheduled = false;
+        void this.flush();
       }),
     );
   }
 
-  /** Runs the flush loop unless it runs already. (Clearing `flushing` inside flushLoop would run before
-   * the assignment when the queue is already empty, and leave a settled promise that blocks all later flushes.) */
-  function flush() {
-    flushing ??= flushLoop().finally(() => (flushing = null));
-    return flushing;
+  /** Runs the flush loop unless it runs already. (Clearing `flushing` inside the loop would run before the
+   * assignment when the queue is already empty, and leave a settled promise that blocks all later flushes.) */
+  flush(): Promise<void> {
+    return (this.flushing ??= this.run().finally(() => (this.flushing = null)));
   }
 
-  async function flushLoop() {
-    while (pending.length) {
-      const batch = pending;
-      pending = [];
+  /** Stores and delivers everything accepted so far (at shutdown). */
+  async drain() {
+    while (this.flushing || this.pending.length) await this.flush();
+  }
+
+  private async run() {
+    while (this.pending.length) {
+      const batch = this.pending;
+      this.pending = [];
+      let ids: number[];
       try {
-        const ids = await store.append(batch);
-        for (let i = 0; i < batch.length; i++) {
-          const m = batch[i];
-          const msg: Message = { type: "message", room: m.room, id: ids[i], user: m.user, text: m.text, ts: m.ts };
-          if (m.ref !== undefined) msg.ref = m.ref;
-          const frame = JSON.stringify(msg);
-          const room = rooms.get(m.room);
-          if (room) deliver(room, { id: ids[i], frame });
-          fanout?.publishMessage(m.room, ids[i], frame);
-        }
+        ids = await this.store.append(batch);
       } catch (error) {
-        metrics.storeErrors++;
-        log({ event: "error", where: "store messages", error: String(error) });
-        for (const { ws, ref } of batch) {
-          if (!ws.data.closed) sendError(ws, "unavailable", "Cannot store the message: the database is unavailable, try again", { ref });
-        }
+        this.refuse(batch, error);
+        continue;
       }
+      this.deliver(batch, ids);
     }
   }
 
-  function say(ws: ChatSocket, msg: Extract<ClientMessage, { type: "say" }>) {
-    if (msg.text.length > config.maxText) {
-      metrics.framesRejected++;
-      return sendError(ws, "bad_request", `text: longer than ${config.maxText} characters`, { ref: msg.ref });
+  private deliver(batch: Pending[], ids: number[]) {
+    for (let i = 0; i < batch.length; i++) {
+      const { room, user, text, ts, ref } = batch[i];
+      const entry = entryOf(messageOf({ room, id: ids[i], user, text, ts, ref }));
+      this.rooms.get(room)?.receive(entry);
+      this.fanout.publishMessage(room, entry);
     }
-    if (!ws.data.rooms.includes(msg.room)) {
-      return sendError(ws, "not_joined", `Cannot say in ${msg.room}: join it first`, { ref: msg.ref });
+  }
+
+  /** Nothing of the batch was stored: each sender still here hears so, for its ref. */
+  private refuse(batch: Pending[], error: unknown) {
+    this.metrics.storeErrors++;
+    this.logger.error("store messages", error, { messages: batch.length });
+    for (const { ws, ref } of batch) {
+      if (!ws.data.closed) sendError(ws, "unavailable", "Cannot store the message: the database is unavailable, try again", { ref });
     }
-    const wait = take(sayBuckets, ws.data.user.id, config.rateLimit);
+  }
+}
+
+// ── Chat operations: what frames and requests ask of rooms and users ─────────
+
+export type Outcome = { ok: true } | { ok: false; code: ErrorCode; message: string; retryAfterMs?: number };
+
+type ChatUnits = { store: Store; fanout: Fanout; rooms: Rooms; connections: Connections; queue: SayQueue; metrics: Metrics; logger: Logger };
+
+export class Chat {
+  private readonly sayLimits: RateLimiter;
+  private readonly renameLimits: RateLimiter;
+  private readonly typingThrottle = new TypingThrottle();
+
+  constructor(private readonly config: Config, private readonly units: ChatUnits) {
+    this.sayLimits = new RateLimiter(config.rateLimit);
+    this.renameLimits = new RateLimiter(config.renameLimit);
+  }
+
+  async join(ws: ChatSocket, name: string, since: number | undefined) {
+    const data = ws.data;
+    const known = data.rooms.includes(name) || !!data.joining?.includes(name);
+    const refused = this.refuseJoin(ws, name, known);
+    if (refused) return sendError(ws, refused.code, refused.message, { room: name, retryAfterMs: refused.retryAfterMs });
+    const room = this.units.rooms.open(name);
+    if (!known) {
+      (data.joining ??= []).push(room.name); // room.name is shared, not a copy per socket
+      room.sockets++;
+    }
+    // another node may have stored messages this one has not delivered yet: ask the store before saying "you are ahead"
+    if (since !== undefined && since > room.lastId) await room.refresh();
+    const live = await room.ready();
+    const joined = data.rooms.includes(name);
+    if (data.closed || (!joined && !data.joining?.includes(name))) return; // closed or left meanwhile
+    if (!live) {
+      removeFrom(data, "joining", name);
+      room.sockets--;
+      return sendError(ws, "unavailable", `Cannot join ${name}: history is unavailable, try again`, { room: name });
+    }
+    // from here on nothing awaits: history up to lastId, then live messages after it, exactly
+    ws.sendText(room.history(since));
+    if (!joined) this.enter(ws, room);
+    send(ws, { type: "presence", room: name, users: [...room.members.values()] });
+  }
+
+  private refuseJoin(ws: ChatSocket, name: string, known: boolean): Extract<Outcome, { ok: false }> | undefined {
+    const { maxRoomsPerConnection, joinLimit } = this.config;
+    const data = ws.data;
+    if (!known && data.rooms.length + (data.joining?.length ?? 0) >= maxRoomsPerConnection) {
+      return { ok: false, code: "limit_exceeded", message: `Cannot join ${name}: at most ${maxRoomsPerConnection} rooms per connection` };
+    }
+    // each join can announce the user to the room, and sends history: a socket toggling a room would flood both
+    const wait = (data.joins ??= new TokenBucket(joinLimit)).take();
+    if (!wait) return;
+    this.units.metrics.rateLimited++;
+    return { ok: false, code: "rate_limited", message: `Cannot join ${name}: too many joins, try again in ${wait} ms`, retryAfterMs: wait };
+  }
+
+  /** The socket is in: subscribed, and counted in presence (a user's first socket here announces the user). */
+  private enter(ws: ChatSocket, room: Room) {
+    removeFrom(ws.data, "joining", room.name);
+    ws.data.rooms.push(room.name);
+    ws.subscribe(room.topic);
+    const user = userOf(ws);
+    if (room.addLocal(user.id)) {
+      room.addMember(user, ws);
+      this.units.fanout.join(room.name, user);
+    }
+  }
+
+  leave(ws: ChatSocket, name: string) {
+    const data = ws.data;
+    const joined = removeFrom(data, "rooms", name);
+    if (!joined && !removeFrom(data, "joining", name)) return;
+    const room = this.units.rooms.get(name);
+    if (!room) return;
+    room.sockets--;
+    if (joined) {
+      if (!data.closed) ws.unsubscribe(room.topic);
+      // the user's last socket here: the fan-out decides whether the user left the room (it may be on another node)
+      if (room.removeLocal(data.user.id)) this.units.fanout.leave(name, userOf(ws));
+    }
+    this.units.rooms.release(room);
+  }
+
+  say(ws: ChatSocket, msg: Frame<"say">) {
+    const { ref } = msg;
+    if (msg.text.length > this.config.maxText) {
+      this.units.metrics.framesRejected++;
+      return sendError(ws, "bad_request", `text: longer than ${this.config.maxText} characters`, { ref });
+    }
+    if (!ws.data.rooms.includes(msg.room)) return sendError(ws, "not_joined", `Cannot say in ${msg.room}: join it first`, { ref });
+    const wait = this.sayLimits.take(ws.data.user.id);
     if (wait) {
-      metrics.rateLimited++;
-      return sendError(ws, "rate_limited", `Slow down: try again in ${wait} ms`, { ref: msg.ref, retryAfterMs: wait });
+      this.units.metrics.rateLimited++;
+      return sendError(ws, "rate_limited", `Slow down: try again in ${wait} ms`, { ref, retryAfterMs: wait });
     }
-    metrics.messagesReceived++;
-    pending.push({ ws, room: msg.room, user: userOf(ws), text: msg.text, ts: Date.now(), ref: msg.ref });
-    scheduleFlush();
+    this.units.metrics.messagesReceived++;
+    this.units.queue.push({ ws, room: msg.room, user: userOf(ws), text: msg.text, ts: Date.now(), ref });
   }
 
-  function typing(ws: ChatSocket, roomName: string) {
-    if (!ws.data.rooms.includes(roomName)) return sendError(ws, "not_joined", `Cannot type in ${roomName}: join it first`);
-    // at most one typing event per user and room a second; extra ones are dropped quietly
-    const key = `${ws.data.user.id}\n${roomName}`;
-    const now = performance.now();
-    if (now - (typingSeen.get(key) ?? -Infinity) < 1000) return;
-    typingSeen.set(key, now);
-    const frame = JSON.stringify({ type: "typing", room: roomName, user: userOf(ws) } satisfies ServerMessage);
-    publish(rooms.get(roomName)!, frame, ws);
-    fanout?.publishTyping(roomName, frame);
+  typing(ws: ChatSocket, name: string) {
+    if (!ws.data.rooms.includes(name)) return sendError(ws, "not_joined", `Cannot type in ${name}: join it first`);
+    if (!this.typingThrottle.allow(ws.data.user.id, name)) return;
+    const frame = JSON.stringify({ type: "typing", room: name, user: userOf(ws) } satisfies ServerMessage);
+    this.units.rooms.get(name)!.broadcast(frame, ws);
+    this.units.fanout.publishTyping(name, frame);
   }
 
-  type Refusal = { ok: false; code: ErrorCode; message: string; retryAfterMs?: number };
-
-  /** Renames a user everywhere; used by PUT /api/me and the nick frame. */
-  async function rename(userId: string, name: string): Promise<{ ok: true } | Refusal> {
-    const wait = take(renameBuckets, userId, config.renameLimit);
+  /** Renames a user everywhere; for PUT /api/me and the nick frame. */
+  async rename(userId: string, name: string): Promise<Outcome> {
+    const wait = this.renameLimits.take(userId);
     if (wait) {
-      metrics.rateLimited++;
+      this.units.metrics.rateLimited++;
       return { ok: false, code: "rate_limited", message: `Too many renames: try again in ${wait} ms`, retryAfterMs: wait };
     }
-    const previous = await store.rename(userId, name);
+    const previous = await this.units.store.rename(userId, name);
     if (previous === undefined) return { ok: false, code: "name_taken", message: `Cannot rename: ${name} is taken` };
     if (previous !== name) {
       const user = { id: userId, name };
-      applyRename(user, previous);
-      const localRooms = [...rooms.values()].filter((r) => r.local.has(userId)).map((r) => r.name);
-      fanout?.publishRename(user, previous, localRooms);
+      this.renamed(user, previous);
+      const here = [...this.units.rooms.values()].filter((r) => r.localUsers.has(userId)).map((r) => r.name);
+      this.units.fanout.publishRename(user, previous, here);
     }
     return { ok: true };
   }
 
-  /** Tells the user's own sockets and everyone sharing a room with them, once each. */
-  function applyRename(user: User, previous: string) {
-    const local = users.get(user.id);
+  /** Tells the user's own sockets and everyone here sharing a room with the user, once each. */
+  renamed(user: User, previous: string) {
+    const local = this.units.connections.user(user.id);
     if (local) local.name = user.name;
     const recipients = new Set<ChatSocket>(local?.sockets);
-    for (const room of rooms.values()) {
+    for (const room of this.units.rooms.values()) {
       if (!room.members.has(user.id)) continue;
       room.members.set(user.id, user);
-    }
-    // renames are rare (RENAME_LIMIT): walking every socket is cheaper than a socket set per room
-    for (const ws of allSockets()) {
-      if (ws.data.rooms.some((name) => rooms.get(name)?.members.has(user.id))) recipients.add(ws);
+      for (const ws of this.units.connections.socketsIn(room)) recipients.add(ws);
     }
     const frame = JSON.stringify({ type: "renamed", user, previous } satisfies ServerMessage);
     for (const ws of recipients) if (!ws.data.closed) ws.sendText(frame);
   }
 
-  // ── HTTP: Hono routes, sessions in a signed cookie ────────────────────────
-
-  type Env = { Bindings: Server<SocketData>; Variables: { session: Session } };
-  const app = new Hono<Env>();
-
-  function isSecure(c: Context) {
-    return new URL(c.req.url).protocol === "https:" || c.req.header("x-forwarded-proto") === "https";
+  /** Scrollback for GET /api/rooms/:room/messages. */
+  scrollback(room: string, before: number, limit: number) {
+    return this.units.store.before(room, before, limit);
   }
 
-  /**
-   * The sid from a cookie Hono signed (`<sid>.<base64 HMAC-SHA256>`), checked like Hono's
-   * getSignedCookie but with one HMAC key for the process instead of a WebCrypto import per request.
-   */
-  function signedSid(c: Context<Env>): string | undefined {
+  /** GET /api/rooms: stored rooms and those loaded here, busiest first. */
+  async listRooms() {
+    const list = new Map((await this.units.store.rooms(ROOM_LIST_LIMIT)).map((r) => [r.name, { name: r.name, online: 0, lastId: r.lastId }]));
+    for (const room of this.units.rooms.values()) {
+      const entry = list.get(room.name) ?? { name: room.name, online: 0, lastId: 0 };
+      entry.lastId = Math.max(entry.lastId, room.lastId);
+      entry.online = room.members.size; // kept current by the fan-out
+      list.set(room.name, entry);
+    }
+    const elsewhere = [...list.keys()].filter((name) => !this.units.rooms.get(name));
+    const online = await this.units.fanout.online(elsewhere);
+    elsewhere.forEach((name, i) => (list.get(name)!.online = online[i]));
+    return [...list.values()].sort((a, b) => b.online - a.online || b.lastId - a.lastId);
+  }
+
+  /** What this node does with news from the fan-out. */
+  fanoutEvents(): FanoutEvents {
+    return {
+      message: (room, entry) => this.units.rooms.get(room)?.receive(entry),
+      typing: (room, frame) => this.units.rooms.get(room)?.broadcast(frame),
+      presence: (name, change, user) => {
+        const room = this.units.rooms.get(name);
+        if (change === "joined") room?.addMember(user);
+        else room?.removeMember(user);
+      },
+      renamed: (user, previous) => this.renamed(user, previous),
+      reconnected: () => void this.resync().catch((error) => this.units.logger.error("resync", error)),
+    };
+  }
+
+  /** After the fan-out came back: register this node's members again, re-read presence, deliver what was missed. */
+  private async resync() {
+    const here: [string, User][] = [];
+    for (const room of this.units.rooms.values()) {
+      for (const id of room.localUsers.keys()) here.push([room.name, { id, name: this.units.connections.user(id)?.name ?? "" }]);
+    }
+    await this.units.fanout.register(here);
+    for (const room of [...this.units.rooms.values()]) {
+      const now = new Map((await this.units.fanout.members(room.name)).map((u) => [u.id, u]));
+      for (const user of now.values()) room.addMember(user);
+      for (const user of [...room.members.values()]) if (!now.has(user.id)) room.removeMember(user);
+      await room.refresh();
+    }
+  }
+
+  /** Forgets typing entries and idle rate buckets older than STALE_MS (of users gone from this node). */
+  forgetStale(now = performance.now()) {
+    const before = now - STALE_MS;
+    const here = (userId: string) => this.units.connections.user(userId) !== undefined;
+    this.typingThrottle.prune(before);
+    this.sayLimits.prune(before, here);
+    this.renameLimits.prune(before, here);
+  }
+}
+
+// ── HTTP: Hono routes; a session is a random id in a signed cookie ───────────
+
+type Env = { Bindings: Server<SocketData>; Variables: { session: Session } };
+
+/** The one JSON error answer: {error: {code, message}}, with Retry-After when there is a wait. */
+function httpError(c: Context, status: ContentfulStatusCode, code: string, message: string, retryAfterMs?: number) {
+  if (retryAfterMs) c.header("retry-after", String(Math.ceil(retryAfterMs / 1000)));
+  return c.json({ error: { code, message } }, status);
+}
+
+const isSecure = (c: Context) => new URL(c.req.url).protocol === "https:" || c.req.header("x-forwarded-proto") === "https";
+
+/**
+ * Cookies `sid=<random id>.<base64 HMAC-SHA256>` as Hono's setSignedCookie writes them, checked like its
+ * getSignedCookie but with one HMAC key for the process instead of a WebCrypto import per request.
+ */
+class Cookies {
+  constructor(private readonly secret: string) {}
+
+  sid(c: Context): string | undefined {
     const value = getCookie(c, "sid");
     const dot = value?.lastIndexOf(".") ?? -1;
     if (dot < 0) return;
     const sid = value!.slice(0, dot);
-    const expected = Buffer.from(createHmac("sha256", secret).update(sid).digest("base64"));
+    const expected = Buffer.from(createHmac("sha256", this.secret).update(sid).digest("base64"));
     const given = Buffer.from(value!.slice(dot + 1));
     return given.length === expected.length && timingSafeEqual(given, expected) ? sid : undefined;
   }
 
-  async function readSession(c: Context<Env>): Promise<Session | undefined> {
-    const sid = signedSid(c);
-    return sid ? await store.findSession(sid) : undefined;
+  issue(c: Context, sid: string) {
+    return setSignedCookie(c, "sid", sid, this.secret, { httpOnly: true, sameSite: "Lax", path: "/", secure: isSecure(c), maxAge: COOKIE_MAX_AGE_S });
+  }
+}
+
+/** Sessions: the cookie names a row, made on the first /api request; rows that never connect are pruned. */
+class Sessions {
+  private createdSincePrune = 0;
+  constructor(private readonly store: Store, readonly cookies: Cookies, private readonly maxUnused: number, private readonly logger: Logger) {}
+
+  /** The session a request's cookie names, if its row exists. */
+  async read(c: Context): Promise<Session | undefined> {
+    const sid = this.cookies.sid(c);
+    return sid ? await this.store.findSession(sid) : undefined;
   }
 
-  async function issueCookie(c: Context<Env>, sid: string) {
-    await setSignedCookie(c, "sid", sid, secret, {
-      httpOnly: true, sameSite: "Lax", path: "/", secure: isSecure(c), maxAge: 400 * 24 * 3600,
-    });
+  /** The request's session, made (with a cookie, when it had none) if missing. */
+  async readOrCreate(c: Context): Promise<Session> {
+    const sid = this.cookies.sid(c);
+    const found = sid ? await this.store.findSession(sid) : undefined;
+    if (found) return found;
+    const session = await this.store.createSession(sid ?? randomId(SID_BYTES));
+    if (!sid) await this.cookies.issue(c, session.sid);
+    // every tenth of the cap the cap is enforced at once, so a flood of cookie-less requests cannot outgrow it between janitor runs
+    if (++this.createdSincePrune >= Math.ceil(this.maxUnused / 10)) {
+      this.createdSincePrune = 0;
+      await this.prune();
+    }
+    return session;
   }
 
+  /** The session has opened a socket: it is kept from now on. */
+  async markUsed(session: Session) {
+    await this.store.markUsed(session.sid);
+  }
+
+  /** Drops sessions that never connected: older than UNUSED_SESSION_TTL_MS, or the oldest past MAX_UNUSED_SESSIONS. */
+  prune(): Promise<void> {
+    return this.store.pruneSessions(Date.now() - UNUSED_SESSION_TTL_MS, this.maxUnused).catch((error) => this.logger.error("prune sessions", error));
+  }
+}
+
+type AppUnits = { config: Config; sessions: Sessions; chat: Chat; connections: Connections; fanout: Fanout; rooms: Rooms; metrics: Metrics; logger: Logger; lifecycle: { shuttingDown: boolean } };
+
+function createApp(units: AppUnits): Hono<Env> {
+  const app = new Hono<Env>();
   app.onError((error, c) => {
-    log({ event: "error", where: "http", path: c.req.path, error: String(error) });
-    return c.json({ error: { code: "internal", message: "Something went wrong on the server" } }, 500);
+    units.logger.error("http", error, { path: c.req.path });
+    return httpError(c, 500, "internal", "Something went wrong on the server");
   });
-  app.notFound((c) => c.json({ error: { code: "not_found", message: `No route for ${c.req.method} ${c.req.path}` } }, 404));
+  app.notFound((c) => httpError(c, 404, "not_found", `No route for ${c.req.method} ${c.req.path}`));
+  mountOperations(app, units);
+  mountPage(app, units);
+  mountApi(app, units);
+  mountSocket(app, units);
+  return app;
+}
 
+/** /healthz and /metrics, for load balancers and Prometheus. */
+function mountOperations(app: Hono<Env>, { fanout, connections, rooms, metrics, lifecycle }: AppUnits) {
   app.get("/healthz", (c) => {
-    if (shuttingDown) return c.json({ status: "shutting_down" }, 503);
-    // without Redis this node still serves its own clients, and history fills the gaps later
-    if (fanout && !fanout.connected) return c.json({ status: "degraded", redis: "disconnected" });
+    if (lifecycle.shuttingDown) return c.json({ status: "shutting_down" }, 503);
+    // without Redis this node still serves its own clients, and the store fills the gaps later
+    if (!fanout.connected) return c.json({ status: "degraded", redis: "disconnected" });
     return c.json({ status: "ok" });
   });
-
   app.get("/metrics", (c) => {
-    const lines: [string, string, string, number][] = [
-      ["chat_connections", "gauge", "Open WebSocket connections", connections],
-      ["chat_rooms", "gauge", "Rooms with members on this process", rooms.size],
-      ["chat_messages_received_total", "counter", "Chat messages accepted from clients", metrics.messagesReceived],
-      ["chat_messages_published_total", "counter", "Chat messages broadcast to rooms", metrics.messagesPublished],
-      ["chat_frames_rejected_total", "counter", "Client frames answered with bad_request", metrics.framesRejected],
-      ["chat_rate_limited_total", "counter", "Frames refused by a rate limit", metrics.rateLimited],
-      ["chat_slow_consumers_closed_total", "counter", "Sockets closed with unsent data buffered (slow or dead readers)", metrics.slowConsumersClosed],
-      ["chat_connections_refused_total", "counter", "Connections refused by a connection limit", metrics.connectionsRefused],
-      ["chat_store_errors_total", "counter", "Failed writes of chat messages", metrics.storeErrors],
-      ["chat_gaps_filled_total", "counter", "Out-of-order arrivals filled from the store", metrics.gapsFilled],
-    ];
-    if (fanout) {
-      lines.push(
-        ["chat_redis_connected", "gauge", "1 while the Redis fan-out is connected and subscribed", fanout.connected ? 1 : 0],
-        ["chat_fanout_received_total", "counter", "Messages received from other nodes through Redis", metrics.fanoutReceived],
-        ["chat_fanout_lag_ms", "gauge", "Publish-to-receive delay of the last message from Redis", metrics.fanoutLagMs],
-      );
-    }
-    const text =
-      `# HELP chat_node_info This process\n# TYPE chat_node_info gauge\nchat_node_info{node="${nodeId}",cluster="${fanout ? 1 : 0}"} 1\n` +
-      lines.map(([name, type, help, value]) => `# HELP ${name} ${help}\n# TYPE ${name} ${type}\n${name} ${value}\n`).join("");
-    return c.text(text, 200, { "content-type": "text/plain; version=0.0.4; charset=utf-8" });
+    const lines = [...fanout.metrics(), ...metrics.lines({ connections: connections.count, rooms: rooms.size })];
+    return c.text(renderMetrics(lines), 200, { "content-type": "text/plain; version=0.0.4; charset=utf-8" });
   });
+}
 
-  // `/` hands out a cookie only; the session row is created when /api/* first needs it
+/** `/`: the page, and a cookie only; the session row is made when /api/* first needs it. */
+function mountPage(app: Hono<Env>, { sessions }: AppUnits) {
   app.get("/", async (c) => {
-    if (!signedSid(c)) await issueCookie(c, randomId(24));
+    if (!sessions.cookies.sid(c)) await sessions.cookies.issue(c, randomId(SID_BYTES));
     c.header("cache-control", "no-store");
     c.header("content-security-policy", CLIENT_CSP);
     c.header("x-content-type-options", "nosniff");
     c.header("referrer-policy", "same-origin"); // not no-referrer: that sends Origin: null on our own PUT
     return c.body(CLIENT_HTML, 200, { "content-type": "text/html; charset=utf-8" });
   });
+}
 
-  /** Drops sessions that never connected: older than an hour, or the oldest past MAX_UNUSED_SESSIONS. */
-  function pruneSessions() {
-    return store.pruneSessions(Date.now() - UNUSED_SESSION_TTL_MS, config.maxUnusedSessions).catch((error) =>
-      log({ event: "error", where: "prune sessions", error: String(error) }),
-    );
-  }
-
-  // every MAX_UNUSED_SESSIONS/10 new rows the cap is enforced at once, so a flood of
-  // cookie-less requests cannot outgrow it between the minutely prunes
-  let createdSincePrune = 0;
+function mountApi(app: Hono<Env>, { sessions, chat }: AppUnits) {
   app.use("/api/*", async (c, next) => {
-    const sid = signedSid(c);
-    let session = sid ? await store.findSession(sid) : undefined;
-    if (!session) {
-      session = await store.createSession(sid || randomId(24));
-      if (!sid) await issueCookie(c, session.sid);
-      if (++createdSincePrune >= Math.ceil(config.maxUnusedSessions / 10)) {
-        createdSincePrune = 0;
-        await pruneSessions();
-      }
-    }
-    c.set("session", session);
+    c.set("session", await sessions.readOrCreate(c));
     await next();
   });
-
   app.get("/api/me", (c) => {
     const { id, name } = c.get("session");
     return c.json({ id, name });
   });
-
   app.put("/api/me", async (c) => {
     const body = RenameBody.safeParse(await c.req.json().catch(() => undefined));
-    if (!body.success) return c.json({ error: { code: "bad_request", message: describe(body.error) } }, 400);
+    if (!body.success) return httpError(c, 400, "bad_request", firstIssue(body.error));
     const { id } = c.get("session");
-    const result = await rename(id, body.data.name);
-    if (!result.ok) {
-      const status = result.code === "rate_limited" ? 429 : 409;
-      if (result.retryAfterMs) c.header("retry-after", String(Math.ceil(result.retryAfterMs / 1000)));
-      return c.json({ error: { code: result.code, message: result.message } }, status);
-    }
+    const result = await chat.rename(id, body.data.name);
+    if (!result.ok) return httpError(c, result.code === "rate_limited" ? 429 : 409, result.code, result.message, result.retryAfterMs);
     return c.json({ id, name: body.data.name });
   });
-
-  app.get("/api/rooms", async (c) => {
-    const stored = await store.rooms(100);
-    const list = new Map(stored.map((r) => [r.name, { name: r.name, online: 0, lastId: r.lastId }]));
-    for (const room of rooms.values()) {
-      const entry = list.get(room.name) ?? { name: room.name, online: 0, lastId: room.lastId };
-      entry.lastId = Math.max(entry.lastId, room.lastId);
-      list.set(room.name, entry);
-    }
-    const names = [...list.keys()];
-    const online = fanout ? await fanout.online(names) : names.map((n) => rooms.get(n)?.members.size ?? 0);
-    names.forEach((n, i) => (list.get(n)!.online = online[i]));
-    return c.json([...list.values()].sort((a, b) => b.online - a.online || b.lastId - a.lastId));
-  });
-
+  app.get("/api/rooms", async (c) => c.json(await chat.listRooms()));
   app.get("/api/rooms/:room/messages", async (c) => {
-    const room = Room.safeParse(c.req.param("room"));
-    if (!room.success) return c.json({ error: { code: "bad_request", message: describe(room.error) } }, 400);
+    const room = RoomName.safeParse(c.req.param("room"));
+    if (!room.success) return httpError(c, 400, "bad_request", firstIssue(room.error));
     const query = MessagesQuery.safeParse(c.req.query());
-    if (!query.success) return c.json({ error: { code: "bad_request", message: describe(query.error) } }, 400);
+    if (!query.success) return httpError(c, 400, "bad_request", firstIssue(query.error));
     const { before = Number.MAX_SAFE_INTEGER, limit } = query.data;
-    return c.json({ messages: await store.before(room.data, before, limit) });
+    return c.json({ messages: await chat.scrollback(room.data, before, limit) });
   });
+}
 
+/** GET /chat: the upgrade, after the origin, session and connection limits are checked. */
+function mountSocket(app: Hono<Env>, { config, sessions, connections, lifecycle }: AppUnits) {
   app.get("/chat", async (c) => {
-    if (c.req.header("upgrade")?.toLowerCase() !== "websocket") {
-      return c.json({ error: { code: "upgrade_required", message: "GET /chat is a WebSocket endpoint" } }, 426);
-    }
+    if (c.req.header("upgrade")?.toLowerCase() !== "websocket") return httpError(c, 426, "upgrade_required", "GET /chat is a WebSocket endpoint");
     const origin = c.req.header("origin");
-    if (origin !== undefined && !originAllowed(origin, c.req.header("host"), isSecure(c))) {
-      return c.json({ error: { code: "forbidden", message: `Origin ${origin} may not open /chat` } }, 403);
+    if (origin !== undefined && !originAllowed(config.allowedOrigins, origin, c.req.header("host"), isSecure(c))) {
+      return httpError(c, 403, "forbidden", `Origin ${origin} may not open /chat`);
     }
-    const session = await readSession(c);
-    if (!session) return c.json({ error: { code: "unauthorized", message: "No valid session: load / or /api/me first" } }, 401);
-    if (shuttingDown) return c.json({ error: { code: "unavailable", message: "Server is shutting down" } }, 503);
-    // before the limit checks: nothing may await between them and the upgrade, or a burst gets past them
-    if (!session.used) await store.markUsed(session.sid);
-    if (connections >= config.maxConnections) {
-      metrics.connectionsRefused++;
-      return c.json({ error: { code: "unavailable", message: "Too many connections, try again later" } }, 503);
-    }
-    if ((users.get(session.id)?.sockets.length ?? 0) >= config.maxConnectionsPerUser) {
-      metrics.connectionsRefused++;
-      return c.json({ error: { code: "limit_exceeded", message: `At most ${config.maxConnectionsPerUser} connections per user` } }, 429);
-    }
-    let user = users.get(session.id);
-    if (!user) {
-      user = { id: session.id, name: session.name, sid: session.sid, sockets: [] };
-      users.set(user.id, user);
-    }
-    const data: SocketData = { user, rooms: [], joining: null, joins: null, buffered: 0, closed: false };
+    const session = await sessions.read(c);
+    if (!session) return httpError(c, 401, "unauthorized", "No valid session: load / or /api/me first");
+    if (lifecycle.shuttingDown) return httpError(c, 503, "unavailable", "Server is shutting down");
+    // before the limits: nothing may await between them and the upgrade, or a burst gets past them
+    if (!session.used) await sessions.markUsed(session);
+    const data = connections.admit(session);
+    if ("status" in data) return httpError(c, data.status, data.code, data.message);
     if (c.env.upgrade(c.req.raw, { data })) return new Response(null);
-    return c.json({ error: { code: "bad_request", message: "WebSocket upgrade failed" } }, 400);
+    connections.abandon(data);
+    return httpError(c, 400, "bad_request", "WebSocket upgrade failed");
   });
+}
 
-  function originAllowed(origin: string, host: string | undefined, secure: boolean): boolean {
-    if (config.allowedOrigins) return config.allowedOrigins.some((o) => new URL(o).origin === origin);
-    try {
-      // same host and port; an http page may not reach a server known to be https (an https page may
-      // reach plain http: a TLS proxy that sets no X-Forwarded-Proto looks like that)
-      const url = new URL(origin);
-      return url.host === host && !(secure && url.protocol === "http:");
-    } catch {
-      return false;
-    }
+/** By default the same host and port; an http page may not reach a server known to be https (an https page may
+ * reach plain http: a TLS proxy that sets no X-Forwarded-Proto looks like that). */
+function originAllowed(allowed: string[] | undefined, origin: string, host: string | undefined, secure: boolean): boolean {
+  if (allowed) return allowed.some((o) => new URL(o).origin === origin);
+  try {
+    const url = new URL(origin);
+    return url.host === host && !(secure && url.protocol === "http:");
+  } catch {
+    return false;
   }
+}
 
-  // ── WebSocket: open, message, close ──────────────────────────────────────
+// ── WebSocket: one handler per frame type ───────────────────────────────────
 
-  function onMessage(ws: ChatSocket, raw: string | Buffer) {
-    const parsed = parseClientMessage(raw);
-    if (!parsed.ok) {
-      metrics.framesRejected++;
-      return sendError(ws, "bad_request", parsed.error, { ref: parsed.ref });
-    }
-    const msg = parsed.value;
-    switch (msg.type) {
-      case "say":
-        return say(ws, msg);
-      case "join":
-        return void join(ws, msg.room, msg.since).catch((error) => log({ event: "error", where: "join", error: String(error) }));
-      case "leave":
-        return leave(ws, msg.room);
-      case "typing":
-        return typing(ws, msg.room);
-      case "nick":
-        return void rename(ws.data.user.id, msg.name).then(
-          (result) => {
-            if (!result.ok && !ws.data.closed) sendError(ws, result.code, result.message, { retryAfterMs: result.retryAfterMs });
-          },
-          (error) => {
-            log({ event: "error", where: "nick", error: String(error) });
-            if (!ws.data.closed) sendError(ws, "unavailable", "Cannot rename now: the database is unavailable");
-          },
-        );
-      default:
-        msg satisfies never;
-    }
-  }
+type FrameHandlers = { [T in ClientMessage["type"]]: (ws: ChatSocket, msg: Frame<T>) => void };
 
-  server = Bun.serve<SocketData>({
+function socketHandlers({ config, chat, connections, metrics, logger }: { config: Config; chat: Chat; connections: Connections; metrics: Metrics; logger: Logger }): WebSocketHandler<SocketData> {
+  const handlers: FrameHandlers = {
+    join: (ws, msg) => void chat.join(ws, msg.room, msg.since).catch((error) => logger.error("join", error, { room: msg.room })),
+    leave: (ws, msg) => chat.leave(ws, msg.room),
+    say: (ws, msg) => chat.say(ws, msg),
+    typing: (ws, msg) => chat.typing(ws, msg.room),
+    nick: (ws, msg) => void chat.rename(ws.data.user.id, msg.name).then(
+      (result) => {
+        if (!result.ok && !ws.data.closed) sendError(ws, result.code, result.message, { retryAfterMs: result.retryAfterMs });
+      },
+      (error) => {
+        logger.error("nick", error);
+        if (!ws.data.closed) sendError(ws, "unavailable", "Cannot rename now: the database is unavailable");
+      },
+    ),
+  };
+  return {
+    maxPayloadLength: MAX_FRAME,
+    backpressureLimit: BACKPRESSURE_LIMIT,
+    closeOnBackpressureLimit: true,
+    idleTimeout: config.idleTimeout,
+    sendPings: true,
+    open(ws) {
+      connections.opened(ws);
+      send(ws, { type: "welcome", user: userOf(ws), maxText: config.maxText });
+    },
+    message(ws, raw) {
+      const parsed = parseClientMessage(raw);
+      if (!parsed.ok) {
+        metrics.framesRejected++;
+        return sendError(ws, "bad_request", parsed.error, { ref: parsed.ref });
+      }
+      (handlers[parsed.value.type] as (ws: ChatSocket, msg: ClientMessage) => void)(ws, parsed.value);
+    },
+    close(ws, code, reason) {
+      const data = ws.data;
+      data.closed = true;
+      // Bun closes slow readers itself (1006); unsent bytes at close tell them from clean exits
+      if (code === 1006 && reason === "" && data.buffered > 0) metrics.slowConsumersClosed++;
+      for (const room of [...data.rooms, ...(data.joining ?? [])]) chat.leave(ws, room);
+      connections.closed(ws);
+    },
+  };
+}
+
+// ── startServer: the units, wired in the order data flows ────────────────────
+
+export type ServerOptions = Partial<ConfigInput> & {
+  /** Receives one object per event; off in tests. */
+  log?: Log;
+};
+
+/** Starts a chat server; resolves once it listens. */
+export async function startServer(options: ServerOptions = {}) {
+  const { log = () => {}, ...input } = options;
+  const config = Config.parse(input);
+  const logger = new Logger(log);
+  const nodeId = config.nodeId ?? `${process.pid}-${randomId(NODE_SUFFIX_BYTES)}`;
+  const store = await openStore(config.databaseUrl);
+  const secret = config.sessionSecret ?? (await store.secret(randomId(SECRET_BYTES)));
+  const fanout = config.redisUrl ? await RedisFanout.open(config.redisUrl, nodeId, logger) : new LocalFanout(nodeId);
+  const metrics = new Metrics();
+  const topics = new Topics();
+  const connections = new Connections(config, metrics);
+  const rooms = new Rooms({ store, fanout, topics, connections, metrics, logger }, config);
+  const queue = new SayQueue(store, rooms, fanout, metrics, logger);
+  const chat = new Chat(config, { store, fanout, rooms, connections, queue, metrics, logger });
+  fanout.listen(chat.fanoutEvents());
+  const sessions = new Sessions(store, new Cookies(secret), config.maxUnusedSessions, logger);
+  const lifecycle = { shuttingDown: false };
+  const app = createApp({ config, sessions, chat, connections, fanout, rooms, metrics, logger, lifecycle });
+  const server = Bun.serve<SocketData>({
     port: config.port,
     hostname: config.host,
     fetch: (req, srv) => app.fetch(req, srv),
     maxRequestBodySize: MAX_FRAME, // the only body is PUT /api/me {name}; Bun's default would buffer 128 MB per request
-    websocket: {
-      maxPayloadLength: MAX_FRAME,
-      backpressureLimit: BACKPRESSURE_LIMIT,
-      closeOnBackpressureLimit: true,
-      idleTimeout: config.idleTimeout,
-      sendPings: true,
-      open(ws) {
-        connections++;
-        ws.data.user.sockets.push(ws);
-        send(ws, { type: "welcome", user: userOf(ws), maxText: config.maxText });
-      },
-      message: onMessage,
-      close(ws, code, reason) {
-        const data = ws.data;
-        data.closed = true;
-        // Bun closes slow readers itself (1006); unsent bytes at close tell them from clean exits
-        if (code === 1006 && reason === "" && data.buffered > 0) metrics.slowConsumersClosed++;
-        for (const room of [...data.rooms, ...(data.joining ?? [])]) leave(ws, room);
-        connections--;
-        data.user.sockets.splice(data.user.sockets.indexOf(ws), 1);
-        if (data.user.sockets.length === 0) users.delete(data.user.id);
-      },
-    },
+    websocket: socketHandlers({ config, chat, connections, metrics, logger }),
   });
+  topics.bind(server);
+  const timers = [
+    setInterval(() => connections.sampleBuffered(), BUFFER_SAMPLE_MS),
+    setInterval(() => {
+      chat.forgetStale();
+      void sessions.prune();
+    }, JANITOR_MS),
+  ];
+  for (const timer of timers) timer.unref();
 
-  // Samples each socket's unsent bytes, so close() can tell a slow reader.
-  const sweep = setInterval(() => {
-    for (const ws of allSockets()) ws.data.buffered = ws.getBufferedAmount();
-    const old = performance.now() - 60_000;
-    for (const [key, at] of typingSeen) if (at < old) typingSeen.delete(key);
-    for (const buckets of [sayBuckets, renameBuckets]) {
-      if (buckets.size > 10_000) for (const [key, b] of buckets) if (b.at < old && !users.has(key)) buckets.delete(key);
-    }
-  }, SLOW_SWEEP_MS);
-  sweep.unref();
-  const prune = setInterval(pruneSessions, 60_000);
-  prune.unref();
-
-  /** Starts shutting down: health answers 503 and new sockets are refused; the rest keeps working. */
-  function drain() {
-    shuttingDown = true;
-  }
-
+  let stopped = false;
   /** Graceful stop: health 503, accepted messages stored and broadcast, then sockets close with 1001. */
   async function stop() {
     if (stopped) return;
-    stopped = true;
-    shuttingDown = true;
-    clearInterval(sweep);
-    clearInterval(prune);
-    while (flushing || pending.length) {
-      await flush();
-    }
-    for (const ws of [...allSockets()]) ws.close(1001, "server shutting down");
+    stopped = lifecycle.shuttingDown = true;
+    timers.forEach(clearInterval);
+    await queue.drain();
+    for (const ws of [...connections.all()]) ws.close(1001, "server shutting down");
     await server.stop();
-    await fanout?.close(); // removes this node's members from presence at once
+    await fanout.close();
     await store.close();
   }
 
   const url = `http://${config.host === "0.0.0.0" ? "127.0.0.1" : config.host}:${server.port}`;
-  log({ event: "ready", port: server.port, url });
-  return { server, port: server.port!, url, config, store, metrics, drain, stop, pruneSessions };
+  logger.info("ready", { port: server.port, url });
+  return {
+    server, port: server.port!, url, config, store, metrics, stop,
+    /** Starts shutting down: health answers 503 and new sockets are refused; the rest keeps working. */
+    drain: () => void (lifecycle.shuttingDown = true),
+    pruneSessions: () => sessions.prune(),
+    /** What the janitor does every JANITOR_MS, as if at `now`. */
+    forgetStale: (now?: number) => chat.forgetStale(now),
+  };
 }
 export type ChatServer = Awaited<ReturnType<typeof startServer>>;
 
-// ── Startup ──────────────────────────────────────────────────────────────────
+// ── main: the command line ───────────────────────────────────────────────────
 
-if (import.meta.main) {
-  const argv = process.argv.slice(2);
+/** --help, settings, then serve until SIGTERM or SIGINT (a graceful stop, forced after SHUTDOWN_TIMEOUT_MS). */
+async function main(argv: string[], env: Record<string, string | undefined>) {
   if (argv.includes("--help") || argv.includes("-h")) {
     console.log(HELP);
     process.exit(0);
   }
   let settings: Record<string, string>;
   try {
-    settings = readSettings(process.env, argv);
+    settings = readSettings(env, argv);
     parseConfig(settings);
   } catch (error) {
     if (!(error instanceof ConfigError)) throw error;
     console.error(error.message);
     process.exit(2);
   }
-  const log = (event: Record<string, unknown>) => console.log(JSON.stringify({ time: new Date().toISOString(), ...event }));
-  const chat = await startServer({ ...settings!, log }).catch((error) => {
+  const log: Log = (event) => console.log(JSON.stringify({ time: new Date().toISOString(), ...event }));
+  const logger = new Logger(log);
+  const chat = await startServer({ ...settings, log }).catch((error) => {
     console.error(`Cannot start: ${error instanceof Error ? error.message : error}`);
     process.exit(1);
   });
-  // Graceful shutdown: healthz turns 503, accepted messages are stored, sockets close with 1001
   let stopping = false;
   for (const signal of ["SIGTERM", "SIGINT"] as const) {
     process.on(signal, () => {
       if (stopping) return;
       stopping = true;
-      log({ event: "stopping", signal });
+      logger.info("stopping", { signal });
       setTimeout(() => {
-        log({ event: "error", where: "shutdown", error: "timed out" });
+        logger.error("shutdown", "timed out");
         process.exit(1);
       }, SHUTDOWN_TIMEOUT_MS).unref();
       chat.stop().then(
         () => {
-          log({ event: "stopped" });
+          logger.info("stopped");
           process.exit(0);
         },
         (error) => {
-          log({ event: "error", where: "shutdown", error: String(error) });
+          logger.error("shutdown", error);
           process.exit(1);
         },
       );
     });
   }
 }
+
+if (import.meta.main) await main(process.argv.slice(2), process.env);
