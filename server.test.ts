@@ -585,7 +585,7 @@ describe("process", () => {
   });
 
   test("while shutting down, health answers 503 and new sockets are refused", async () => {
-    const chat = await serve();
+    await using chat = await serve();
     const session = await newSession(chat.url);
     const a = await Client.connect(chat.url, session);
     await a.join("room");

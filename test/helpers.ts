@@ -13,10 +13,26 @@ export function tempDir(prefix = "chat-test-") {
   return { dir, [Symbol.dispose]: () => rmSync(dir, { recursive: true, force: true }) };
 }
 
-/** Starts an in-process server on a free port with an in-memory database unless told otherwise. */
+/**
+ * Starts an in-process server on a free port. Unless `databaseUrl` names another, its database is a
+ * SQLite file in a temp folder of its own (the production write path), removed after `stop()` on dispose.
+ */
 export async function serve(options: ServerOptions = {}) {
-  const chat = await startServer({ port: 0, host: "127.0.0.1", databaseUrl: ":memory:", ...options });
-  return Object.assign(chat, { [Symbol.asyncDispose]: () => chat.stop() });
+  const tmp = options.databaseUrl === undefined ? tempDir("chat-db-") : null;
+  const databaseUrl = options.databaseUrl ?? `sqlite://${tmp!.dir}/chat.db`;
+  const chat = await startServer({ port: 0, host: "127.0.0.1", ...options, databaseUrl }).catch((error) => {
+    tmp?.[Symbol.dispose]();
+    throw error;
+  });
+  return Object.assign(chat, {
+    async [Symbol.asyncDispose]() {
+      try {
+        await chat.stop();
+      } finally {
+        tmp?.[Symbol.dispose]();
+      }
+    },
+  });
 }
 
 export type Session = { cookie: string; id: string; name: string };
