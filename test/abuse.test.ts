@@ -1,20 +1,10 @@
 // Hostile clients: forged identities, leaked session ids, markup and SQL in names and texts,
 // every abuse limit, floods of sessions and bodies, and cross-site origins. Real servers and sockets.
 import { describe, expect, test } from "bun:test";
-import { Client, newSession, serve, spawnServer, type Session } from "./helpers.ts";
+import { Client, newSession, putName, serve, spawnCluster, type Session, UPGRADE, upgradeStatus, usersInRoom } from "./helpers.ts";
 import { RawSocket } from "./raw.ts";
-import { missingServices, sharedServices } from "./services.ts";
+import { describeWithServices } from "./services.ts";
 import { metric, storedHistory } from "./probes.ts";
-
-const UPGRADE = { connection: "Upgrade", upgrade: "websocket", "sec-websocket-version": "13", "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==" };
-
-/** The status of a WebSocket upgrade of /chat with these headers (101 when it opened). */
-async function upgradeStatus(baseUrl: string, headers: Record<string, string>): Promise<number> {
-  return RawSocket.open(baseUrl, { headers }).then(
-    (raw) => (raw.destroy(), 101),
-    (error: Error) => Number(/answered (\d+)/.exec(error.message)?.[1] ?? 0),
-  );
-}
 
 /** Opens `count` sockets at once with these cookies; how many got through. */
 async function burst(baseUrl: string, cookies: string[]) {
@@ -23,9 +13,6 @@ async function burst(baseUrl: string, cookies: string[]) {
   const statuses = results.flatMap((r) => (r.status === "rejected" ? [Number(/answered (\d+)/.exec(String(r.reason))?.[1])] : []));
   return { open, statuses };
 }
-
-const put = (baseUrl: string, cookie: string, body: string) =>
-  fetch(`${baseUrl}/api/me`, { method: "PUT", headers: { cookie, "content-type": "application/json" }, body });
 
 /** Names (≤ 32 characters) and texts that break naive HTML or SQL handling. */
 const HOSTILE_NAMES = ["'; DROP TABLE messages; --", "<script>alert(1)</script>", "Robert'); DROP TABLE sessions;", "%00", "a\\b\\\\c", `"quoted" 'single'`, "<img src=x onerror=alert(1)>", "${7*7}{{7*7}}", "\u202Eevil", "NULL"];
@@ -66,7 +53,7 @@ describe("identity", () => {
     ];
     const known = new Set([alice.id, bob.id]);
     for (const cookie of forged) {
-      expect({ cookie, status: await upgradeStatus(chat.url, { ...UPGRADE, cookie }) }).toEqual({ cookie, status: 401 });
+      expect({ cookie, status: await upgradeStatus(chat.url, { cookie }) }).toEqual({ cookie, status: 401 });
       const me = await fetch(`${chat.url}/api/me`, { headers: { cookie } });
       const { id } = (await me.json()) as { id: string };
       expect({ cookie, known: known.has(id) }).toEqual({ cookie, known: false });
@@ -96,14 +83,12 @@ describe("identity", () => {
 
   test("session ids never reach another client or any API response", async () => {
     await using chat = await serve();
-    const sessions = await Promise.all(Array.from({ length: 4 }, () => newSession(chat.url)));
-    const clients = await Promise.all(sessions.map((s) => Client.connect(chat.url, s)));
+    const { sessions, clients } = await usersInRoom(chat.url, 4, "open");
     const bodies: string[] = [];
     const get = async (path: string, init: RequestInit = {}) => {
       const res = await fetch(`${chat.url}${path}`, init);
       bodies.push(await res.text());
     };
-    for (const c of clients) await c.join("open");
     await clients[1].join("side");
     clients[0].send({ type: "typing", room: "open" });
     for (const [i, c] of clients.entries()) await c.say("open", `hello from ${i}`);
@@ -123,7 +108,7 @@ describe("identity", () => {
       await get("/api/me", { method: "PUT", headers: { cookie: s.cookie, "content-type": "application/json" }, body: "{" });
     }
     for (const path of ["/metrics", "/healthz", "/nope", "/chat", "/api/rooms/BAD/messages"]) await get(path, { headers: { cookie: sessions[0].cookie } });
-    for (const headers of [{ ...UPGRADE }, { ...UPGRADE, cookie: sessions[0].cookie, origin: "https://evil.example" }]) await get("/chat", { headers });
+    for (const headers of [UPGRADE, { ...UPGRADE, cookie: sessions[0].cookie, origin: "https://evil.example" }]) await get("/chat", { headers });
     const seen = [...clients.flatMap((c) => c.frames.map((f) => JSON.stringify(f))), ...bodies].join("\n");
     expect(seen.length).toBeGreaterThan(1000);
     for (const s of sessions) {
@@ -154,7 +139,7 @@ async function checkVerbatim(urlA: string, urlB: string) {
   await b.join("meta");
   for (const [i, name] of HOSTILE_NAMES.entries()) {
     if (i % 2 === 0) {
-      const res = await put(urlA, alice.cookie, JSON.stringify({ name }));
+      const res = await putName(urlA, alice.cookie, name);
       expect(await res.json()).toEqual({ id: alice.id, name });
     } else a.send({ type: "nick", name });
     expect(await b.next((f) => f.type === "renamed" && f.user.id === alice.id)).toMatchObject({ user: { name } });
@@ -237,11 +222,11 @@ describe("limits", () => {
     const alice = await newSession(chat.url);
     const bob = await newSession(chat.url);
     const a = await Client.connect(chat.url, alice);
-    expect((await put(chat.url, alice.cookie, '{"name":"one"}')).status).toBe(200);
+    expect((await putName(chat.url, alice.cookie, "one")).status).toBe(200);
     a.send({ type: "nick", name: "two" });
     await a.next((f) => f.type === "renamed");
-    expect((await put(chat.url, alice.cookie, '{"name":"three"}')).status).toBe(200);
-    const refused = await put(chat.url, alice.cookie, '{"name":"four"}');
+    expect((await putName(chat.url, alice.cookie, "three")).status).toBe(200);
+    const refused = await putName(chat.url, alice.cookie, "four");
     expect(refused.status).toBe(429);
     expect(Number(refused.headers.get("retry-after"))).toBeGreaterThan(0);
     expect(((await refused.json()) as any).error.code).toBe("rate_limited");
@@ -251,7 +236,7 @@ describe("limits", () => {
     expect(error.retryAfterMs).toBeGreaterThan(0);
     expect(((await (await fetch(`${chat.url}/api/me`, { headers: { cookie: alice.cookie } })).json()) as any).name).toBe("three");
     // bob has his own budget
-    expect((await put(chat.url, bob.cookie, '{"name":"bob"}')).status).toBe(200);
+    expect((await putName(chat.url, bob.cookie, "bob")).status).toBe(200);
     expect(await metric(chat.url, "chat_rate_limited_total")).toBe(2);
   });
 
@@ -270,8 +255,7 @@ describe("limits", () => {
     tab1.send({ type: "say", room: "room", text: "6", ref: "six" });
     expect(await tab1.next((f) => f.type === "error")).toMatchObject({ code: "rate_limited", ref: "six" });
     // another user has a budget of their own
-    const other = await Client.connect(chat.url, await newSession(chat.url));
-    await other.join("room");
+    const { clients: [other] } = await usersInRoom(chat.url, 1, "room");
     expect((await other.say("room", "mine")).id).toBe(5);
   });
 
@@ -308,8 +292,7 @@ describe("limits", () => {
   test("a request body over 64 KiB is refused with 413 before it is read, and the server carries on", async () => {
     await using chat = await serve();
     const session = await newSession(chat.url);
-    const big = JSON.stringify({ name: "x".repeat(1024 * 1024) });
-    const res = await put(chat.url, session.cookie, big);
+    const res = await putName(chat.url, session.cookie, "x".repeat(1024 * 1024));
     expect(res.status).toBe(413);
     const chunked = new ReadableStream({
       start(controller) {
@@ -319,7 +302,7 @@ describe("limits", () => {
     });
     const streamed = await fetch(`${chat.url}/api/me`, { method: "PUT", headers: { cookie: session.cookie }, body: chunked, duplex: "half" } as RequestInit);
     expect(streamed.status).toBe(413);
-    expect((await put(chat.url, session.cookie, '{"name":"fine"}')).status).toBe(200);
+    expect((await putName(chat.url, session.cookie, "fine")).status).toBe(200);
   });
 });
 
@@ -337,9 +320,8 @@ async function openWhenFree(baseUrl: string, cookie: string): Promise<number> {
 async function checkSessionFlood(databaseUrl?: string) {
   const cap = 100;
   await using chat = await serve({ databaseUrl, maxUnusedSessions: cap });
-  const alice = await newSession(chat.url);
-  const a = await Client.connect(chat.url, alice); // connected: in use, never pruned
-  await a.join("room");
+  // connected: in use, never pruned
+  const { sessions: [alice], clients: [a] } = await usersInRoom(chat.url, 1, "room");
   // the page alone hands out a cookie without a row
   await Promise.all(Array.from({ length: 200 }, () => fetch(`${chat.url}/`).then((r) => r.arrayBuffer())));
   expect(await chat.store.countSessions()).toBe(1);
@@ -396,14 +378,11 @@ describe("origin", () => {
   });
 });
 
-const skip = missingServices();
-
-describe.skipIf(!!skip)("abuse, cluster", () => {
-  const services = sharedServices();
+describeWithServices("abuse, cluster", (services) => {
 
   test("connection limits hold on a Postgres node when upgrades arrive all at once", async () => {
-    const env = { REDIS_URL: services.redis.url, DATABASE_URL: await services.pg.createDatabase(), MAX_CONNECTIONS_PER_USER: "3", MAX_CONNECTIONS: "5" };
-    await using node = await spawnServer({ ...env, NODE_ID: "limits" });
+    await using cluster = await spawnCluster(services, ["limits"], { MAX_CONNECTIONS_PER_USER: "3", MAX_CONNECTIONS: "5" });
+    const [node] = cluster.nodes;
     const alice = await newSession(node.url);
     const perUser = await burst(node.url, Array(20).fill(alice.cookie));
     expect(perUser.open).toHaveLength(3);
@@ -416,9 +395,8 @@ describe.skipIf(!!skip)("abuse, cluster", () => {
   });
 
   test("every node applies ALLOWED_ORIGINS to a session issued by another", async () => {
-    const env = { REDIS_URL: services.redis.url, DATABASE_URL: await services.pg.createDatabase(), ALLOWED_ORIGINS: "https://chat.example.com" };
-    await using a = await spawnServer({ ...env, NODE_ID: "origin-a" });
-    await using b = await spawnServer({ ...env, NODE_ID: "origin-b" });
+    await using cluster = await spawnCluster(services, ["origin-a", "origin-b"], { ALLOWED_ORIGINS: "https://chat.example.com" });
+    const [a, b] = cluster.nodes;
     const session = await newSession(a.url);
     for (const node of [a, b]) {
       expect(await upgradeStatus(node.url, { cookie: session.cookie, origin: "https://chat.example.com" })).toBe(101);
@@ -429,9 +407,8 @@ describe.skipIf(!!skip)("abuse, cluster", () => {
   });
 
   test("names and texts with metacharacters cross nodes and come back from Postgres verbatim", async () => {
-    const env = { REDIS_URL: services.redis.url, DATABASE_URL: await services.pg.createDatabase(), RENAME_LIMIT: "100/1s" };
-    await using a = await spawnServer({ ...env, NODE_ID: "meta-a" });
-    await using b = await spawnServer({ ...env, NODE_ID: "meta-b" });
+    await using cluster = await spawnCluster(services, ["meta-a", "meta-b"], { RENAME_LIMIT: "100/1s" });
+    const [a, b] = cluster.nodes;
     await checkVerbatim(a.url, b.url);
   });
 

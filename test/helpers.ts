@@ -3,6 +3,8 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ServerMessage, startServer, type ServerOptions } from "../server.ts";
+import { RawSocket } from "./raw.ts";
+import type { Services } from "./services.ts";
 
 export const ROOT = join(import.meta.dir, "..");
 export const BUN = process.execPath;
@@ -47,6 +49,40 @@ export async function newSession(baseUrl: string): Promise<Session> {
   return { cookie: setCookie.split(";")[0], ...me };
 }
 
+/** Renames a session's user with PUT /api/me, as the page does. */
+export function putName(baseUrl: string, cookie: string, name: string) {
+  return fetch(`${baseUrl}/api/me`, { method: "PUT", headers: { cookie, "content-type": "application/json" }, body: JSON.stringify({ name }) });
+}
+
+/** A room with `n` users: n new sessions (named in order), each connected, then each joined in turn. */
+export async function usersInRoom(baseUrl: string, n: number, room: string) {
+  const sessions: Session[] = [];
+  for (let i = 0; i < n; i++) sessions.push(await newSession(baseUrl));
+  const clients = await Promise.all(sessions.map((s) => Client.connect(baseUrl, s)));
+  for (const client of clients) await client.join(room);
+  return { sessions, clients };
+}
+
+/** A raw TCP WebSocket client (test/raw.ts) with this cookie, welcomed and joined to a room. */
+export async function rawInRoom(baseUrl: string, cookie: string, room: string) {
+  const raw = await RawSocket.open(baseUrl, { cookie });
+  await raw.next((m) => m.type === "welcome");
+  raw.sendJson({ type: "join", room });
+  await raw.next((m) => m.type === "presence" && m.room === room);
+  return raw;
+}
+
+/** Headers that make a `fetch` of /chat an upgrade request, for reading a refusal's status and body. */
+export const UPGRADE = { connection: "Upgrade", upgrade: "websocket", "sec-websocket-version": "13", "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==" };
+
+/** The status a complete WebSocket handshake of /chat gets with these extra headers: 101 when it opened, 0 when no status came. */
+export async function upgradeStatus(baseUrl: string, headers: Record<string, string> = {}): Promise<number> {
+  return RawSocket.open(baseUrl, { headers }).then(
+    (raw) => (raw.destroy(), 101),
+    (error: Error) => Number(/answered (\d+)/.exec(error.message)?.[1] ?? 0),
+  );
+}
+
 type Frame = ServerMessage;
 type Pred<T extends Frame> = (f: Frame) => f is T;
 
@@ -82,7 +118,7 @@ export class Client {
     const client = new Client(ws);
     const opened = Promise.withResolvers<void>();
     ws.addEventListener("open", () => opened.resolve());
-    ws.addEventListener("error", () => opened.reject(new Error(`cannot open ${url}`)));
+    ws.addEventListener("error", (e) => opened.reject(new Error(`cannot open ${url}: ${(e as ErrorEvent).message}`)));
     await opened.promise;
     await client.next((f) => f.type === "welcome");
     return client;
@@ -195,6 +231,27 @@ export async function spawnServer(env: Record<string, string>, cmd: string[] = [
       await proc.exited;
     },
   };
+}
+
+export type Spawned = Awaited<ReturnType<typeof spawnServer>>;
+
+/**
+ * One `bun server.ts` per node id on the shared Redis and a fresh Postgres database (`env` may name
+ * others), started one at a time: the first creates the tables and the session secret. Disposing stops them all.
+ */
+export async function spawnCluster(services: Services, nodeIds: string[], env: Record<string, string> = {}) {
+  const shared = { REDIS_URL: services.redis.url, DATABASE_URL: env.DATABASE_URL ?? (await services.pg.createDatabase()), ...env };
+  const nodes: Spawned[] = [];
+  const stopAll = async () => {
+    for (const node of [...nodes].reverse()) await node[Symbol.asyncDispose]();
+  };
+  try {
+    for (const id of nodeIds) nodes.push(await spawnServer({ ...shared, NODE_ID: id }));
+  } catch (error) {
+    await stopAll();
+    throw error;
+  }
+  return { nodes, env: shared, [Symbol.asyncDispose]: stopAll };
 }
 
 /** Polls `check` until it returns a truthy value or the time is up. */
