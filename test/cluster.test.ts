@@ -56,7 +56,7 @@ describeWithServices("cluster", (services) => {
     const rooms = (await (await fetch(`${c.url}/api/rooms`)).json()) as { name: string; online: number }[];
     expect(rooms.find((r) => r.name === "lobby")?.online).toBe(2);
     const metrics = await (await fetch(`${a.url}/metrics`)).text();
-    expect(metrics).toMatch(/chat_node_info\{node="[\w-]+",cluster="1"\} 1/);
+    expect(metrics).toContain('\nchat_node_info{node="lobby-a",cluster="1"} 1\n');
     expect(metrics).toContain("chat_redis_connected 1");
     expect(metrics).toMatch(/chat_fanout_lag_ms \d+/);
   });

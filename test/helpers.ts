@@ -83,6 +83,14 @@ export async function upgradeStatus(baseUrl: string, headers: Record<string, str
   );
 }
 
+/** What the server makes of a cookie: the status of an upgrade with it, the user GET /api/me names, and whether that set a new session cookie. */
+export async function cookieAnswers(baseUrl: string, cookie: string) {
+  const upgrade = await upgradeStatus(baseUrl, { cookie });
+  const me = await fetch(`${baseUrl}/api/me`, { headers: { cookie } });
+  const { id } = (await me.json()) as { id: string };
+  return { upgrade, id, newCookie: me.headers.get("set-cookie")?.startsWith("sid=") ?? false };
+}
+
 type Frame = ServerMessage;
 type Pred<T extends Frame> = (f: Frame) => f is T;
 
