@@ -1,37 +1,15 @@
 // Cluster mode: real redis-server, real Postgres and three real server processes on loopback.
-import { afterEach, describe, expect, test } from "bun:test";
-import { Client, newSession, spawnServer } from "./helpers.ts";
-import { missingServices, sharedServices, startPostgres, startRedis } from "./services.ts";
+import { expect, test } from "bun:test";
+import { Client, newSession, putName, spawnCluster, usersInRoom } from "./helpers.ts";
+import { describeWithServices, startPostgres, startRedis } from "./services.ts";
 
-const skip = missingServices();
+const RATE_LIMIT = "1000/1s";
 
-type Node = Awaited<ReturnType<typeof spawnServer>>;
-
-describe.skipIf(!!skip)("cluster", () => {
-  const services = sharedServices();
-  let nodes: Node[] = [];
-  let nodeCount = 0;
-
-  afterEach(async () => {
-    for (const node of nodes) await node[Symbol.asyncDispose]();
-    nodes = [];
-  });
-
-  /** Starts `count` nodes on a fresh database, sharing one Redis. */
-  async function startCluster(count: number, options: { redisUrl?: string; databaseUrl?: string } = {}) {
-    const databaseUrl = options.databaseUrl ?? (await services.pg.createDatabase());
-    const started: Node[] = [];
-    for (let i = 0; i < count; i++) {
-      // one at a time: the first creates the tables and the shared session secret
-      const node = await spawnServer({ REDIS_URL: options.redisUrl ?? services.redis.url, DATABASE_URL: databaseUrl, NODE_ID: `n${++nodeCount}`, RATE_LIMIT: "1000/1s" });
-      nodes.push(node);
-      started.push(node);
-    }
-    return { nodes: started, databaseUrl };
-  }
+describeWithServices("cluster", (services) => {
 
   test("a message from one node reaches members on every node once, with names, presence and renames crossing nodes", async () => {
-    const { nodes: [a, b, c] } = await startCluster(3);
+    await using cluster = await spawnCluster(services, ["lobby-a", "lobby-b", "lobby-c"], { RATE_LIMIT });
+    const [a, b, c] = cluster.nodes;
     // a cookie issued by node a is valid on every node
     const alice = await newSession(a.url);
     const bob = await newSession(a.url);
@@ -50,8 +28,7 @@ describe.skipIf(!!skip)("cluster", () => {
     for (const client of [cb, cc]) expect(await client.next((f) => f.type === "message")).toEqual(sent);
 
     // rename on node b reaches rooms on every node
-    const put = await fetch(`${b.url}/api/me`, { method: "PUT", headers: { cookie: bob.cookie, "content-type": "application/json" }, body: '{"name":"Bob"}' });
-    expect(put.status).toBe(200);
+    expect((await putName(b.url, bob.cookie, "Bob")).status).toBe(200);
     for (const client of [ca, cc, cb]) {
       expect(await client.next((f) => f.type === "renamed")).toEqual({ type: "renamed", user: { id: bob.id, name: "Bob" }, previous: bob.name });
     }
@@ -79,15 +56,15 @@ describe.skipIf(!!skip)("cluster", () => {
     const rooms = (await (await fetch(`${c.url}/api/rooms`)).json()) as { name: string; online: number }[];
     expect(rooms.find((r) => r.name === "lobby")?.online).toBe(2);
     const metrics = await (await fetch(`${a.url}/metrics`)).text();
-    expect(metrics).toMatch(/chat_node_info\{node="n\d+",cluster="1"\} 1/);
+    expect(metrics).toContain('\nchat_node_info{node="lobby-a",cluster="1"} 1\n');
     expect(metrics).toContain("chat_redis_connected 1");
     expect(metrics).toMatch(/chat_fanout_lag_ms \d+/);
   });
 
   test("concurrent senders on every node: ids strictly increase and every member sees the same order", async () => {
-    const { nodes: cluster } = await startCluster(3);
-    const clients = await Promise.all(cluster.map(async (node) => Client.connect(node.url, await newSession(node.url))));
-    for (const client of clients) await client.join("race");
+    await using cluster = await spawnCluster(services, ["race-a", "race-b", "race-c"], { RATE_LIMIT });
+    const clients: Client[] = [];
+    for (const node of cluster.nodes) clients.push(...(await usersInRoom(node.url, 1, "race")).clients);
     const PER = 60;
     await Promise.all(clients.map(async (client, n) => {
       for (let i = 0; i < PER; i++) client.send({ type: "say", room: "race", text: `n${n}-${i}` });
@@ -104,7 +81,8 @@ describe.skipIf(!!skip)("cluster", () => {
   });
 
   test("a client moves from a killed node to another and recovers with no gap or duplicate; the dead node's users leave presence", async () => {
-    const { nodes: [a, b, c] } = await startCluster(3);
+    await using cluster = await spawnCluster(services, ["move-a", "move-b", "move-c"], { RATE_LIMIT });
+    const [a, b, c] = cluster.nodes;
     const [alice, bob, dave] = [await newSession(a.url), await newSession(a.url), await newSession(a.url)];
     const writer = await Client.connect(a.url, alice);
     await writer.join("move");
@@ -133,11 +111,10 @@ describe.skipIf(!!skip)("cluster", () => {
 
   test("Redis restarts mid-conversation: health says degraded, then chat resumes with nothing lost", async () => {
     await using ownRedis = await startRedis();
-    const { nodes: [a, b] } = await startCluster(2, { redisUrl: ownRedis.url });
-    const ca = await Client.connect(a.url, await newSession(a.url));
-    const cb = await Client.connect(b.url, await newSession(b.url));
-    await ca.join("storm");
-    await cb.join("storm");
+    await using cluster = await spawnCluster(services, ["storm-a", "storm-b"], { RATE_LIMIT, REDIS_URL: ownRedis.url });
+    const [a, b] = cluster.nodes;
+    const { clients: [ca] } = await usersInRoom(a.url, 1, "storm");
+    const { clients: [cb] } = await usersInRoom(b.url, 1, "storm");
     await ca.say("storm", "before");
     await cb.next((f) => f.type === "message");
     await ownRedis.stop();
@@ -166,11 +143,10 @@ describe.skipIf(!!skip)("cluster", () => {
 
   test("with Postgres down, say answers unavailable and nothing unstored is broadcast", async () => {
     await using ownPg = await startPostgres();
-    const { nodes: [a, b] } = await startCluster(2, { databaseUrl: await ownPg.createDatabase() });
-    const ca = await Client.connect(a.url, await newSession(a.url));
-    const cb = await Client.connect(b.url, await newSession(b.url));
-    await ca.join("db");
-    await cb.join("db");
+    await using cluster = await spawnCluster(services, ["db-a", "db-b"], { RATE_LIMIT, DATABASE_URL: await ownPg.createDatabase() });
+    const [a, b] = cluster.nodes;
+    const { clients: [ca] } = await usersInRoom(a.url, 1, "db");
+    const { clients: [cb] } = await usersInRoom(b.url, 1, "db");
     await ca.say("db", "stored");
     await ownPg.stop();
     ca.send({ type: "say", room: "db", text: "lost?", ref: "x" });

@@ -2,7 +2,7 @@
 // without costing the server memory or the others a message; a peer that vanishes without a
 // close frame is found by pings and leaves presence. Spawned servers, raw TCP clients.
 import { describe, expect, test } from "bun:test";
-import { BUN, Client, newSession, spawnServer, tempDir, until } from "./helpers.ts";
+import { BUN, Client, newSession, rawInRoom, spawnServer, tempDir, until, usersInRoom } from "./helpers.ts";
 import { RawSocket } from "./raw.ts";
 import { countEchoes, metric, rssMiB } from "./probes.ts";
 
@@ -15,13 +15,10 @@ describe("slow consumers", () => {
   test("a reader that stops reading is closed past 1 MiB; memory stays bounded, /metrics counts it, and everyone else gets every message", async () => {
     using tmp = tempDir();
     await using child = await spawnServer({ DATABASE_URL: `sqlite://${tmp.dir}/chat.db`, RATE_LIMIT: "1000000/1s" });
-    const [senderA, senderB, reader] = await Promise.all([0, 1, 2].map(async () => Client.connect(child.url, await newSession(child.url))));
-    for (const c of [senderA, senderB, reader]) await c.join("flood");
+    const { clients: [senderA, senderB, reader] } = await usersInRoom(child.url, 3, "flood");
     const slow: RawSocket[] = [];
     for (let i = 0; i < SLOW; i++) {
-      const raw = await RawSocket.open(child.url, { cookie: (await newSession(child.url)).cookie });
-      raw.sendJson({ type: "join", room: "flood" });
-      await raw.next((m) => m.type === "presence");
+      const raw = await rawInRoom(child.url, (await newSession(child.url)).cookie, "flood");
       raw.pause();
       slow.push(raw);
     }
@@ -69,10 +66,7 @@ describe("dead peers", () => {
     using tmp = tempDir();
     // Bun rounds idle timeouts under 8 s up to 8 s
     await using child = await spawnServer({ DATABASE_URL: `sqlite://${tmp.dir}/chat.db`, IDLE_TIMEOUT: "4" });
-    const watcher = await Client.connect(child.url, await newSession(child.url));
-    await watcher.join("room");
-    const idle = await Client.connect(child.url, await newSession(child.url));
-    await idle.join("room");
+    const { clients: [watcher, idle] } = await usersInRoom(child.url, 2, "room");
     // the ghost runs in its own process, so it can be frozen: the kernel keeps its TCP connection, nothing answers pings
     const ghost = await newSession(child.url);
     const code = `

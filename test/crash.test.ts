@@ -2,13 +2,14 @@
 // senders, then a restart on the same database. Nothing anyone saw may be lost or doubled, and
 // clients that rejoin with `since` must end up with the same history. Spawned servers only.
 import { describe, expect, test } from "bun:test";
-import { Client, newSession, spawnServer, tempDir, until, type Session } from "./helpers.ts";
+import { Client, newSession, spawnCluster, spawnServer, tempDir, until, type Session } from "./helpers.ts";
 import { countEchoes, storedHistory, type Message } from "./probes.ts";
-import { missingServices, sharedServices } from "./services.ts";
+import { describeWithServices } from "./services.ts";
 
 const ROOM = "burst";
 const WINDOW = 40; // unconfirmed says per sender
 const MAX_PER_SENDER = 5000; // a bound: senders stop here even if nothing happens
+const BURST_ENV = { RATE_LIMIT: "1000000/1s", RECOVERY_LIMIT: "10000" };
 
 type Peer = { session: Session; client: Client; sent: string[]; echoes: ReturnType<typeof countEchoes> };
 
@@ -61,27 +62,32 @@ async function checkConverge(url: string, peers: Peer[], stored: Message[]) {
   }
 }
 
+/**
+ * `count` peers on a server process of its own; all but the first `listeners` pump says until the first
+ * peer has seen 800 messages, then the server gets `signal`. Resolves once every pump stopped and the server exited.
+ */
+async function interruptBurst(env: Record<string, string>, { count, listeners, signal }: { count: number; listeners: number; signal: "SIGKILL" | "SIGTERM" }) {
+  await using child = await spawnServer(env);
+  const peers = await Promise.all(Array.from({ length: count }, () => peer(child.url)));
+  const senders = peers.slice(listeners);
+  const pumping = senders.map((p, s) => pump(p, `s${s}`));
+  await until(() => messagesOf(peers[0].client).length >= 800, 30_000, `800 messages before ${signal}`);
+  child.proc.kill(signal);
+  await Promise.all(pumping);
+  return { peers, senders, exitCode: await child.proc.exited };
+}
+
 describe("crash", () => {
   test("kill -9 in the middle of a burst: everything anyone received is stored exactly once, ids have no gaps, and rejoining with since converges", async () => {
     using tmp = tempDir();
-    const env = { DATABASE_URL: `sqlite://${tmp.dir}/chat.db`, RATE_LIMIT: "1000000/1s", RECOVERY_LIMIT: "10000" };
-    let peers: Peer[];
-    {
-      await using child = await spawnServer(env);
-      peers = await Promise.all(Array.from({ length: 6 }, () => peer(child.url)));
-      const [listener] = peers;
-      const senders = peers.slice(2);
-      const pumping = senders.map((p, s) => pump(p, `s${s}`));
-      await until(() => messagesOf(listener.client).length >= 800, 30_000, "800 messages before the kill");
-      child.proc.kill("SIGKILL");
-      await Promise.all(pumping);
-      for (const p of peers) expect((await p.client.closed).code).toBe(1006);
-      expect(senders.every((p) => p.sent.length < MAX_PER_SENDER)).toBe(true);
-    }
+    const env = { ...BURST_ENV, DATABASE_URL: `sqlite://${tmp.dir}/chat.db` };
+    const { peers, senders } = await interruptBurst(env, { count: 6, listeners: 2, signal: "SIGKILL" });
+    for (const p of peers) expect((await p.client.closed).code).toBe(1006);
+    expect(senders.every((p) => p.sent.length < MAX_PER_SENDER)).toBe(true);
     await using again = await spawnServer(env);
     const stored = await storedHistory(again.url, ROOM, peers[0].session.cookie);
     const received = Math.max(...peers.map((p) => messagesOf(p.client).length));
-    console.log(`kill -9: ${peers.slice(2).reduce((n, p) => n + p.sent.length, 0)} says sent, ${stored.length} stored, the best-informed client had ${received}`);
+    console.log(`kill -9: ${senders.reduce((n, p) => n + p.sent.length, 0)} says sent, ${stored.length} stored, the best-informed client had ${received}`);
     expect(stored.length).toBeGreaterThanOrEqual(received);
     checkStored(stored, peers);
     await checkConverge(again.url, peers, stored);
@@ -92,25 +98,16 @@ describe("crash", () => {
 
   test("SIGTERM under load: every echoed say is stored once, no unanswered one is, all close with 1001, and clients recover with since", async () => {
     using tmp = tempDir();
-    const env = { DATABASE_URL: `sqlite://${tmp.dir}/chat.db`, RATE_LIMIT: "1000000/1s", RECOVERY_LIMIT: "10000" };
-    let peers: Peer[];
-    {
-      await using child = await spawnServer(env);
-      peers = await Promise.all(Array.from({ length: 5 }, () => peer(child.url)));
-      const senders = peers.slice(1);
-      const pumping = senders.map((p, s) => pump(p, `s${s}`));
-      await until(() => messagesOf(peers[0].client).length >= 800, 30_000, "800 messages before SIGTERM");
-      child.proc.kill("SIGTERM");
-      await Promise.all(pumping);
-      for (const p of peers) expect((await p.client.closed).code).toBe(1001);
-      expect(await child.proc.exited).toBe(0);
-    }
+    const env = { ...BURST_ENV, DATABASE_URL: `sqlite://${tmp.dir}/chat.db` };
+    const { peers, senders, exitCode } = await interruptBurst(env, { count: 5, listeners: 1, signal: "SIGTERM" });
+    for (const p of peers) expect((await p.client.closed).code).toBe(1001);
+    expect(exitCode).toBe(0);
     await using again = await spawnServer(env);
     const stored = await storedHistory(again.url, ROOM, peers[0].session.cookie);
     checkStored(stored, peers);
     // "accepted" = echoed: exactly those are stored; a say with an error or no answer before the close is not
     let unanswered = 0;
-    for (const p of peers.slice(1)) {
+    for (const p of senders) {
       const echoed = messagesOf(p.client).filter((m) => m.user.id === p.session.id).map((m) => m.ref);
       const errors = p.client.frames.filter((f) => f.type === "error");
       expect(errors).toEqual([]);
@@ -123,26 +120,22 @@ describe("crash", () => {
     console.log(`SIGTERM: ${stored.length} stored and echoed; ${unanswered} says were in flight and got no answer (not stored: the client sends them again)`);
     await checkConverge(again.url, peers, stored);
     // the clients send their unanswered says again, as the browser client does: now each is stored once
-    for (const p of peers.slice(1)) {
+    for (const p of senders) {
       const back = await peer(again.url, p.session);
       const echoed = new Set(messagesOf(p.client).map((m) => m.ref));
       for (const ref of p.sent.filter((r) => !echoed.has(r))) await back.client.say(ROOM, `message ${ref}`, ref);
       back.client.close();
     }
     const final = await storedHistory(again.url, ROOM, peers[0].session.cookie);
-    for (const p of peers.slice(1)) expect(final.filter((m) => m.user.id === p.session.id).map((m) => m.ref)).toEqual(p.sent);
+    for (const p of senders) expect(final.filter((m) => m.user.id === p.session.id).map((m) => m.ref)).toEqual(p.sent);
   }, 90_000);
 });
 
-const skip = missingServices();
-
-describe.skipIf(!!skip)("crash, cluster", () => {
-  const services = sharedServices();
+describeWithServices("crash, cluster", (services) => {
 
   test("kill -9 of a cluster node mid-burst: the other node carries on, nothing seen is lost or doubled, and everyone converges", async () => {
-    const env = { REDIS_URL: services.redis.url, DATABASE_URL: await services.pg.createDatabase(), RATE_LIMIT: "1000000/1s", RECOVERY_LIMIT: "10000" };
-    await using a = await spawnServer({ ...env, NODE_ID: "crash-a" });
-    await using b = await spawnServer({ ...env, NODE_ID: "crash-b" });
+    await using cluster = await spawnCluster(services, ["crash-a", "crash-b"], BURST_ENV);
+    const [a, b] = cluster.nodes;
     const onA = await Promise.all(Array.from({ length: 3 }, () => peer(a.url)));
     const onB = await Promise.all(Array.from({ length: 3 }, () => peer(b.url)));
     let stopB = false;
@@ -164,7 +157,7 @@ describe.skipIf(!!skip)("crash, cluster", () => {
     checkStored(stored, [...onA, ...onB]);
     // a's clients move to b with since; a restarted node a serves the same history
     await checkConverge(b.url, onA, stored);
-    await using a2 = await spawnServer({ ...env, NODE_ID: "crash-a2" });
+    await using a2 = await spawnServer({ ...cluster.env, NODE_ID: "crash-a2" });
     await checkConverge(a2.url, onB, stored);
     const fresh = await Client.connect(a2.url, onA[0].session);
     expect((await fresh.join(ROOM, 0)).history.messages).toEqual(stored);

@@ -1,10 +1,10 @@
 // Bad input: tens of thousands of generated frames against live servers, and raw WebSocket
 // protocol abuse. The seed is fixed and printed; FUZZ_SEED=<n> replays a run, FUZZ_FRAMES=<n> resizes it.
 import { describe, expect, test } from "bun:test";
-import { Client, newSession, serve, spawnServer, tempDir } from "./helpers.ts";
+import { newSession, rawInRoom, serve, spawnCluster, spawnServer, tempDir, usersInRoom } from "./helpers.ts";
 import { FUZZ_MAX_TEXT, runFuzz } from "./fuzz.ts";
 import { encodeFrame, OP, RawSocket } from "./raw.ts";
-import { missingServices, sharedServices } from "./services.ts";
+import { describeWithServices } from "./services.ts";
 import { metric } from "./probes.ts";
 
 const SEED = Number(process.env.FUZZ_SEED ?? 20_251_126);
@@ -22,8 +22,7 @@ describe("fuzz", () => {
     expect(stats.refused).toBeGreaterThan(FRAMES / 2);
     // afterwards the server answers and a newcomer chats as usual
     expect((await fetch(`${child.url}/healthz`)).status).toBe(200);
-    const late = await Client.connect(child.url, await newSession(child.url));
-    await late.join("fuzz");
+    const { clients: [late] } = await usersInRoom(child.url, 1, "fuzz");
     expect((await late.say("fuzz", "still fine")).text).toBe("still fine");
     expect(child.proc.exitCode).toBeNull();
   }, 240_000);
@@ -31,16 +30,12 @@ describe("fuzz", () => {
   test("a frame of exactly 64 KiB is read; one byte more closes with 1009, and nobody else notices", async () => {
     await using chat = await serve({ maxText: 32_000 });
     const session = await newSession(chat.url);
-    const other = await Client.connect(chat.url, await newSession(chat.url));
-    await other.join("room");
+    const { clients: [other] } = await usersInRoom(chat.url, 1, "room");
     const frameOf = (size: number) => {
       const base = JSON.stringify({ type: "say", room: "room", text: "" }).length;
       return new TextEncoder().encode(JSON.stringify({ type: "say", room: "room", text: "x".repeat(size - base) }));
     };
-    const fits = await RawSocket.open(chat.url, { cookie: session.cookie });
-    await fits.next((m) => m.type === "welcome");
-    fits.sendJson({ type: "join", room: "room" });
-    await fits.next((m) => m.type === "presence");
+    const fits = await rawInRoom(chat.url, session.cookie, "room");
     fits.send(encodeFrame(OP.text, frameOf(64 * 1024)));
     // read, parsed and refused for MAX_TEXT (32,000): the frame itself was fine
     expect(await fits.next((m) => m.type === "error")).toMatchObject({ code: "bad_request", message: expect.stringContaining("longer than 32000") });
@@ -53,8 +48,7 @@ describe("fuzz", () => {
   test("invalid UTF-8 closes with 1007, protocol violations with 1002; the server and everyone else carry on", async () => {
     await using chat = await serve();
     const session = await newSession(chat.url);
-    const bystander = await Client.connect(chat.url, await newSession(chat.url));
-    await bystander.join("room");
+    const { clients: [bystander] } = await usersInRoom(chat.url, 1, "room");
     const text = (s: string) => new TextEncoder().encode(s);
     const say = text(JSON.stringify({ type: "say", room: "room", text: "x" }));
     const cases: [string, Uint8Array, number][] = [
@@ -74,10 +68,7 @@ describe("fuzz", () => {
       ["a one-byte close payload", encodeFrame(OP.close, new Uint8Array([0x03])), 1002],
     ];
     for (const [what, bytes, code] of cases) {
-      const raw = await RawSocket.open(chat.url, { cookie: session.cookie });
-      await raw.next((m) => m.type === "welcome");
-      raw.sendJson({ type: "join", room: "room" });
-      await raw.next((m) => m.type === "presence");
+      const raw = await rawInRoom(chat.url, session.cookie, "room");
       raw.send(bytes);
       const closed = await raw.closed;
       expect({ what, code: closed.code }).toEqual({ what, code });
@@ -96,22 +87,17 @@ describe("fuzz", () => {
   });
 });
 
-const skip = missingServices();
-
-describe.skipIf(!!skip)("fuzz, cluster", () => {
-  const services = sharedServices();
+describeWithServices("fuzz, cluster", (services) => {
 
   test("fuzzing a cluster node: Postgres keeps every accepted text byte for byte, and bystanders on both nodes hear exactly those", async () => {
-    const env = { ...FUZZ_ENV, REDIS_URL: services.redis.url, DATABASE_URL: await services.pg.createDatabase() };
-    await using a = await spawnServer({ ...env, NODE_ID: "fuzz-a" });
-    await using b = await spawnServer({ ...env, NODE_ID: "fuzz-b" });
+    await using cluster = await spawnCluster(services, ["fuzz-a", "fuzz-b"], FUZZ_ENV);
+    const [a, b] = cluster.nodes;
     const frames = Math.round(FRAMES / 5);
     const stats = await runFuzz({ seed: SEED + 1, frames, chaos: Math.round(frames / 5), url: a.url, bystanderUrls: [a.url, b.url] });
     console.log(`fuzz, cluster: ${JSON.stringify(stats)}`);
     expect(stats.valid).toBeGreaterThan(frames / 4);
     for (const node of [a, b]) expect(await metric(node.url, "chat_store_errors_total")).toBe(0);
-    const late = await Client.connect(b.url, await newSession(b.url));
-    await late.join("fuzz");
+    const { clients: [late] } = await usersInRoom(b.url, 1, "fuzz");
     expect((await late.say("fuzz", "still fine")).text).toBe("still fine");
   }, 120_000);
 });

@@ -3,6 +3,8 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { ServerMessage, startServer, type ServerOptions } from "../server.ts";
+import { RawSocket } from "./raw.ts";
+import type { Services } from "./services.ts";
 
 export const ROOT = join(import.meta.dir, "..");
 export const BUN = process.execPath;
@@ -13,10 +15,26 @@ export function tempDir(prefix = "chat-test-") {
   return { dir, [Symbol.dispose]: () => rmSync(dir, { recursive: true, force: true }) };
 }
 
-/** Starts an in-process server on a free port with an in-memory database unless told otherwise. */
+/**
+ * Starts an in-process server on a free port. Unless `databaseUrl` names another, its database is a
+ * SQLite file in a temp folder of its own (the production write path), removed after `stop()` on dispose.
+ */
 export async function serve(options: ServerOptions = {}) {
-  const chat = await startServer({ port: 0, host: "127.0.0.1", databaseUrl: ":memory:", ...options });
-  return Object.assign(chat, { [Symbol.asyncDispose]: () => chat.stop() });
+  const tmp = options.databaseUrl === undefined ? tempDir("chat-db-") : null;
+  const databaseUrl = options.databaseUrl ?? `sqlite://${tmp!.dir}/chat.db`;
+  const chat = await startServer({ port: 0, host: "127.0.0.1", ...options, databaseUrl }).catch((error) => {
+    tmp?.[Symbol.dispose]();
+    throw error;
+  });
+  return Object.assign(chat, {
+    async [Symbol.asyncDispose]() {
+      try {
+        await chat.stop();
+      } finally {
+        tmp?.[Symbol.dispose]();
+      }
+    },
+  });
 }
 
 export type Session = { cookie: string; id: string; name: string };
@@ -29,6 +47,48 @@ export async function newSession(baseUrl: string): Promise<Session> {
   if (!setCookie) throw new Error("GET /api/me set no cookie");
   const me = (await res.json()) as { id: string; name: string };
   return { cookie: setCookie.split(";")[0], ...me };
+}
+
+/** Renames a session's user with PUT /api/me, as the page does. */
+export function putName(baseUrl: string, cookie: string, name: string) {
+  return fetch(`${baseUrl}/api/me`, { method: "PUT", headers: { cookie, "content-type": "application/json" }, body: JSON.stringify({ name }) });
+}
+
+/** A room with `n` users: n new sessions (named in order), each connected, then each joined in turn. */
+export async function usersInRoom(baseUrl: string, n: number, room: string) {
+  const sessions: Session[] = [];
+  for (let i = 0; i < n; i++) sessions.push(await newSession(baseUrl));
+  const clients = await Promise.all(sessions.map((s) => Client.connect(baseUrl, s)));
+  for (const client of clients) await client.join(room);
+  return { sessions, clients };
+}
+
+/** A raw TCP WebSocket client (test/raw.ts) with this cookie, welcomed and joined to a room. */
+export async function rawInRoom(baseUrl: string, cookie: string, room: string) {
+  const raw = await RawSocket.open(baseUrl, { cookie });
+  await raw.next((m) => m.type === "welcome");
+  raw.sendJson({ type: "join", room });
+  await raw.next((m) => m.type === "presence" && m.room === room);
+  return raw;
+}
+
+/** Headers that make a `fetch` of /chat an upgrade request, for reading a refusal's status and body. */
+export const UPGRADE = { connection: "Upgrade", upgrade: "websocket", "sec-websocket-version": "13", "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==" };
+
+/** The status a complete WebSocket handshake of /chat gets with these extra headers: 101 when it opened, 0 when no status came. */
+export async function upgradeStatus(baseUrl: string, headers: Record<string, string> = {}): Promise<number> {
+  return RawSocket.open(baseUrl, { headers }).then(
+    (raw) => (raw.destroy(), 101),
+    (error: Error) => Number(/answered (\d+)/.exec(error.message)?.[1] ?? 0),
+  );
+}
+
+/** What the server makes of a cookie: the status of an upgrade with it, the user GET /api/me names, and whether that set a new session cookie. */
+export async function cookieAnswers(baseUrl: string, cookie: string) {
+  const upgrade = await upgradeStatus(baseUrl, { cookie });
+  const me = await fetch(`${baseUrl}/api/me`, { headers: { cookie } });
+  const { id } = (await me.json()) as { id: string };
+  return { upgrade, id, newCookie: me.headers.get("set-cookie")?.startsWith("sid=") ?? false };
 }
 
 type Frame = ServerMessage;
@@ -66,7 +126,7 @@ export class Client {
     const client = new Client(ws);
     const opened = Promise.withResolvers<void>();
     ws.addEventListener("open", () => opened.resolve());
-    ws.addEventListener("error", () => opened.reject(new Error(`cannot open ${url}`)));
+    ws.addEventListener("error", (e) => opened.reject(new Error(`cannot open ${url}: ${(e as ErrorEvent).message}`)));
     await opened.promise;
     await client.next((f) => f.type === "welcome");
     return client;
@@ -179,6 +239,27 @@ export async function spawnServer(env: Record<string, string>, cmd: string[] = [
       await proc.exited;
     },
   };
+}
+
+export type Spawned = Awaited<ReturnType<typeof spawnServer>>;
+
+/**
+ * One `bun server.ts` per node id on the shared Redis and a fresh Postgres database (`env` may name
+ * others), started one at a time: the first creates the tables and the session secret. Disposing stops them all.
+ */
+export async function spawnCluster(services: Services, nodeIds: string[], env: Record<string, string> = {}) {
+  const shared = { REDIS_URL: services.redis.url, DATABASE_URL: env.DATABASE_URL ?? (await services.pg.createDatabase()), ...env };
+  const nodes: Spawned[] = [];
+  const stopAll = async () => {
+    for (const node of [...nodes].reverse()) await node[Symbol.asyncDispose]();
+  };
+  try {
+    for (const id of nodeIds) nodes.push(await spawnServer({ ...shared, NODE_ID: id }));
+  } catch (error) {
+    await stopAll();
+    throw error;
+  }
+  return { nodes, env: shared, [Symbol.asyncDispose]: stopAll };
 }
 
 /** Polls `check` until it returns a truthy value or the time is up. */

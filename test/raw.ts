@@ -89,7 +89,8 @@ export class RawSocket {
       ...options.headers,
     };
     socket.write(`GET /chat HTTP/1.1\r\n${Object.entries(headers).map(([k, v]) => `${k}: ${v}\r\n`).join("")}\r\n`);
-    const expected = new Bun.CryptoHasher("sha1").update(key + GUID).digest("base64");
+    // a caller's own sec-websocket-key (e.g. from UPGRADE) replaces ours: check the accept against the one sent
+    const expected = new Bun.CryptoHasher("sha1").update(headers["sec-websocket-key"] + GUID).digest("base64");
     await handshake.promise;
     if (!header.toLowerCase().includes(expected.toLowerCase())) throw new Error("bad Sec-WebSocket-Accept");
     return raw;

@@ -1,5 +1,5 @@
 // Real Redis and Postgres servers for tests: temp folders, free loopback ports, stopped by pid.
-import { afterAll, beforeAll } from "bun:test";
+import { afterAll, beforeAll, describe } from "bun:test";
 import { chownSync, existsSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -126,9 +126,11 @@ export async function startPostgres() {
 export type Redis = Awaited<ReturnType<typeof startRedis>>;
 export type Postgres = Awaited<ReturnType<typeof startPostgres>>;
 
+export type Services = { redis: Redis; pg: Postgres };
+
 /** One redis-server and one Postgres for the enclosing describe block, stopped after it. */
 export function sharedServices() {
-  const services = {} as { redis: Redis; pg: Postgres };
+  const services = {} as Services;
   beforeAll(async () => {
     [services.redis, services.pg] = await Promise.all([startRedis(), startPostgres()]);
   });
@@ -137,4 +139,10 @@ export function sharedServices() {
     await services.pg?.[Symbol.asyncDispose]();
   });
   return services;
+}
+
+/** A describe block with one shared redis-server and Postgres; skipped with one line where they are missing (CI fails instead). */
+export function describeWithServices(name: string, fn: (services: Services) => void) {
+  const skip = missingServices();
+  describe.skipIf(!!skip)(name, () => fn(sharedServices()));
 }

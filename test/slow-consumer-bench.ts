@@ -4,7 +4,7 @@
 //
 //   bun test/slow-consumer-bench.ts [--messages 10000] [--readers 10] [--slow 8] [--text 2000] [--runs 3]
 import { parseArgs } from "node:util";
-import { newSession, spawnServer, tempDir } from "./helpers.ts";
+import { newSession, rawInRoom, spawnServer, tempDir } from "./helpers.ts";
 import { RawSocket } from "./raw.ts";
 import { metric, rssMiB } from "./probes.ts";
 
@@ -64,9 +64,7 @@ async function run(slow: number): Promise<Result> {
   // stalled readers: `slow` at the start, and a fresh one every 100 ms while the run lasts
   const stalled: RawSocket[] = [];
   const stall = async () => {
-    const raw = await RawSocket.open(child.url, { cookie: (await newSession(child.url)).cookie });
-    raw.sendJson({ type: "join", room: "bench" });
-    await raw.next((m) => m.type === "presence");
+    const raw = await rawInRoom(child.url, (await newSession(child.url)).cookie, "bench");
     raw.pause();
     stalled.push(raw);
   };
