@@ -506,6 +506,9 @@ describe("process", () => {
       [{ RATE_LIMIT: "20 per 10s" }, /^Cannot parse RATE_LIMIT="20 per 10s": expected <count>\/<seconds>s/],
       [{ MAX_TEXT: "0" }, /^Cannot parse MAX_TEXT="0": /],
       [{ ALLOWED_ORIGINS: "not a url" }, /^Cannot parse ALLOWED_ORIGINS=/],
+      [{ DATABASE_URL: "chat2.db" }, /^Cannot parse DATABASE_URL="chat2.db": expected sqlite:\/\/<file>, :memory: or postgres:\/\//],
+      [{ DATABASE_URL: "sqlite://" }, /^Cannot parse DATABASE_URL="sqlite:\/\/": expected sqlite:\/\/<file>/],
+      [{ DATABASE_URL: "mysql://db/chat" }, /^Cannot parse DATABASE_URL="mysql:\/\/db\/chat": /],
     ] as const) {
       const proc = Bun.spawn([BUN, "server.ts"], { cwd: ROOT, env: { ...process.env, ...env }, stdout: "pipe", stderr: "pipe" });
       expect(await proc.exited).toBe(2);
