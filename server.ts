@@ -258,10 +258,10 @@ function sendError(ws: ChatSocket, code: ErrorCode, message: string, extra: Erro
   send(ws, { type: "error", code, message, ...extra });
 }
 
-/** Describes the first zod issue as `path: message`. */
-function firstIssue(error: z.ZodError): string {
+/** Describes the first zod issue as `path: message`; `what` names the whole input when it is not even an object. */
+function firstIssue(error: z.ZodError, what = "frame must be a JSON object with a type"): string {
   const issue = error.issues[0];
-  if (issue.path.length === 0 && issue.code === "invalid_type") return "frame must be a JSON object with a type";
+  if (issue.path.length === 0 && issue.code === "invalid_type") return what;
   const path = issue.path.join(".");
   return path ? `${path}: ${issue.message}` : issue.message;
 }
@@ -620,8 +620,8 @@ class SqliteStore implements Store {
 /**
  * Starts a worker thread with its own connection that checkpoints the WAL every CHECKPOINT_MS, off the event loop.
  * A PASSIVE checkpoint never waits for the writer, so under nonstop writes the WAL is never all copied and never
- * rewinds: past `rewindBytes` a RESTART holds new commits (they retry) for one more copy. The file keeps its size
- * (cutting a 64 MB file took 60 ms); it is reused from the start. README ("Configuration") has the measurements.
+ * rewinds: past `rewindBytes` a RESTART holds new commits (they retry) for one more copy. The WAL keeps its size
+ * (cutting it would cost more than reusing it from the start). README ("Configuration") has the measurements.
  * - nice 19 (this thread only, on Linux): on a one-core machine a checkpoint takes only idle CPU.
  * - A PASSIVE checkpoint that never catches up never syncs the database file, and RESTART's own sync, under the
  *   write lock, would flush seconds of copied pages at once: the worker syncs them first, outside the lock.
@@ -1843,7 +1843,7 @@ function mountApi(app: Hono<Env>, { sessions, chat }: AppUnits) {
   });
   app.put("/api/me", async (c) => {
     const body = RenameBody.safeParse(await c.req.json().catch(() => undefined));
-    if (!body.success) return httpError(c, 400, "bad_request", firstIssue(body.error));
+    if (!body.success) return httpError(c, 400, "bad_request", firstIssue(body.error, "body must be a JSON object {name}"));
     const { id } = c.get("session");
     const result = await chat.rename(id, body.data.name);
     if (!result.ok) return httpError(c, result.code === "rate_limited" ? 429 : 409, result.code, result.message, result.retryAfterMs);
