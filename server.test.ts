@@ -1,10 +1,11 @@
 // The core service, end to end: real servers on port 0, real sessions, real WebSocket clients.
 import { describe, expect, test } from "bun:test";
 import { Database } from "bun:sqlite";
-import { copyFileSync, existsSync, mkdirSync, readdirSync, readFileSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { ClientMessage, parseClientMessage, parseConfig, readSettings } from "./server.ts";
 import { BUN, Client, cookieAnswers, newSession, putName, ROOT, serve, spawnServer, tempDir, until, UPGRADE, upgradeStatus, usersInRoom } from "./test/helpers.ts";
+import { rowsCheckpointed } from "./test/probes.ts";
 
 describe("chat", () => {
   test("a message reaches every member, sender included, with the author's name", async () => {
@@ -239,16 +240,7 @@ describe("chat", () => {
     const { clients: [a] } = await usersInRoom(chat.url, 1, "room");
     for (let i = 0; i < 30; i++) await a.say("room", `m${i}`);
     // the file alone, without its -wal, holds only what a checkpoint copied (no connection autocheckpoints)
-    const copied = () => {
-      const copy = `${tmp.dir}/copy-${Date.now()}.db`;
-      copyFileSync(file, copy);
-      try {
-        using db = new Database(copy, { readonly: true });
-        return (db.query("SELECT count(*) AS n FROM messages").get() as { n: number }).n === 30;
-      } catch {
-        return false; // copied halfway through a checkpoint's writes
-      }
-    };
+    const copied = () => rowsCheckpointed(file, "messages") === 30;
     await until(copied, 5000, "a checkpoint");
     const nice = (tid: string) => {
       const stat = readFileSync(`/proc/${chat.proc.pid}/task/${tid}/stat`, "utf8");

@@ -3,7 +3,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { RedisClient, SQL } from "bun";
 import { FanoutCodec, type Log } from "../server.ts";
-import { Client, newSession, serve } from "./helpers.ts";
+import { Client, newSession, serve, usersInRoom } from "./helpers.ts";
 import { missingServices, startPostgres, startRedis, type Postgres, type Redis } from "./services.ts";
 import { metric } from "./probes.ts";
 
@@ -65,10 +65,7 @@ describe.skipIf(!!skip)("one node on Postgres", () => {
   test("with the database down: a room that cannot load answers unavailable naming it, renames answer unavailable, and both work once it is back", async () => {
     const logs = recorder();
     await using chat = await serve({ databaseUrl: await pg.createDatabase(), log: logs.log });
-    const [alice, bob] = [await newSession(chat.url), await newSession(chat.url)];
-    const [a, b] = [await Client.connect(chat.url, alice), await Client.connect(chat.url, bob)];
-    await a.join("up");
-    await b.join("up");
+    const { sessions: [alice, bob], clients: [a, b] } = await usersInRoom(chat.url, 2, "up");
     await pg.stop();
     try {
       a.send({ type: "join", room: "down" });
@@ -94,9 +91,9 @@ describe.skipIf(!!skip)("one node on Postgres", () => {
   test("a join with since ahead of the node asks the store; when that read fails the join still gets the newest messages", async () => {
     const logs = recorder();
     await using chat = await serve({ databaseUrl: await pg.createDatabase(), log: logs.log });
-    const [alice, bob] = [await newSession(chat.url), await newSession(chat.url)];
-    const [a, b] = [await Client.connect(chat.url, alice), await Client.connect(chat.url, bob)];
-    await a.join("room");
+    const { sessions: [alice], clients: [a] } = await usersInRoom(chat.url, 1, "room");
+    const bob = await newSession(chat.url);
+    const b = await Client.connect(chat.url, bob); // opened before the database goes: the upgrade reads the session
     const sent = await a.say("room", "the newest");
     await pg.stop();
     try {

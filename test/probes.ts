@@ -1,6 +1,7 @@
 // What the hardening tests and the soak measure: a process's memory and open files, /metrics,
 // the whole stored history of a room, and a seeded random generator for replayable fuzzing.
-import { readdirSync, readFileSync } from "node:fs";
+import { Database } from "bun:sqlite";
+import { copyFileSync, readdirSync, readFileSync } from "node:fs";
 import type { ServerMessage } from "../server.ts";
 import type { Client } from "./helpers.ts";
 
@@ -16,6 +17,21 @@ export function rssMiB(pid: number): number {
 /** How many files (sockets included) a process has open, from /proc/<pid>/fd. */
 export function openFds(pid: number): number {
   return readdirSync(`/proc/${pid}/fd`).length;
+}
+
+/**
+ * How many rows of a table the database file alone holds, without its -wal: what checkpoints copied so far
+ * (undefined when the copy caught a checkpoint halfway through its writes).
+ */
+export function rowsCheckpointed(file: string, table: string): number | undefined {
+  const copy = `${file}.copy-${performance.now()}`;
+  copyFileSync(file, copy);
+  try {
+    using db = new Database(copy, { readonly: true });
+    return (db.query(`SELECT count(*) AS n FROM ${table}`).get() as { n: number }).n;
+  } catch {
+    return undefined;
+  }
 }
 
 /** One value from /metrics (the first sample of that name). */

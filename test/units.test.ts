@@ -4,11 +4,12 @@
 import { describe, expect, test } from "bun:test";
 import { RedisClient } from "bun";
 import { Database } from "bun:sqlite";
-import { copyFileSync, readFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { FanoutCodec, PRESENCE_LUA, RateLimiter, startCheckpointer, TokenBucket, TypingThrottle, type FanoutPayload } from "../server.ts";
 import { tempDir, until } from "./helpers.ts";
 import { missingServices, startRedis } from "./services.ts";
+import { rowsCheckpointed } from "./probes.ts";
 
 describe("rate limits", () => {
   test("a token bucket holds count tokens and refills them evenly over its period", () => {
@@ -87,17 +88,7 @@ describe("checkpointer", () => {
     const worker = startCheckpointer(file, { intervalMs: 10, rewindBytes: 64 * 1024 });
     try {
       // the file alone, without its -wal, holds only what a checkpoint copied
-      const copied = () => {
-        const copy = join(tmp.dir, `copy-${performance.now()}.db`);
-        copyFileSync(file, copy);
-        try {
-          using alone = new Database(copy, { readonly: true });
-          return (alone.query("SELECT count(*) AS n FROM t").get() as { n: number }).n === 100;
-        } catch {
-          return false; // copied halfway through a checkpoint's writes
-        }
-      };
-      await until(copied, 5000, "a checkpoint");
+      await until(() => rowsCheckpointed(file, "t") === 100, 5000, "a checkpoint");
       // 100 KB of WAL is past the threshold: a RESTART lets the next commit start the WAL over (new salts in its header)
       const salt = () => readFileSync(`${file}-wal`).subarray(16, 24).toString("hex");
       const before = salt();
