@@ -2,7 +2,7 @@
 // wire format, SQLite (bun:sqlite) or Postgres (Bun.SQL) for history, Redis between the processes of
 // a cluster. It reads top to bottom in the order data flows; README's "Development" maps the units.
 import { RedisClient, type Server, type ServerWebSocket, SQL, type WebSocketHandler } from "bun";
-import { Database, type Statement } from "bun:sqlite";
+import { Database } from "bun:sqlite";
 import { Hono, type Context } from "hono";
 import { getCookie, setSignedCookie } from "hono/cookie";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
@@ -462,8 +462,8 @@ const isUniqueViolation = (error: unknown) => /unique|duplicate/i.test(String((e
 class SqliteStore implements Store {
   private readonly db: Database;
   private readonly checkpointer: Worker | null;
-  private readonly insertMessage: Statement;
-  private readonly insertMessages: (rows: Row[]) => void;
+  private readonly insertRow: (row: Row) => void;
+  private readonly insertRows: (rows: Row[]) => void;
   private readonly lastIds = new Map<string, number>(); // the last id handed out per room
 
   constructor(file: string) {
@@ -475,9 +475,9 @@ class SqliteStore implements Store {
     this.db.run("PRAGMA busy_timeout = 0");
     this.db.run("PRAGMA wal_autocheckpoint = 0"); // the checkpointer thread does it, off the event loop
     this.db.transaction(() => schema("sqlite").forEach((ddl) => this.db.run(ddl)))();
-    this.insertMessage = this.db.prepare("INSERT INTO messages (room, id, user_id, name, text, ts, ref) VALUES (?, ?, ?, ?, ?, ?, ?)");
-    const insert = (r: Row) => this.insertMessage.run(r.room, r.id, r.user_id, r.name, r.text, r.ts, r.ref);
-    this.insertMessages = this.db.transaction((rows: Row[]) => rows.forEach(insert));
+    const insert = this.db.prepare("INSERT INTO messages (room, id, user_id, name, text, ts, ref) VALUES (?, ?, ?, ?, ?, ?, ?)");
+    this.insertRow = (r) => void insert.run(r.room, r.id, r.user_id, r.name, r.text, r.ts, r.ref);
+    this.insertRows = this.db.transaction((rows: Row[]) => rows.forEach(this.insertRow));
     this.checkpointer = file === ":memory:" ? null : startCheckpointer(file);
   }
 
@@ -569,7 +569,7 @@ class SqliteStore implements Store {
     const rows = batch.map((m, i) => rowOf(m, ids[i]));
     try {
       // one row is its own transaction; more share one
-      await this.retrying(() => (rows.length === 1 ? this.insertMessage.run(...Object.values(rows[0])) : this.insertMessages(rows)));
+      await this.retrying(() => (rows.length === 1 ? this.insertRow(rows[0]) : this.insertRows(rows)));
     } catch (error) {
       // nothing was stored: hand the ids out again (backwards, so each room ends at its first id - 1)
       for (let i = batch.length - 1; i >= 0; i--) this.lastIds.set(batch[i].room, ids[i] - 1);
