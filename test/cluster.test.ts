@@ -1,6 +1,6 @@
 // Cluster mode: real redis-server, real Postgres and three real server processes on loopback.
 import { expect, test } from "bun:test";
-import { Client, newSession, putName, spawnCluster, usersInRoom } from "./helpers.ts";
+import { Client, newSession, putName, retryUntilServed, spawnCluster, usersInRoom } from "./helpers.ts";
 import { describeWithServices, startPostgres, startRedis } from "./services.ts";
 
 const RATE_LIMIT = "1000/1s";
@@ -153,16 +153,9 @@ describeWithServices("cluster", (services) => {
     expect(await ca.next((f) => f.type === "error", 20_000)).toMatchObject({ code: "unavailable", ref: "x" });
     await ownPg.start();
     // the pool reconnects: the next message is id 2 everywhere, and "lost?" never appeared
-    const next = await (async () => {
-      for (const deadline = Date.now() + 20_000; Date.now() < deadline; ) {
-        ca.send({ type: "say", room: "db", text: "back", ref: "y" });
-        const f = await ca.next((f) => (f.type === "message" || f.type === "error") && f.ref === "y", 10_000);
-        if (f.type === "message") return f;
-        await Bun.sleep(200);
-      }
-    })();
+    const next = await retryUntilServed(ca, { type: "say", room: "db", text: "back", ref: "y" }, (f) => f.type === "message" && f.ref === "y");
     expect(next).toMatchObject({ id: 2, text: "back" });
-    expect(await cb.next((f) => f.type === "message" && f.text === "back")).toEqual(next!);
+    expect(await cb.next((f) => f.type === "message" && f.text === "back")).toEqual(next as never);
     for (const client of [ca, cb]) expect(client.frames.some((f) => f.type === "message" && f.text === "lost?")).toBe(false);
   }, 60_000);
 });

@@ -3,7 +3,7 @@
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { RedisClient, SQL } from "bun";
 import { FanoutCodec, type Log } from "../server.ts";
-import { Client, newSession, serve, usersInRoom } from "./helpers.ts";
+import { Client, newSession, retryUntilServed, serve, usersInRoom } from "./helpers.ts";
 import { missingServices, startPostgres, startRedis, type Postgres, type Redis } from "./services.ts";
 import { metric } from "./probes.ts";
 
@@ -14,18 +14,6 @@ function recorder() {
   const events: Record<string, unknown>[] = [];
   const log: Log = (event) => void events.push(event);
   return { log, events, has: (fields: Record<string, unknown>) => events.some((e) => Object.entries(fields).every(([k, v]) => e[k] === v)) };
-}
-
-/** Sends a frame until it is answered with something other than `unavailable` (the pool reconnects on its own). */
-async function retryUntilServed(client: Client, frame: Record<string, unknown>, answered: (f: any) => boolean) {
-  const deadline = Date.now() + 20_000;
-  for (;;) {
-    client.send(frame);
-    const f = await client.next((f) => answered(f) || (f.type === "error" && f.code === "unavailable"), 10_000);
-    if (f.type !== "error" || f.code !== "unavailable") return f;
-    if (Date.now() > deadline) throw new Error(`still unavailable: ${JSON.stringify(frame)}`);
-    await Bun.sleep(100);
-  }
 }
 
 describe.skipIf(!!skip)("one node on Postgres", () => {

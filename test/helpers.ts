@@ -262,6 +262,21 @@ export async function spawnCluster(services: Services, nodeIds: string[], env: R
   return { nodes, env: shared, [Symbol.asyncDispose]: stopAll };
 }
 
+/**
+ * Sends a frame until it is answered with something other than `unavailable` (a database pool reconnects on its
+ * own after an outage), and returns that answer.
+ */
+export async function retryUntilServed(client: Client, frame: Record<string, unknown>, answered: (f: Frame) => boolean, timeoutMs = 20_000) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    client.send(frame);
+    const f = await client.next((f) => answered(f) || (f.type === "error" && f.code === "unavailable"), 10_000);
+    if (f.type !== "error" || f.code !== "unavailable") return f;
+    if (Date.now() > deadline) throw new Error(`still unavailable: ${JSON.stringify(frame)}`);
+    await Bun.sleep(100);
+  }
+}
+
 /** Polls `check` until it returns a truthy value or the time is up. */
 export async function until<T>(check: () => T | Promise<T>, timeoutMs = 5000, what = "condition"): Promise<T> {
   const deadline = Date.now() + timeoutMs;
