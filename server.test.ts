@@ -25,33 +25,36 @@ describe("chat", () => {
     expect(sent.ts).toBeLessThanOrEqual(after);
   });
 
-  test("default names are user<N> and unique; the public id is not the cookie", async () => {
+  test("default names are random words and digits, unique, and say nothing of how many came before; the public id is not the cookie", async () => {
     await using chat = await serve();
-    const sessions = await Promise.all(Array.from({ length: 5 }, () => newSession(chat.url)));
-    expect(new Set(sessions.map((s) => s.name)).size).toBe(5);
+    const sessions = await Promise.all(Array.from({ length: 20 }, () => newSession(chat.url)));
+    expect(new Set(sessions.map((s) => s.name)).size).toBe(20);
     for (const s of sessions) {
-      expect(s.name).toMatch(/^user\d+$/);
+      expect(s.name).toMatch(/^[a-z]+-[a-z]+-\d{4}$/);
       expect(s.cookie).not.toContain(s.id);
     }
   });
 
-  test("the session cookie is signed, HttpOnly, SameSite=Lax, Path=/ and holds only a random id", async () => {
+  test("the page sets no cookie; the session cookie comes from /api/me, signed, HttpOnly, SameSite=Lax, Path=/, holding only a random id", async () => {
     await using chat = await serve();
-    const res = await fetch(`${chat.url}/`);
-    expect(res.headers.get("content-type")).toBe("text/html; charset=utf-8");
+    const page = await fetch(`${chat.url}/`);
+    expect(page.headers.get("content-type")).toBe("text/html; charset=utf-8");
+    expect(page.headers.get("set-cookie")).toBeNull();
+    expect(await chat.store.countSessions()).toBe(0);
+    const res = await fetch(`${chat.url}/api/me`);
     const cookie = res.headers.get("set-cookie")!;
     expect(cookie).toMatch(/^sid=[A-Za-z0-9_-]{32}\.[^;]+;/);
     expect(cookie).toContain("HttpOnly");
     expect(cookie).toContain("SameSite=Lax");
     expect(cookie).toContain("Path=/");
     expect(cookie).not.toContain("Secure");
-    const secure = await fetch(`${chat.url}/`, { headers: { "x-forwarded-proto": "https" } });
-    expect(secure.headers.get("set-cookie")).toContain("Secure");
-    // the page alone writes no session row; the first /api call does
-    expect(await chat.store.countSessions()).toBe(0);
-    const me = await fetch(`${chat.url}/api/me`, { headers: { cookie: cookie.split(";")[0] } });
-    expect(me.headers.get("set-cookie")).toBeNull();
     expect(await chat.store.countSessions()).toBe(1);
+    const again = await fetch(`${chat.url}/api/me`, { headers: { cookie: cookie.split(";")[0] } });
+    expect(again.headers.get("set-cookie")).toBeNull();
+    expect(await chat.store.countSessions()).toBe(1);
+    // over https (here: said by a proxy) the cookie is __Host-sid, Secure
+    const secure = await fetch(`${chat.url}/api/me`, { headers: { "x-forwarded-proto": "https" } });
+    expect(secure.headers.get("set-cookie")).toMatch(/^__Host-sid=[^;]+;.*Secure/);
   });
 
   test("a rename reaches every room the user is in, and the name sticks", async () => {
@@ -62,7 +65,7 @@ describe("chat", () => {
     const { clients: [c] } = await usersInRoom(chat.url, 1, "three");
     const res = await putName(chat.url, alice.cookie, "  Alice  ");
     expect(res.status).toBe(200);
-    expect(await res.json()).toEqual({ id: alice.id, name: "Alice" });
+    expect(await res.json()).toEqual({ id: alice.id, name: "Alice", registered: false, admin: false });
     const renamed = await b.next((f) => f.type === "renamed");
     expect(renamed).toEqual({ type: "renamed", user: { id: alice.id, name: "Alice" }, previous: alice.name });
     await a.next((f) => f.type === "renamed");
@@ -72,7 +75,7 @@ describe("chat", () => {
     expect(c.frames.some((f) => f.type === "renamed")).toBe(false);
     expect((await a.say("two", "it's me")).user.name).toBe("Alice");
     const me = await fetch(`${chat.url}/api/me`, { headers: { cookie: alice.cookie } });
-    expect(await me.json()).toEqual({ id: alice.id, name: "Alice" });
+    expect(await me.json()).toEqual({ id: alice.id, name: "Alice", registered: false, admin: false });
 
     // the nick frame does the same
     b.send({ type: "nick", name: "Bob" });
@@ -226,7 +229,7 @@ describe("chat", () => {
     await using chat = await serve({ databaseUrl });
     const me = await fetch(`${chat.url}/api/me`, { headers: { cookie: alice.cookie } });
     expect(me.headers.get("set-cookie")).toBeNull();
-    expect(await me.json()).toEqual({ id: alice.id, name: "Alice" });
+    expect(await me.json()).toEqual({ id: alice.id, name: "Alice", registered: false, admin: false });
     const a = await Client.connect(chat.url, alice);
     const { history } = await a.join("room");
     expect(history.messages).toEqual([{ ...sent, user: { id: alice.id, name: "Alice" } }]);

@@ -24,12 +24,16 @@ const BUCKETS_KEPT = 10_000; // rate-limit buckets are pruned only past this man
 const TYPING_EVERY_MS = 1_000; // at most one typing frame per user and room is passed on in this time
 const SHUTDOWN_TIMEOUT_MS = 8_000; // a graceful stop that takes longer exits with 1
 const UNUSED_SESSION_TTL_MS = 60 * 60_000; // a session row that never connected goes after an hour
+const SEEN_EVERY_MS = 60 * 60_000; // a connected session's last-seen time is written at most this often
+const PRUNE_BATCH = 1_000; // rows one janitor statement deletes, so it never holds the writer long
 const COOKIE_MAX_AGE_S = 400 * 24 * 3600; // browsers cap cookie lifetimes at 400 days
 const SID_BYTES = 24; // 192-bit session ids
+const HANDLE_BYTES = 9; // a session's public name (GET /api/me/sessions)
 const USER_ID_BYTES = 9;
 const SECRET_BYTES = 32;
 const NODE_SUFFIX_BYTES = 4;
-const DEFAULT_NAME_ATTEMPTS = 20; // tries at a free user<N> before creating a session fails
+const DEFAULT_NAME_ATTEMPTS = 8; // random default names tried before one with a longer random tail
+const HEALTH_PROBE_MS = 1_000; // /healthz writes to the store at most this often
 const ROOM_LIST_LIMIT = 100; // rooms in GET /api/rooms
 const GAP_READ_LIMIT = 10_000; // messages one read of the store returns when filling a gap
 const GAP_ATTEMPTS = 5; // empty reads of a gap before it is skipped
@@ -77,6 +81,16 @@ const Int = (min: number, max: number) => z.coerce.number().int().min(min).max(m
 const DatabaseUrl = z
   .string()
   .regex(/^(sqlite:\/\/.+|:memory:|postgres(ql)?:\/\/.+)$/, "expected sqlite://<file>, :memory: or postgres://user@host/db");
+/** A duration like 30d, 12h, 15m or 90s, in ms. */
+const Duration = z
+  .string()
+  .regex(/^\d+(s|m|h|d)$/, "expected a number and a unit (s, m, h or d), e.g. 30d")
+  .transform((s) => Number(s.slice(0, -1)) * { s: 1_000, m: 60_000, h: 3_600_000, d: 86_400_000 }[s.at(-1) as "s"]);
+const Cidrs = z
+  .string()
+  .transform((s) => s.split(",").map((c) => c.trim()).filter(Boolean))
+  .pipe(z.array(z.string().refine((c) => parseCidr(c) !== undefined, "expected CIDRs like 10.0.0.0/8 or ::1/128, separated by commas")))
+  .transform((list) => list.map((c) => parseCidr(c)!));
 const Origins = z
   .string()
   .transform((s) => s.split(",").map((o) => o.trim()).filter(Boolean))
@@ -96,7 +110,7 @@ const SETTINGS = {
   host: setting("HOST", z.string().min(1), "0.0.0.0", "address to listen on", "--host"),
   databaseUrl: setting("DATABASE_URL", DatabaseUrl, "sqlite://chat.db", "sqlite://<file>, :memory: or postgres://user@host/db", "--db"),
   redisUrl: optional("REDIS_URL", z.string().min(1), "redis://host:port turns on the cluster fan-out", "--redis"),
-  nodeId: optional("NODE_ID", z.string().regex(/^[A-Za-z0-9_.-]{1,64}$/), "this process's name in a cluster (default: pid + random)"),
+  nodeId: optional("NODE_ID", z.string().regex(/^[A-Za-z0-9_.-]{1,64}$/), "this process's name in a cluster (default: random)"),
   sessionSecret: optional("SESSION_SECRET", z.string().min(16, "must be at least 16 characters"), "cookie signing key (default: generated, kept in the database)"),
   allowedOrigins: optional("ALLOWED_ORIGINS", Origins, "comma list of origins allowed to open /chat (default: same host)"),
   historyOnJoin: setting("HISTORY_ON_JOIN", Int(0, 1000), "50", "messages sent on a plain join"),
@@ -109,6 +123,16 @@ const SETTINGS = {
   maxConnectionsPerUser: setting("MAX_CONNECTIONS_PER_USER", Int(1, 10_000), "20", "open sockets per user"),
   maxRoomsPerConnection: setting("MAX_ROOMS_PER_CONNECTION", Int(1, 10_000), "50", "rooms one socket may join"),
   maxUnusedSessions: setting("MAX_UNUSED_SESSIONS", Int(1, 100_000_000), "100000", "session rows that never connected"),
+  maxSessions: setting("MAX_SESSIONS", Int(1, 100_000_000), "1000000", "session rows in all; past it the least recently seen guests go"),
+  guestTtl: setting("GUEST_TTL", Duration, "30d", "a guest session unused this long is removed (with its user, if it has no other)"),
+  trustedProxies: setting("TRUSTED_PROXIES", Cidrs, "", "CIDRs of proxies whose X-Forwarded-For names the client"),
+  sessionsPerAddress: setting("SESSIONS_PER_ADDRESS", Rate, "30/60s", "new guest sessions per client address"),
+  upgradesPerAddress: setting("UPGRADES_PER_ADDRESS", Rate, "120/60s", "WebSocket upgrades per client address"),
+  maxConnectionsPerAddress: setting("MAX_CONNECTIONS_PER_ADDRESS", Int(1, 1_000_000), "200", "open sockets per client address"),
+  rateLimitPerAddress: setting("RATE_LIMIT_PER_ADDRESS", Rate, "100/10s", "say frames per client address (all its users together)"),
+  metricsPort: optional("METRICS_PORT", Int(0, 65535), "serve /metrics on this port only (on METRICS_HOST)"),
+  metricsHost: setting("METRICS_HOST", z.string().min(1), "127.0.0.1", "address of METRICS_PORT"),
+  metricsToken: optional("METRICS_TOKEN", z.string().min(16, "must be at least 16 characters"), "/metrics needs Authorization: Bearer <token>"),
   idleTimeout: setting("IDLE_TIMEOUT", Int(1, 960), "60", "seconds without a frame or pong before a socket is dropped"),
 };
 type Settings = typeof SETTINGS;
@@ -389,23 +413,99 @@ export class TypingThrottle {
   }
 }
 
+// ── Client addresses: who is asking, as the per-address limits count them ───
+
+type Ip = { v6: boolean; n: bigint };
+export type Cidr = Ip & { bits: number };
+
+function parseIpv4(text: string): bigint | undefined {
+  const parts = text.split(".");
+  if (parts.length !== 4 || parts.some((p) => !/^\d{1,3}$/.test(p) || Number(p) > 255)) return;
+  return parts.reduce((n, p) => (n << 8n) | BigInt(p), 0n);
+}
+
+/** An IPv4 or IPv6 address; an IPv4-mapped IPv6 address is its IPv4 address. */
+function parseIp(text: string): Ip | undefined {
+  const s = text.trim().replace(/^\[(.*)\]$/, "$1").replace(/%.*$/, "");
+  const mapped = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(s);
+  if (!s.includes(":") || mapped) {
+    const n = parseIpv4(mapped ? mapped[1] : s);
+    return n === undefined ? undefined : { v6: false, n };
+  }
+  const halves = s.split("::");
+  if (halves.length > 2) return;
+  const head = halves[0] ? halves[0].split(":") : [];
+  const tail = halves.length === 2 && halves[1] ? halves[1].split(":") : [];
+  const zeros = 8 - head.length - tail.length;
+  if (halves.length === 1 ? zeros !== 0 : zeros < 1) return;
+  const groups = [...head, ...Array<string>(halves.length === 2 ? zeros : 0).fill("0"), ...tail];
+  if (groups.some((g) => !/^[0-9a-f]{1,4}$/i.test(g))) return;
+  return { v6: true, n: groups.reduce((n, g) => (n << 16n) | BigInt(parseInt(g, 16)), 0n) };
+}
+
+/** `10.0.0.0/8`, `fd00::/8`, or one address. */
+function parseCidr(text: string): Cidr | undefined {
+  const [address, bits, extra] = text.split("/");
+  const ip = parseIp(address);
+  if (!ip || extra !== undefined || (bits !== undefined && !/^\d{1,3}$/.test(bits))) return;
+  const size = bits === undefined ? (ip.v6 ? 128 : 32) : Number(bits);
+  return size <= (ip.v6 ? 128 : 32) ? { ...ip, bits: size } : undefined;
+}
+
+function inCidr(ip: Ip, cidr: Cidr): boolean {
+  if (ip.v6 !== cidr.v6) return false;
+  const shift = BigInt((ip.v6 ? 128 : 32) - cidr.bits);
+  return ip.n >> shift === cidr.n >> shift;
+}
+
+/** The key limits count by: an IPv4 address, or an IPv6 /64 (one host commonly holds a whole /64). */
+function addressKey(ip: Ip): string {
+  if (ip.v6) return `${(ip.n >> 64n).toString(16).padStart(16, "0").replace(/(.{4})(?!$)/g, "$1:")}::/64`;
+  return [24n, 16n, 8n, 0n].map((shift) => (ip.n >> shift) & 255n).join(".");
+}
+
+/**
+ * The client of a request: its peer, or, only when the peer is a trusted proxy, the last hop of
+ * X-Forwarded-For that is not one (hops further left are whatever the client chose to send).
+ */
+export function clientAddress(peer: string, forwardedFor: string | undefined, trusted: Cidr[]): string {
+  let ip = parseIp(peer);
+  if (!ip) return peer;
+  const hops = trusted.length && forwardedFor ? forwardedFor.split(",") : [];
+  while (hops.length && trusted.some((cidr) => inCidr(ip!, cidr))) {
+    const hop = parseIp(hops.pop()!);
+    if (!hop) break;
+    ip = hop;
+  }
+  return addressKey(ip);
+}
+
 // ── Store: every SQL statement, behind one interface with two engines ───────
 
-export type Session = { sid: string; id: string; name: string; used: boolean };
+/** A browser's session and its user. Accounts (users with a password) and admins are kept apart from guests. */
+export type Session = { sid: string; handle: string; id: string; name: string; registered: boolean; admin: boolean; used: boolean; seen: number };
+/** What the janitor may delete: see Store.pruneSessions. */
+export type PruneRules = { unusedBefore: number; keepUnused: number; guestsSeenBefore: number; keep: number };
 export type NewMessage = { room: string; user: User; text: string; ts: number; ref?: string };
 
 export interface Store {
   /** The cookie-signing secret shared by every process: `fresh`, unless one is stored already. */
   secret(fresh: string): Promise<string>;
   findSession(sid: string): Promise<Session | undefined>;
-  /** Creates the session row with a fresh default name user<N> (or returns it if another request just did). */
-  createSession(sid: string): Promise<Session>;
-  markUsed(sid: string): Promise<void>;
-  /** Renames a user: the previous name, or undefined when another user holds the name (ignoring case). */
+  /** A new guest and its first session; `name(attempt)` proposes default names until one is free. */
+  createGuest(sid: string, name: (attempt: number) => string): Promise<Session>;
+  /** These sessions connected at `now`: they are kept, and their users seen. */
+  touchSessions(sids: string[], now: number): Promise<void>;
+  /** Renames a user: the previous name, or undefined when another user holds the name (see nameKey). */
   rename(userId: string, name: string): Promise<string | undefined>;
-  /** Deletes sessions that never connected: those created before `before`, then the oldest past `keep`. */
-  pruneSessions(before: number, keep: number): Promise<void>;
+  /** Deletes, in bounded batches: sessions that never connected created before `unusedBefore`, then the oldest
+   * past `keepUnused`; guest sessions not seen since `guestsSeenBefore`; the least recently seen guest sessions
+   * past `keep` in all; and guests left without a session. Returns the sessions deleted. */
+  pruneSessions(rules: PruneRules): Promise<number>;
   countSessions(): Promise<number>;
+  countUsers(): Promise<number>;
+  /** A small write, for /healthz: throws when the store cannot write. */
+  probe(): Promise<void>;
   /** Stores a batch atomically and returns the ids: gap-free per room, committed in id order. */
   append(batch: NewMessage[]): Promise<number[]>;
   /** The newest `limit` messages of a room, oldest first. */
@@ -427,14 +527,23 @@ export async function openStore(url: string): Promise<Store> {
   throw new Error(`Cannot open DATABASE_URL=${url}: expected sqlite://<file>, :memory: or postgres://…`);
 }
 
+/** The schema's version, in meta: a database made by an older version is migrated when opened (see migrateSessions). */
+const SCHEMA_VERSION = 2;
+
 /** The tables, the same on both engines but for SQLite's WITHOUT ROWID messages (one b-tree write a message). */
 function schema(engine: "sqlite" | "postgres"): string[] {
   return [
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
-    `CREATE TABLE IF NOT EXISTS sessions (sid TEXT PRIMARY KEY, user_id TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
-      name_key TEXT NOT NULL UNIQUE, created BIGINT NOT NULL, used INTEGER NOT NULL DEFAULT 0)`,
-    "CREATE INDEX IF NOT EXISTS sessions_unused ON sessions (used, created)",
+    // password: an argon2id hash for accounts, NULL for guests
+    `CREATE TABLE IF NOT EXISTS users (id TEXT PRIMARY KEY, name TEXT NOT NULL, name_key TEXT NOT NULL UNIQUE, password TEXT,
+      admin INTEGER NOT NULL DEFAULT 0, banned INTEGER NOT NULL DEFAULT 0, created BIGINT NOT NULL, seen BIGINT NOT NULL)`,
+    // sid_hash: SHA-256 of the sid, so the table cannot be used to sign in; handle: the session's public name
+    `CREATE TABLE IF NOT EXISTS sessions (sid_hash TEXT PRIMARY KEY, handle TEXT NOT NULL UNIQUE, user_id TEXT NOT NULL,
+      created BIGINT NOT NULL, seen BIGINT NOT NULL, used INTEGER NOT NULL DEFAULT 0)`,
+    "CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (user_id)",
+    "CREATE INDEX IF NOT EXISTS sessions_by_use ON sessions (used, created)",
+    "CREATE INDEX IF NOT EXISTS sessions_by_seen ON sessions (seen)",
     // on Postgres last_id is the room's id counter; on SQLite the row only lists the room
     "CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, last_id BIGINT NOT NULL)",
     `CREATE TABLE IF NOT EXISTS messages (room TEXT NOT NULL, id BIGINT NOT NULL, user_id TEXT NOT NULL, name TEXT NOT NULL,
@@ -450,10 +559,38 @@ const rowOf = (m: NewMessage, id: number): Row => ({
 // Postgres returns BIGINT and count(*) as strings: Number() on every such column
 const messageOfRow = (r: any): Message =>
   messageOf({ room: r.room, id: Number(r.id), user: { id: r.user_id, name: r.name }, text: r.text, ts: Number(r.ts), ref: r.ref });
-const sessionOfRow = (r: any): Session => ({ sid: r.sid, id: r.user_id, name: r.name, used: Number(r.used) === 1 });
+const sessionOfRow = (sid: string, r: any): Session => ({
+  sid, handle: r.handle, id: r.user_id, name: r.name, registered: r.password != null, admin: Number(r.admin) === 1, used: Number(r.used) === 1, seen: Number(r.seen),
+});
+const SESSION_COLUMNS = "s.handle, s.user_id, s.used, s.seen, u.name, u.password, u.admin";
+const sidHash = (sid: string) => createHash("sha256").update(sid).digest("base64url");
 /** Names are unique ignoring case and compatibility forms. */
 const nameKey = (name: string) => name.normalize("NFKC").toLowerCase();
+const PROBE_SQL = "INSERT INTO meta (key, value) VALUES ('probe', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 const isUniqueViolation = (error: unknown) => /unique|duplicate/i.test(String((error as Error)?.message));
+
+/** A version-1 session row: user and session were one row, keyed by the sid itself. */
+type SessionRowV1 = { sid: string; user_id: string; name: string; created: number; used: number };
+/**
+ * Schema 1 → 2: each v1 row becomes a guest user and its session (sid hashed). Names are keyed again by today's
+ * nameKey; a name that now collides with an earlier one gets a suffix (the rename is logged by the caller).
+ */
+function migrateSessions(rows: SessionRowV1[]) {
+  const keys = new Set<string>();
+  const users = [];
+  const sessions = [];
+  const renamed: string[] = [];
+  for (const r of rows) {
+    let name = r.name;
+    for (let n = 2; keys.has(nameKey(name)); n++) name = `${r.name.slice(0, 28)}-${n}`;
+    if (name !== r.name) renamed.push(r.user_id);
+    keys.add(nameKey(name));
+    const created = Number(r.created);
+    users.push({ id: r.user_id, name, name_key: nameKey(name), created, seen: created });
+    sessions.push({ sid_hash: sidHash(r.sid), handle: randomId(HANDLE_BYTES), user_id: r.user_id, created, seen: created, used: Number(r.used) });
+  }
+  return { users, sessions, renamed };
+}
 
 /**
  * SQLite through bun:sqlite on one connection, every statement prepared once. This process is the only
@@ -474,7 +611,7 @@ class SqliteStore implements Store {
     // never sleep on a lock inside the event loop: a busy statement is retried asynchronously (see retrying)
     this.db.run("PRAGMA busy_timeout = 0");
     this.db.run("PRAGMA wal_autocheckpoint = 0"); // the checkpointer thread does it, off the event loop
-    this.db.transaction(() => schema("sqlite").forEach((ddl) => this.db.run(ddl)))();
+    this.db.transaction(() => this.migrate())();
     const insert = this.db.prepare("INSERT INTO messages (room, id, user_id, name, text, ts, ref) VALUES (?, ?, ?, ?, ?, ?, ?)");
     this.insertRow = (r) => void insert.run(r.room, r.id, r.user_id, r.name, r.text, r.ts, r.ref);
     this.insertRows = this.db.transaction((rows: Row[]) => rows.forEach(this.insertRow));
@@ -501,44 +638,68 @@ class SqliteStore implements Store {
     });
   }
 
+  /** Creates the tables, or brings an older database up to SCHEMA_VERSION. */
+  private migrate() {
+    this.db.run("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)");
+    const version = this.db.query("SELECT value FROM meta WHERE key = 'schema_version'").get() as { value: string } | null;
+    const columns = (this.db.query("PRAGMA table_info(sessions)").all() as { name: string }[]).map((c) => c.name);
+    let v1: SessionRowV1[] = [];
+    if (!version && columns.includes("sid")) {
+      v1 = this.db.query("SELECT sid, user_id, name, created, used FROM sessions").all() as SessionRowV1[];
+      this.db.run("DROP TABLE sessions");
+    }
+    schema("sqlite").forEach((ddl) => this.db.run(ddl));
+    const { users, sessions } = migrateSessions(v1);
+    const user = this.db.prepare("INSERT INTO users (id, name, name_key, created, seen) VALUES (?, ?, ?, ?, ?)");
+    for (const u of users) user.run(u.id, u.name, u.name_key, u.created, u.seen);
+    const session = this.db.prepare("INSERT INTO sessions (sid_hash, handle, user_id, created, seen, used) VALUES (?, ?, ?, ?, ?, ?)");
+    for (const x of sessions) session.run(x.sid_hash, x.handle, x.user_id, x.created, x.seen, x.used);
+    this.db.query("INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value").run(String(SCHEMA_VERSION));
+  }
+
   private sessionBySid(sid: string): Session | undefined {
-    const row = this.db.query("SELECT sid, user_id, name, used FROM sessions WHERE sid = ?").get(sid);
-    return row ? sessionOfRow(row) : undefined;
+    const row = this.db.query(`SELECT ${SESSION_COLUMNS} FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.sid_hash = ?`).get(sidHash(sid));
+    return row ? sessionOfRow(sid, row) : undefined;
   }
 
   findSession(sid: string) {
     return this.retrying(() => this.sessionBySid(sid));
   }
 
-  createSession(sid: string) {
+  createGuest(sid: string, name: (attempt: number) => string) {
     const create = this.db.transaction((): Session => {
       const id = `u${randomId(USER_ID_BYTES)}`;
-      for (let attempt = 0; attempt < DEFAULT_NAME_ATTEMPTS; attempt++) {
-        const { value } = this.db.query(`INSERT INTO counters (name, value) VALUES ('user', 1)
-          ON CONFLICT (name) DO UPDATE SET value = counters.value + 1 RETURNING value`).get() as { value: number };
-        const name = `user${value}`;
-        const made = this.db.query(`INSERT INTO sessions (sid, user_id, name, name_key, created) VALUES (?, ?, ?, ?, ?)
-          ON CONFLICT DO NOTHING RETURNING user_id`).get(sid, id, name, nameKey(name), Date.now());
-        if (made) return { sid, id, name, used: false };
-        const existing = this.sessionBySid(sid);
-        if (existing) return existing;
+      const now = Date.now();
+      for (let attempt = 0; ; attempt++) {
+        const candidate = name(attempt);
+        const made = this.db.query(`INSERT INTO users (id, name, name_key, created, seen) VALUES (?, ?, ?, ?, ?)
+          ON CONFLICT DO NOTHING RETURNING id`).get(id, candidate, nameKey(candidate), now, now);
+        if (!made) continue;
+        const handle = randomId(HANDLE_BYTES);
+        this.db.query("INSERT INTO sessions (sid_hash, handle, user_id, created, seen) VALUES (?, ?, ?, ?, ?)").run(sidHash(sid), handle, id, now, now);
+        return { sid, handle, id, name: candidate, registered: false, admin: false, used: false, seen: now };
       }
-      throw new Error("Cannot create session: no free default name");
     });
     return this.retrying(create);
   }
 
-  async markUsed(sid: string) {
-    await this.retrying(() => this.db.query("UPDATE sessions SET used = 1 WHERE sid = ? AND used = 0").run(sid));
+  async touchSessions(sids: string[], now: number) {
+    const touch = this.db.transaction(() => {
+      for (const sid of sids) {
+        const row = this.db.query("UPDATE sessions SET used = 1, seen = ? WHERE sid_hash = ? RETURNING user_id").get(now, sidHash(sid)) as { user_id: string } | null;
+        if (row) this.db.query("UPDATE users SET seen = ? WHERE id = ?").run(now, row.user_id);
+      }
+    });
+    await this.retrying(touch);
   }
 
   rename(userId: string, name: string) {
     return this.retrying(() => {
-      const old = this.db.query("SELECT name FROM sessions WHERE user_id = ?").get(userId) as { name: string } | null;
+      const old = this.db.query("SELECT name FROM users WHERE id = ?").get(userId) as { name: string } | null;
       if (!old) throw new Error(`Cannot rename: no user ${userId}`);
       try {
-        const renamed = this.db.query(`UPDATE sessions SET name = ?1, name_key = ?2, used = 1 WHERE user_id = ?3
-          AND NOT EXISTS (SELECT 1 FROM sessions s2 WHERE s2.name_key = ?2 AND s2.user_id <> ?3) RETURNING name`).get(name, nameKey(name), userId);
+        const renamed = this.db.query(`UPDATE users SET name = ?1, name_key = ?2 WHERE id = ?3
+          AND NOT EXISTS (SELECT 1 FROM users u2 WHERE u2.name_key = ?2 AND u2.id <> ?3) RETURNING name`).get(name, nameKey(name), userId);
         return renamed ? old.name : undefined;
       } catch (error) {
         if (isUniqueViolation(error)) return undefined;
@@ -547,16 +708,45 @@ class SqliteStore implements Store {
     });
   }
 
-  async pruneSessions(before: number, keep: number) {
-    await this.retrying(() => {
-      this.db.query("DELETE FROM sessions WHERE used = 0 AND created < ?").run(before);
-      const { n } = this.db.query("SELECT count(*) AS n FROM sessions WHERE used = 0").get() as { n: number };
-      if (n > keep) this.db.query("DELETE FROM sessions WHERE sid IN (SELECT sid FROM sessions WHERE used = 0 ORDER BY created LIMIT ?)").run(n - keep);
-    });
+  async pruneSessions({ unusedBefore, keepUnused, guestsSeenBefore, keep }: PruneRules) {
+    const count = (where: string) => (this.db.query(`SELECT count(*) AS n FROM sessions s WHERE ${where}`).get() as { n: number }).n;
+    const guest = "s.user_id IN (SELECT id FROM users WHERE password IS NULL)";
+    // each pick names at most PRUNE_BATCH rows; between batches other statements run
+    const picks: [where: string, order: string, limit: () => number][] = [
+      [`s.used = 0 AND s.created < ${Number(unusedBefore)}`, "s.created", () => PRUNE_BATCH],
+      ["s.used = 0", "s.created", () => count("s.used = 0") - keepUnused],
+      [`s.seen < ${Number(guestsSeenBefore)} AND ${guest}`, "s.seen", () => PRUNE_BATCH],
+      [guest, "s.seen", () => count("1 = 1") - keep],
+    ];
+    let deleted = 0;
+    for (const [where, order, limit] of picks) {
+      for (;;) {
+        const n = await this.retrying(() => Math.min(PRUNE_BATCH, limit()));
+        if (n <= 0) break;
+        const users = await this.retrying(() => this.db.query(`DELETE FROM sessions WHERE sid_hash IN
+          (SELECT s.sid_hash FROM sessions s WHERE ${where} ORDER BY ${order} LIMIT ?) RETURNING user_id`).all(n) as { user_id: string }[]);
+        deleted += users.length;
+        await this.retrying(() => {
+          for (const { user_id } of users) {
+            this.db.query("DELETE FROM users WHERE id = ?1 AND password IS NULL AND NOT EXISTS (SELECT 1 FROM sessions WHERE user_id = ?1)").run(user_id);
+          }
+        });
+        if (users.length < n) break;
+      }
+    }
+    return deleted;
   }
 
   countSessions() {
     return this.retrying(() => (this.db.query("SELECT count(*) AS n FROM sessions").get() as { n: number }).n);
+  }
+
+  countUsers() {
+    return this.retrying(() => (this.db.query("SELECT count(*) AS n FROM users").get() as { n: number }).n);
+  }
+
+  async probe() {
+    await this.retrying(() => this.db.query(PROBE_SQL).run(String(Date.now())));
   }
 
   async append(batch: NewMessage[]) {
@@ -660,7 +850,7 @@ class PostgresStore implements Store {
     const sql = new SQL(url, { max: PG_POOL });
     await sql.begin(async (tx) => {
       await tx`SELECT pg_advisory_xact_lock(${PG_SCHEMA_LOCK})`;
-      for (const ddl of schema("postgres")) await tx.unsafe(ddl);
+      await PostgresStore.migrate(tx);
     });
     return new PostgresStore(sql);
   }
@@ -671,37 +861,56 @@ class PostgresStore implements Store {
     return row.value as string;
   }
 
-  async findSession(sid: string) {
-    const [row] = await this.sql`SELECT sid, user_id, name, used FROM sessions WHERE sid = ${sid}`;
-    return row ? sessionOfRow(row) : undefined;
-  }
-
-  async createSession(sid: string): Promise<Session> {
-    const id = `u${randomId(USER_ID_BYTES)}`;
-    for (let attempt = 0; attempt < DEFAULT_NAME_ATTEMPTS; attempt++) {
-      const [{ value }] = await this.sql`INSERT INTO counters (name, value) VALUES ('user', 1)
-        ON CONFLICT (name) DO UPDATE SET value = counters.value + 1 RETURNING value`;
-      const name = `user${Number(value)}`;
-      const made = await this.sql`INSERT INTO sessions (sid, user_id, name, name_key, created)
-        VALUES (${sid}, ${id}, ${name}, ${nameKey(name)}, ${Date.now()}) ON CONFLICT DO NOTHING RETURNING user_id`;
-      if (made.length) return { sid, id, name, used: false };
-      const existing = await this.findSession(sid);
-      if (existing) return existing; // another request created it first
+  /** Creates the tables, or brings an older database up to SCHEMA_VERSION (under the schema lock). */
+  private static async migrate(tx: SQL) {
+    await tx.unsafe("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)");
+    const [version] = await tx`SELECT value FROM meta WHERE key = 'schema_version'`;
+    const [old] = await tx`SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = 'sessions' AND column_name = 'sid'`;
+    let v1: SessionRowV1[] = [];
+    if (!version && old) {
+      v1 = await tx`SELECT sid, user_id, name, created, used FROM sessions`;
+      await tx.unsafe("DROP TABLE sessions");
     }
-    throw new Error("Cannot create session: no free default name");
+    for (const ddl of schema("postgres")) await tx.unsafe(ddl);
+    const { users, sessions } = migrateSessions(v1);
+    for (let i = 0; i < users.length; i += PG_ROWS_PER_INSERT) await tx`INSERT INTO users ${tx(users.slice(i, i + PG_ROWS_PER_INSERT))}`;
+    for (let i = 0; i < sessions.length; i += PG_ROWS_PER_INSERT) await tx`INSERT INTO sessions ${tx(sessions.slice(i, i + PG_ROWS_PER_INSERT))}`;
+    await tx`INSERT INTO meta (key, value) VALUES ('schema_version', ${String(SCHEMA_VERSION)}) ON CONFLICT (key) DO UPDATE SET value = excluded.value`;
   }
 
-  async markUsed(sid: string) {
-    await this.sql`UPDATE sessions SET used = 1 WHERE sid = ${sid} AND used = 0`;
+  async findSession(sid: string) {
+    const [row] = await this.sql.unsafe(`SELECT ${SESSION_COLUMNS} FROM sessions s JOIN users u ON u.id = s.user_id WHERE s.sid_hash = $1`, [sidHash(sid)]);
+    return row ? sessionOfRow(sid, row) : undefined;
+  }
+
+  async createGuest(sid: string, name: (attempt: number) => string): Promise<Session> {
+    const id = `u${randomId(USER_ID_BYTES)}`;
+    const now = Date.now();
+    for (let attempt = 0; ; attempt++) {
+      const candidate = name(attempt);
+      const made = await this.sql`INSERT INTO users (id, name, name_key, created, seen)
+        VALUES (${id}, ${candidate}, ${nameKey(candidate)}, ${now}, ${now}) ON CONFLICT DO NOTHING RETURNING id`;
+      if (!made.length) continue;
+      const handle = randomId(HANDLE_BYTES);
+      await this.sql`INSERT INTO sessions (sid_hash, handle, user_id, created, seen) VALUES (${sidHash(sid)}, ${handle}, ${id}, ${now}, ${now})`;
+      return { sid, handle, id, name: candidate, registered: false, admin: false, used: false, seen: now };
+    }
+  }
+
+  async touchSessions(sids: string[], now: number) {
+    for (const sid of sids) {
+      const [row] = await this.sql`UPDATE sessions SET used = 1, seen = ${now} WHERE sid_hash = ${sidHash(sid)} RETURNING user_id`;
+      if (row) await this.sql`UPDATE users SET seen = ${now} WHERE id = ${row.user_id}`;
+    }
   }
 
   async rename(userId: string, name: string) {
-    const [old] = await this.sql`SELECT name FROM sessions WHERE user_id = ${userId}`;
+    const [old] = await this.sql`SELECT name FROM users WHERE id = ${userId}`;
     if (!old) throw new Error(`Cannot rename: no user ${userId}`);
     try {
-      const renamed = await this.sql`UPDATE sessions SET name = ${name}, name_key = ${nameKey(name)}, used = 1
-        WHERE user_id = ${userId} AND NOT EXISTS (
-          SELECT 1 FROM sessions s2 WHERE s2.name_key = ${nameKey(name)} AND s2.user_id <> ${userId}) RETURNING name`;
+      const renamed = await this.sql`UPDATE users SET name = ${name}, name_key = ${nameKey(name)}
+        WHERE id = ${userId} AND NOT EXISTS (
+          SELECT 1 FROM users u2 WHERE u2.name_key = ${nameKey(name)} AND u2.id <> ${userId}) RETURNING name`;
       return renamed.length > 0 ? (old.name as string) : undefined;
     } catch (error) {
       if (isUniqueViolation(error)) return undefined;
@@ -709,16 +918,44 @@ class PostgresStore implements Store {
     }
   }
 
-  async pruneSessions(before: number, keep: number) {
-    await this.sql`DELETE FROM sessions WHERE used = 0 AND created < ${before}`;
-    const [{ n }] = await this.sql`SELECT count(*) AS n FROM sessions WHERE used = 0`;
-    const excess = Number(n) - keep;
-    if (excess > 0) await this.sql`DELETE FROM sessions WHERE sid IN (SELECT sid FROM sessions WHERE used = 0 ORDER BY created LIMIT ${excess})`;
+  async pruneSessions({ unusedBefore, keepUnused, guestsSeenBefore, keep }: PruneRules) {
+    const count = async (where: string) => Number((await this.sql.unsafe(`SELECT count(*) AS n FROM sessions s WHERE ${where}`))[0].n);
+    const guest = "s.user_id IN (SELECT id FROM users WHERE password IS NULL)";
+    const picks: [where: string, order: string, limit: () => Promise<number>][] = [
+      [`s.used = 0 AND s.created < ${Number(unusedBefore)}`, "s.created", async () => PRUNE_BATCH],
+      ["s.used = 0", "s.created", async () => (await count("s.used = 0")) - keepUnused],
+      [`s.seen < ${Number(guestsSeenBefore)} AND ${guest}`, "s.seen", async () => PRUNE_BATCH],
+      [guest, "s.seen", async () => (await count("1 = 1")) - keep],
+    ];
+    let deleted = 0;
+    for (const [where, order, limit] of picks) {
+      for (;;) {
+        const n = Math.min(PRUNE_BATCH, await limit());
+        if (n <= 0) break;
+        const users = await this.sql.unsafe(`DELETE FROM sessions WHERE sid_hash IN
+          (SELECT s.sid_hash FROM sessions s WHERE ${where} ORDER BY ${order} LIMIT ${n}) RETURNING user_id`);
+        deleted += users.length;
+        for (const { user_id } of users) {
+          await this.sql`DELETE FROM users WHERE id = ${user_id} AND password IS NULL AND NOT EXISTS (SELECT 1 FROM sessions WHERE user_id = ${user_id})`;
+        }
+        if (users.length < n) break;
+      }
+    }
+    return deleted;
   }
 
   async countSessions() {
     const [{ n }] = await this.sql`SELECT count(*) AS n FROM sessions`;
     return Number(n);
+  }
+
+  async countUsers() {
+    const [{ n }] = await this.sql`SELECT count(*) AS n FROM users`;
+    return Number(n);
+  }
+
+  async probe() {
+    await this.sql.unsafe(PROBE_SQL.replace("?", "$1"), [String(Date.now())]);
   }
 
   /** The room's counter row stays locked until commit, so ids are gap-free and commit in order on every node. */
@@ -1079,8 +1316,13 @@ export class Logger {
   }
 }
 
+/** Why a request, upgrade or frame was refused, as /metrics labels them. */
+const REFUSALS = ["sessions_per_address", "upgrades_per_address", "connections_per_address", "connections_per_user", "connections_total", "say_per_address"] as const;
+export type Refusal = (typeof REFUSALS)[number];
+
 /** This process's counters, exposed at /metrics. */
 export class Metrics {
+  readonly refused = Object.fromEntries(REFUSALS.map((r) => [r, 0])) as Record<Refusal, number>;
   messagesReceived = 0;
   messagesPublished = 0;
   framesRejected = 0;
@@ -1103,6 +1345,9 @@ export class Metrics {
       counter("chat_connections_refused_total", "Connections refused by a connection limit", this.connectionsRefused),
       counter("chat_store_errors_total", "Failed writes of chat messages", this.storeErrors),
       counter("chat_gaps_filled_total", "Out-of-order arrivals filled from the store", this.gapsFilled),
+      ...REFUSALS.map((reason): MetricLine => ({
+        name: "chat_refused_total", type: "counter", help: "Requests, upgrades and frames refused by a limit, by reason", value: this.refused[reason], labels: { reason },
+      })),
     ];
   }
 }
@@ -1110,19 +1355,22 @@ export class Metrics {
 /** Prometheus text format 0.0.4. */
 function renderMetrics(lines: MetricLine[]): string {
   return lines
-    .map(({ name, type, help, value, labels }) => {
+    .map(({ name, type, help, value, labels }, i) => {
       const tags = labels ? `{${Object.entries(labels).map(([k, v]) => `${k}="${v}"`).join(",")}}` : "";
-      return `# HELP ${name} ${help}\n# TYPE ${name} ${type}\n${name}${tags} ${value}\n`;
+      const head = lines[i - 1]?.name === name ? "" : `# HELP ${name} ${help}\n# TYPE ${name} ${type}\n`;
+      return `${head}${name}${tags} ${value}\n`;
     })
     .join("");
 }
 
 // ── Connections: users with open sockets on this node, and the limits on them ─
 
-type LocalUser = { id: string; name: string; sid: string; sockets: ChatSocket[] }; // a user has a few tabs
+type LocalUser = { id: string; name: string; sockets: ChatSocket[] }; // a user has a few tabs
 /** Per socket. Plain arrays: a socket holds a few rooms, and per-socket memory is what idle servers are made of. */
 type SocketData = {
   user: LocalUser;
+  sid: string; // the session it was opened with
+  address: string; // the client address (clientAddress), for the per-address limits
   rooms: string[]; // joined: history sent, subscribed
   joining: string[] | null; // waiting for the room to load (usually null)
   joins: TokenBucket | null; // JOIN_LIMIT, made on the first join
@@ -1130,7 +1378,7 @@ type SocketData = {
   closed: boolean;
 };
 type ChatSocket = ServerWebSocket<SocketData>;
-type Refusal = { status: 429 | 503; code: ErrorCode; message: string };
+type Refused = { status: 429 | 503; code: ErrorCode; message: string; retryAfterMs?: number };
 
 const userOf = (ws: ChatSocket): User => ({ id: ws.data.user.id, name: ws.data.user.name });
 
@@ -1147,28 +1395,38 @@ function removeFrom(data: SocketData, list: "rooms" | "joining", room: string): 
 export class Connections {
   count = 0; // open sockets; each is in its user's `sockets`
   private readonly users = new Map<string, LocalUser>();
-  constructor(private readonly limits: Pick<Config, "maxConnections" | "maxConnectionsPerUser">, private readonly metrics: Metrics) {}
+  private readonly perAddress = new Map<string, number>(); // open or opening sockets per client address
+  constructor(private readonly limits: Pick<Config, "maxConnections" | "maxConnectionsPerUser" | "maxConnectionsPerAddress">, private readonly metrics: Metrics) {}
 
   /** The new socket's data, or why it may not open. Nothing may await between this and the upgrade, or a burst gets past it. */
-  admit(session: Session): SocketData | Refusal {
-    const { maxConnections, maxConnectionsPerUser } = this.limits;
-    let refusal: Refusal | undefined;
-    if (this.count >= maxConnections) refusal = { status: 503, code: "unavailable", message: "Too many connections, try again later" };
-    else if ((this.users.get(session.id)?.sockets.length ?? 0) >= maxConnectionsPerUser) {
-      refusal = { status: 429, code: "limit_exceeded", message: `At most ${maxConnectionsPerUser} connections per user` };
-    }
-    if (refusal) {
+  admit(session: Session, address: string): SocketData | Refused {
+    const refused = this.refuse(session, address);
+    if (refused) {
       this.metrics.connectionsRefused++;
-      return refusal;
+      this.metrics.refused[refused[0]]++;
+      return refused[1];
     }
     let user = this.users.get(session.id);
-    if (!user) this.users.set(session.id, (user = { id: session.id, name: session.name, sid: session.sid, sockets: [] }));
-    return { user, rooms: [], joining: null, joins: null, buffered: 0, closed: false };
+    if (!user) this.users.set(session.id, (user = { id: session.id, name: session.name, sockets: [] }));
+    this.perAddress.set(address, (this.perAddress.get(address) ?? 0) + 1);
+    return { user, sid: session.sid, address, rooms: [], joining: null, joins: null, buffered: 0, closed: false };
+  }
+
+  private refuse(session: Session, address: string): [Refusal, Refused] | undefined {
+    const { maxConnections, maxConnectionsPerUser, maxConnectionsPerAddress } = this.limits;
+    if (this.count >= maxConnections) return ["connections_total", { status: 503, code: "unavailable", message: "Too many connections, try again later" }];
+    if ((this.perAddress.get(address) ?? 0) >= maxConnectionsPerAddress) {
+      return ["connections_per_address", { status: 429, code: "limit_exceeded", message: `At most ${maxConnectionsPerAddress} connections per address` }];
+    }
+    if ((this.users.get(session.id)?.sockets.length ?? 0) >= maxConnectionsPerUser) {
+      return ["connections_per_user", { status: 429, code: "limit_exceeded", message: `At most ${maxConnectionsPerUser} connections per user` }];
+    }
   }
 
   /** The upgrade did not happen after all. */
   abandon(data: SocketData) {
     if (data.user.sockets.length === 0) this.users.delete(data.user.id);
+    this.release(data.address);
   }
 
   opened(ws: ChatSocket) {
@@ -1181,6 +1439,13 @@ export class Connections {
     this.count--;
     user.sockets.splice(user.sockets.indexOf(ws), 1);
     if (user.sockets.length === 0) this.users.delete(user.id);
+    this.release(ws.data.address);
+  }
+
+  private release(address: string) {
+    const open = (this.perAddress.get(address) ?? 1) - 1;
+    if (open > 0) this.perAddress.set(address, open);
+    else this.perAddress.delete(address);
   }
 
   user(id: string): LocalUser | undefined {
@@ -1529,11 +1794,13 @@ type ChatUnits = { store: Store; fanout: Fanout; rooms: Rooms; connections: Conn
 
 export class Chat {
   private readonly sayLimits: RateLimiter;
+  private readonly addressSayLimits: RateLimiter; // all users of one address together
   private readonly renameLimits: RateLimiter;
   private readonly typingThrottle = new TypingThrottle();
 
   constructor(private readonly config: Config, private readonly units: ChatUnits) {
     this.sayLimits = new RateLimiter(config.rateLimit);
+    this.addressSayLimits = new RateLimiter(config.rateLimitPerAddress);
     this.renameLimits = new RateLimiter(config.renameLimit);
   }
 
@@ -1614,6 +1881,12 @@ export class Chat {
     if (wait) {
       this.units.metrics.rateLimited++;
       return sendError(ws, "rate_limited", `Slow down: try again in ${wait} ms`, { ref, retryAfterMs: wait });
+    }
+    const addressWait = this.addressSayLimits.take(ws.data.address);
+    if (addressWait) {
+      this.units.metrics.rateLimited++;
+      this.units.metrics.refused.say_per_address++;
+      return sendError(ws, "rate_limited", `Too many messages from your address: try again in ${addressWait} ms`, { ref, retryAfterMs: addressWait });
     }
     this.units.metrics.messagesReceived++;
     this.units.queue.push({ ws, room: msg.room, user: userOf(ws), text: msg.text, ts: Date.now(), ref });
@@ -1715,13 +1988,14 @@ export class Chat {
     const here = (userId: string) => this.units.connections.user(userId) !== undefined;
     this.typingThrottle.prune(before);
     this.sayLimits.prune(before, here);
+    this.addressSayLimits.prune(before, () => false); // a bucket idle for STALE_MS is full again anyway
     this.renameLimits.prune(before, here);
   }
 }
 
 // ── HTTP: Hono routes; a session is a random id in a signed cookie ───────────
 
-type Env = { Bindings: Server<SocketData>; Variables: { session: Session } };
+type Env = { Bindings: Server<SocketData>; Variables: { session: Session | undefined; address: string } };
 
 /** The one JSON error answer: {error: {code, message}}, with Retry-After when there is a wait. */
 function httpError(c: Context, status: ContentfulStatusCode, code: string, message: string, retryAfterMs?: number) {
@@ -1729,17 +2003,37 @@ function httpError(c: Context, status: ContentfulStatusCode, code: string, messa
   return c.json({ error: { code, message } }, status);
 }
 
+/** A JSON body checked by `schema`: the value, or the answer to send (415 unless the body says it is JSON, 400 unless it parses). */
+async function readJson<S extends z.ZodType>(c: Context, schema: S, what: string): Promise<{ ok: true; value: z.output<S> } | { ok: false; answer: Response }> {
+  if (!/^application\/json\s*(;|$)/i.test(c.req.header("content-type") ?? "")) {
+    return { ok: false, answer: httpError(c, 415, "unsupported_media_type", "Content-Type must be application/json") };
+  }
+  const body = schema.safeParse(await c.req.json().catch(() => undefined));
+  return body.success ? { ok: true, value: body.data } : { ok: false, answer: httpError(c, 400, "bad_request", firstIssue(body.error, what)) };
+}
+
 const isSecure = (c: Context) => new URL(c.req.url).protocol === "https:" || c.req.header("x-forwarded-proto") === "https";
 
 /**
  * Cookies `sid=<random id>.<base64 HMAC-SHA256>` as Hono's setSignedCookie writes them, checked like its
  * getSignedCookie but with one HMAC key for the process instead of a WebCrypto import per request.
+ * Over https the cookie is `__Host-sid`: only this origin, over TLS, can set it (no subdomain, no plain-http page).
  */
 class Cookies {
   constructor(private readonly secret: string) {}
 
+  name(c: Context): string {
+    return isSecure(c) ? "__Host-sid" : "sid";
+  }
+
+  /** How many cookies of our name the request carries: a second one is someone else's, planted beside ours. */
+  count(c: Context): number {
+    const name = this.name(c);
+    return (c.req.header("cookie") ?? "").split(";").filter((pair) => pair.split("=", 1)[0].trim() === name).length;
+  }
+
   sid(c: Context): string | undefined {
-    const value = getCookie(c, "sid");
+    const value = getCookie(c, this.name(c));
     const dot = value?.lastIndexOf(".") ?? -1;
     if (dot < 0) return;
     const sid = value!.slice(0, dot);
@@ -1749,48 +2043,104 @@ class Cookies {
   }
 
   issue(c: Context, sid: string) {
-    return setSignedCookie(c, "sid", sid, this.secret, { httpOnly: true, sameSite: "Lax", path: "/", secure: isSecure(c), maxAge: COOKIE_MAX_AGE_S });
+    return setSignedCookie(c, this.name(c), sid, this.secret, { httpOnly: true, sameSite: "Lax", path: "/", secure: isSecure(c), maxAge: COOKIE_MAX_AGE_S });
   }
 }
 
-/** Sessions: the cookie names a row, made on the first /api request; rows that never connect are pruned. */
+// a default name says nothing about how many came before it, and there are too many to squat (48 × 48 × 9000)
+const NAME_WORDS = [
+  "amber brave calm clever cosmic crisp dandy eager fancy fuzzy gentle glad golden happy humble jolly kind lively lucky mellow merry misty noble plucky proud quick quiet rapid rosy rusty shiny silent silver sleepy snowy sunny swift tidy tiny vivid warm wild windy wise witty young zesty bold".split(" "),
+  "otter badger beaver bison camel crane dingo eagle falcon ferret finch gecko heron ibis koala lemur llama lynx magpie marten moose newt ocelot okapi orca osprey panda puffin quail raven robin salmon seal shrew sloth stoat swan tapir tern tiger toucan trout turtle viper walrus wombat yak zebra".split(" "),
+];
+/** A random default name like `quiet-otter-4821`; later attempts add a longer random tail, so one is always free. */
+export function defaultName(attempt = 0): string {
+  const [a, b, n] = crypto.getRandomValues(new Uint32Array(3));
+  const tail = attempt < DEFAULT_NAME_ATTEMPTS ? String(1000 + (n % 9000)) : randomId(6).replace(/[^A-Za-z0-9]/g, "x");
+  return `${NAME_WORDS[0][a % NAME_WORDS[0].length]}-${NAME_WORDS[1][b % NAME_WORDS[1].length]}-${tail}`;
+}
+
+type SessionLimits = Pick<Config, "guestTtl" | "maxUnusedSessions" | "maxSessions" | "sessionsPerAddress" | "upgradesPerAddress">;
+
+/**
+ * Sessions: a guest is made on the first GET or PUT /api/me without a session, with a sid the server picks (never
+ * one a request brings, so nobody can fix another's session); a guest unused for GUEST_TTL is gone.
+ */
 class Sessions {
   private createdSincePrune = 0;
-  constructor(private readonly store: Store, readonly cookies: Cookies, private readonly maxUnused: number, private readonly logger: Logger) {}
-
-  /** The session a request's cookie names, if its row exists. */
-  async read(c: Context): Promise<Session | undefined> {
-    const sid = this.cookies.sid(c);
-    return sid ? await this.store.findSession(sid) : undefined;
+  private readonly perAddress: RateLimiter;
+  private readonly upgrades: RateLimiter;
+  private readonly touched = new Map<string, number>(); // sid → when its row was last marked seen
+  constructor(private readonly store: Store, readonly cookies: Cookies, private readonly limits: SessionLimits, private readonly metrics: Metrics, private readonly logger: Logger) {
+    this.perAddress = new RateLimiter(limits.sessionsPerAddress);
+    this.upgrades = new RateLimiter(limits.upgradesPerAddress);
   }
 
-  /** The request's session, made (with a cookie, when it had none) if missing. */
-  async readOrCreate(c: Context): Promise<Session> {
+  /** Takes an upgrade of this address: 0, or the ms until one is allowed. */
+  upgrade(address: string): number {
+    const wait = this.upgrades.take(address);
+    if (wait) this.metrics.refused.upgrades_per_address++;
+    return wait;
+  }
+
+  /** The session a request's cookie names, if it exists and has not expired. */
+  async read(c: Context): Promise<Session | undefined> {
     const sid = this.cookies.sid(c);
-    const found = sid ? await this.store.findSession(sid) : undefined;
-    if (found) return found;
-    const session = await this.store.createSession(sid ?? randomId(SID_BYTES));
-    if (!sid) await this.cookies.issue(c, session.sid);
-    // every tenth of the cap the cap is enforced at once, so a flood of cookie-less requests cannot outgrow it between janitor runs
-    if (++this.createdSincePrune >= Math.ceil(this.maxUnused / 10)) {
+    const session = sid ? await this.store.findSession(sid) : undefined;
+    return session && (session.registered || session.seen >= Date.now() - this.limits.guestTtl) ? session : undefined;
+  }
+
+  /** A new guest with a new cookie, unless this address made too many lately. */
+  async create(c: Context, address: string): Promise<Session | Refused> {
+    const wait = this.perAddress.take(address);
+    if (wait) {
+      this.metrics.refused.sessions_per_address++;
+      return { status: 429, code: "rate_limited", message: `Too many new sessions from your address: try again in ${wait} ms`, retryAfterMs: wait };
+    }
+    const session = await this.store.createGuest(randomId(SID_BYTES), defaultName);
+    await this.cookies.issue(c, session.sid);
+    // every tenth of the cap the cap is enforced at once, so a flood cannot outgrow it between janitor runs
+    if (++this.createdSincePrune >= Math.ceil(this.limits.maxUnusedSessions / 10)) {
       this.createdSincePrune = 0;
       await this.prune();
     }
     return session;
   }
 
-  /** The session has opened a socket: it is kept from now on. */
-  async markUsed(session: Session) {
-    await this.store.markUsed(session.sid);
+  /** The session opened a socket: it is kept from now on, and seen now. */
+  async opened(session: Session) {
+    const now = Date.now();
+    if (session.used && now - session.seen < SEEN_EVERY_MS) return;
+    await this.store.touchSessions([session.sid], now);
+    this.touched.set(session.sid, now);
   }
 
-  /** Drops sessions that never connected: older than UNUSED_SESSION_TTL_MS, or the oldest past MAX_UNUSED_SESSIONS. */
-  prune(): Promise<void> {
-    return this.store.pruneSessions(Date.now() - UNUSED_SESSION_TTL_MS, this.maxUnused).catch((error) => this.logger.error("prune sessions", error));
+  /** Marks sessions with open sockets as seen (at most every SEEN_EVERY_MS), so a long-open tab never expires. */
+  async stillOpen(sids: Iterable<string>) {
+    const now = Date.now();
+    const open = new Set(sids);
+    for (const sid of this.touched.keys()) if (!open.has(sid)) this.touched.delete(sid);
+    const due = [...open].filter((sid) => now - (this.touched.get(sid) ?? 0) >= SEEN_EVERY_MS);
+    if (!due.length) return;
+    await this.store.touchSessions(due, now);
+    for (const sid of due) this.touched.set(sid, now);
+  }
+
+  /** Drops sessions that never connected, expired guests, and the least recently seen guests past MAX_SESSIONS. */
+  async prune(): Promise<void> {
+    const now = Date.now();
+    const { guestTtl, maxUnusedSessions, maxSessions } = this.limits;
+    const rules = { unusedBefore: now - UNUSED_SESSION_TTL_MS, keepUnused: maxUnusedSessions, guestsSeenBefore: now - guestTtl, keep: maxSessions };
+    await this.store.pruneSessions(rules).catch((error) => this.logger.error("prune sessions", error));
+  }
+
+  /** Forgets rate buckets idle since `before` (a bucket idle that long is full again). */
+  forgetStale(before: number) {
+    this.perAddress.prune(before, () => false);
+    this.upgrades.prune(before, () => false);
   }
 }
 
-type AppUnits = { config: Config; sessions: Sessions; chat: Chat; connections: Connections; fanout: Fanout; rooms: Rooms; metrics: Metrics; logger: Logger; lifecycle: { shuttingDown: boolean } };
+type AppUnits = { config: Config; store: Store; sessions: Sessions; chat: Chat; connections: Connections; fanout: Fanout; rooms: Rooms; metrics: Metrics; logger: Logger; lifecycle: { shuttingDown: boolean } };
 
 function createApp(units: AppUnits): Hono<Env> {
   const app = new Hono<Env>();
@@ -1798,56 +2148,109 @@ function createApp(units: AppUnits): Hono<Env> {
     units.logger.error("http", error, { path: c.req.path });
     return httpError(c, 500, "internal", "Something went wrong on the server");
   });
-  app.notFound((c) => httpError(c, 404, "not_found", `No route for ${c.req.method} ${c.req.path}`));
+  // the path is not echoed: an error body holds nothing a request put there
+  app.notFound((c) => httpError(c, 404, "not_found", "No such route"));
+  app.use(async (c, next) => {
+    const peer = c.env.requestIP(c.req.raw)?.address ?? "";
+    c.set("address", clientAddress(peer, c.req.header("x-forwarded-for"), units.config.trustedProxies));
+    await next();
+    c.header("x-content-type-options", "nosniff");
+  });
   mountOperations(app, units);
-  mountPage(app, units);
+  mountPage(app);
   mountApi(app, units);
   mountSocket(app, units);
   return app;
 }
 
-/** /healthz and /metrics, for load balancers and Prometheus. */
-function mountOperations(app: Hono<Env>, { fanout, connections, rooms, metrics, lifecycle }: AppUnits) {
-  app.get("/healthz", (c) => {
+/** Whether the store takes a write, probed at most every HEALTH_PROBE_MS (a full disk fails every write). */
+function storeProbe(store: Store) {
+  let last = { at: -Infinity, ok: true };
+  let running: Promise<boolean> | null = null;
+  return async (): Promise<boolean> => {
+    if (performance.now() - last.at < HEALTH_PROBE_MS) return last.ok;
+    running ??= store.probe().then(() => true, () => false).then((ok) => {
+      last = { at: performance.now(), ok };
+      running = null;
+      return ok;
+    });
+    return running;
+  };
+}
+
+/** /healthz for load balancers; /metrics for Prometheus, here unless METRICS_PORT serves it on its own. */
+function mountOperations(app: Hono<Env>, units: AppUnits) {
+  const { config, store, fanout, lifecycle } = units;
+  const writable = storeProbe(store);
+  app.get("/healthz", async (c) => {
     if (lifecycle.shuttingDown) return c.json({ status: "shutting_down" }, 503);
+    if (!(await writable())) return c.json({ status: "degraded", store: "failing" }, 503);
     // without Redis this node still serves its own clients, and the store fills the gaps later
     if (!fanout.connected) return c.json({ status: "degraded", redis: "disconnected" });
     return c.json({ status: "ok" });
   });
-  app.get("/metrics", (c) => {
-    const lines = [...fanout.metrics(), ...metrics.lines({ connections: connections.count, rooms: rooms.size })];
-    return c.text(renderMetrics(lines), 200, { "content-type": "text/plain; version=0.0.4; charset=utf-8" });
-  });
+  if (config.metricsPort === undefined) app.get("/metrics", (c) => metricsAnswer(c, units));
 }
 
-/** `/`: the page, and a cookie only; the session row is made when /api/* first needs it. */
-function mountPage(app: Hono<Env>, { sessions }: AppUnits) {
-  app.get("/", async (c) => {
-    if (!sessions.cookies.sid(c)) await sessions.cookies.issue(c, randomId(SID_BYTES));
+/**
+ * The metrics, for a request with METRICS_TOKEN as its bearer token, or when no token is set for one from
+ * this machine that no proxy forwarded (a proxy on the same machine would make every visitor local).
+ */
+function metricsAnswer(c: Context, { config, fanout, connections, rooms, metrics }: AppUnits) {
+  const { metricsToken } = config;
+  const peer = c.env.requestIP(c.req.raw)?.address ?? "";
+  const local = /^(127\.|::1$|::ffff:127\.)/.test(peer) && !c.req.header("x-forwarded-for") && !c.req.header("forwarded");
+  const allowed = metricsToken
+    ? safeEqual(c.req.header("authorization") ?? "", `Bearer ${metricsToken}`)
+    : local || config.metricsPort !== undefined;
+  if (!allowed) return httpError(c, 403, "forbidden", metricsToken ? "Send Authorization: Bearer <METRICS_TOKEN>" : "Metrics are served to this machine only (or set METRICS_TOKEN)");
+  const lines = [...fanout.metrics(), ...metrics.lines({ connections: connections.count, rooms: rooms.size })];
+  return c.text(renderMetrics(lines), 200, { "content-type": "text/plain; version=0.0.4; charset=utf-8" });
+}
+
+function safeEqual(a: string, b: string): boolean {
+  const x = createHash("sha256").update(a).digest();
+  return timingSafeEqual(x, createHash("sha256").update(b).digest());
+}
+
+/** `/`: the page. It sets no cookie: a session is made when the page asks /api/me. */
+function mountPage(app: Hono<Env>) {
+  app.get("/", (c) => {
     c.header("cache-control", "no-store");
     c.header("content-security-policy", CLIENT_CSP);
-    c.header("x-content-type-options", "nosniff");
     c.header("referrer-policy", "same-origin"); // not no-referrer: that sends Origin: null on our own PUT
     return c.body(CLIENT_HTML, 200, { "content-type": "text/html; charset=utf-8" });
   });
 }
 
+/** A request's session, making a guest when it has none. */
+async function sessionOrGuest(c: Context<Env>, sessions: Sessions): Promise<Session | Response> {
+  const found = c.get("session");
+  if (found) return found;
+  const made = await sessions.create(c, c.get("address"));
+  return "status" in made ? httpError(c, made.status, made.code, made.message, made.retryAfterMs) : made;
+}
+
+const me = ({ id, name, registered, admin }: Session) => ({ id, name, registered, admin });
+
 function mountApi(app: Hono<Env>, { sessions, chat }: AppUnits) {
   app.use("/api/*", async (c, next) => {
-    c.set("session", await sessions.readOrCreate(c));
+    if (sessions.cookies.count(c) > 1) return httpError(c, 400, "bad_request", "The request has more than one session cookie: clear this site's cookies");
+    c.set("session", await sessions.read(c));
     await next();
   });
-  app.get("/api/me", (c) => {
-    const { id, name } = c.get("session");
-    return c.json({ id, name });
+  app.get("/api/me", async (c) => {
+    const session = await sessionOrGuest(c, sessions);
+    return session instanceof Response ? session : c.json(me(session));
   });
   app.put("/api/me", async (c) => {
-    const body = RenameBody.safeParse(await c.req.json().catch(() => undefined));
-    if (!body.success) return httpError(c, 400, "bad_request", firstIssue(body.error, "body must be a JSON object {name}"));
-    const { id } = c.get("session");
-    const result = await chat.rename(id, body.data.name);
+    const body = await readJson(c, RenameBody, "body must be a JSON object {name}");
+    if (!body.ok) return body.answer;
+    const session = await sessionOrGuest(c, sessions);
+    if (session instanceof Response) return session;
+    const result = await chat.rename(session.id, body.value.name);
     if (!result.ok) return httpError(c, result.code === "rate_limited" ? 429 : 409, result.code, result.message, result.retryAfterMs);
-    return c.json({ id, name: body.data.name });
+    return c.json(me({ ...session, name: body.value.name }));
   });
   app.get("/api/rooms", async (c) => c.json(await chat.listRooms()));
   app.get("/api/rooms/:room/messages", async (c) => {
@@ -1866,14 +2269,20 @@ function mountSocket(app: Hono<Env>, { config, sessions, connections, lifecycle 
     if (c.req.header("upgrade")?.toLowerCase() !== "websocket") return httpError(c, 426, "upgrade_required", "GET /chat is a WebSocket endpoint");
     const origin = c.req.header("origin");
     if (origin !== undefined && !originAllowed(config.allowedOrigins, origin, c.req.header("host"), isSecure(c))) {
-      return httpError(c, 403, "forbidden", `Origin ${origin} may not open /chat`);
+      return httpError(c, 403, "forbidden", "This origin may not open /chat");
+    }
+    if (sessions.cookies.count(c) > 1) return httpError(c, 400, "bad_request", "The request has more than one session cookie: clear this site's cookies");
+    const address = c.get("address");
+    const wait = sessions.upgrade(address);
+    if (wait) {
+      return httpError(c, 429, "rate_limited", `Too many connections opened from your address: try again in ${wait} ms`, wait);
     }
     const session = await sessions.read(c);
-    if (!session) return httpError(c, 401, "unauthorized", "No valid session: load / or /api/me first");
+    if (!session) return httpError(c, 401, "unauthorized", "No valid session: load / first (the page asks /api/me for one)");
     if (lifecycle.shuttingDown) return httpError(c, 503, "unavailable", "Server is shutting down");
     // before the limits: nothing may await between them and the upgrade, or a burst gets past them
-    if (!session.used) await sessions.markUsed(session);
-    const data = connections.admit(session);
+    await sessions.opened(session);
+    const data = connections.admit(session, address);
     if ("status" in data) return httpError(c, data.status, data.code, data.message);
     if (c.env.upgrade(c.req.raw, { data })) return new Response(null);
     connections.abandon(data);
@@ -1954,7 +2363,7 @@ export async function startServer(options: ServerOptions = {}) {
   const { log = () => {}, ...input } = options;
   const config = Config.parse(input);
   const logger = new Logger(log);
-  const nodeId = config.nodeId ?? `${process.pid}-${randomId(NODE_SUFFIX_BYTES)}`;
+  const nodeId = config.nodeId ?? randomId(NODE_SUFFIX_BYTES);
   const store = await openStore(config.databaseUrl);
   const secret = config.sessionSecret ?? (await store.secret(randomId(SECRET_BYTES)));
   const fanout = config.redisUrl ? await RedisFanout.open(config.redisUrl, nodeId, logger) : new LocalFanout(nodeId);
@@ -1965,9 +2374,10 @@ export async function startServer(options: ServerOptions = {}) {
   const queue = new SayQueue(store, rooms, fanout, metrics, logger);
   const chat = new Chat(config, { store, fanout, rooms, connections, queue, metrics, logger });
   fanout.listen(chat.fanoutEvents());
-  const sessions = new Sessions(store, new Cookies(secret), config.maxUnusedSessions, logger);
+  const sessions = new Sessions(store, new Cookies(secret), config, metrics, logger);
   const lifecycle = { shuttingDown: false };
-  const app = createApp({ config, sessions, chat, connections, fanout, rooms, metrics, logger, lifecycle });
+  const units = { config, store, sessions, chat, connections, fanout, rooms, metrics, logger, lifecycle };
+  const app = createApp(units);
   const server = Bun.serve<SocketData>({
     port: config.port,
     hostname: config.host,
@@ -1976,11 +2386,19 @@ export async function startServer(options: ServerOptions = {}) {
     websocket: socketHandlers({ config, chat, connections, metrics, logger }),
   });
   topics.bind(server);
+  // METRICS_PORT: /metrics alone, on its own (loopback by default) listener
+  const metricsServer = config.metricsPort === undefined ? null : Bun.serve({
+    port: config.metricsPort,
+    hostname: config.metricsHost,
+    fetch: new Hono<Env>().get("/metrics", (c) => metricsAnswer(c, units)).fetch,
+  });
   const timers = [
     setInterval(() => connections.sampleBuffered(), BUFFER_SAMPLE_MS),
     setInterval(() => {
       chat.forgetStale();
-      void sessions.prune();
+      sessions.forgetStale(performance.now() - STALE_MS);
+      void sessions.stillOpen([...connections.all()].map((ws) => ws.data.sid)).then(() => sessions.prune())
+        .catch((error) => logger.error("touch sessions", error));
     }, JANITOR_MS),
   ];
   for (const timer of timers) timer.unref();
@@ -1994,6 +2412,7 @@ export async function startServer(options: ServerOptions = {}) {
     await queue.drain();
     for (const ws of [...connections.all()]) ws.close(1001, "server shutting down");
     await server.stop();
+    await metricsServer?.stop();
     await fanout.close();
     await store.close();
   }
@@ -2002,6 +2421,7 @@ export async function startServer(options: ServerOptions = {}) {
   logger.info("ready", { port: server.port, url });
   return {
     server, port: server.port!, url, config, store, metrics, stop,
+    metricsPort: metricsServer?.port,
     /** Starts shutting down: health answers 503 and new sockets are refused; the rest keeps working. */
     drain: () => void (lifecycle.shuttingDown = true),
     pruneSessions: () => sessions.prune(),

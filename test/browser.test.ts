@@ -71,7 +71,7 @@ describe.skipIf(SKIP)("browser client", () => {
     await using a = await open(chat.url);
     await using b = await open(chat.url);
     const [aName, bName] = [await a.name(), await b.name()];
-    expect(aName).toMatch(/^user\d+$/);
+    expect(aName).toMatch(/^[a-z]+-[a-z]+-\d{4}$/);
     expect(bName).not.toBe(aName);
     await a.page.locator("#people", { hasText: bName! }).waitFor();
 

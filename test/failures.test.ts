@@ -41,7 +41,7 @@ describe.skipIf(!!skip)("one node on Postgres", () => {
     })();
     await using chat = await serve({ databaseUrl });
     const me = await fetch(`${chat.url}/api/me`, { headers: { cookie: alice.cookie } });
-    expect(await me.json()).toEqual({ id: alice.id, name: "Alice" });
+    expect(await me.json()).toEqual({ id: alice.id, name: "Alice", registered: false, admin: false });
     const page = await fetch(`${chat.url}/api/rooms/room/messages?before=3&limit=10`, { headers: { cookie: alice.cookie } });
     expect(((await page.json()) as { messages: { text: string }[] }).messages.map((m) => m.text)).toEqual(["m1", "m2"]);
     const a = await Client.connect(chat.url, alice);

@@ -15,6 +15,14 @@ export function tempDir(prefix = "chat-test-") {
   return { dir, [Symbol.dispose]: () => rmSync(dir, { recursive: true, force: true }) };
 }
 
+/** Every test client comes from 127.0.0.1: the per-address limits are lifted unless a test sets them. */
+export const ADDRESS_LIMITS_OFF = {
+  sessionsPerAddress: "1000000/1s", upgradesPerAddress: "1000000/1s", maxConnectionsPerAddress: "1000000", rateLimitPerAddress: "1000000/1s",
+} as const;
+export const ADDRESS_LIMITS_OFF_ENV = {
+  SESSIONS_PER_ADDRESS: "1000000/1s", UPGRADES_PER_ADDRESS: "1000000/1s", MAX_CONNECTIONS_PER_ADDRESS: "1000000", RATE_LIMIT_PER_ADDRESS: "1000000/1s",
+};
+
 /**
  * Starts an in-process server on a free port. Unless `databaseUrl` names another, its database is a
  * SQLite file in a temp folder of its own (the production write path), removed after `stop()` on dispose.
@@ -22,7 +30,7 @@ export function tempDir(prefix = "chat-test-") {
 export async function serve(options: ServerOptions = {}) {
   const tmp = options.databaseUrl === undefined ? tempDir("chat-db-") : null;
   const databaseUrl = options.databaseUrl ?? `sqlite://${tmp!.dir}/chat.db`;
-  const chat = await startServer({ port: 0, host: "127.0.0.1", ...options, databaseUrl }).catch((error) => {
+  const chat = await startServer({ port: 0, host: "127.0.0.1", ...ADDRESS_LIMITS_OFF, ...options, databaseUrl }).catch((error) => {
     tmp?.[Symbol.dispose]();
     throw error;
   });
@@ -37,7 +45,7 @@ export async function serve(options: ServerOptions = {}) {
   });
 }
 
-export type Session = { cookie: string; id: string; name: string };
+export type Session = { cookie: string; id: string; name: string; registered: boolean; admin: boolean };
 
 /** Gets a new session the way a browser does: GET /api/me without a cookie. */
 export async function newSession(baseUrl: string): Promise<Session> {
@@ -45,7 +53,7 @@ export async function newSession(baseUrl: string): Promise<Session> {
   if (res.status !== 200) throw new Error(`GET /api/me answered ${res.status}`);
   const setCookie = res.headers.get("set-cookie");
   if (!setCookie) throw new Error("GET /api/me set no cookie");
-  const me = (await res.json()) as { id: string; name: string };
+  const me = (await res.json()) as { id: string; name: string; registered: boolean; admin: boolean };
   return { cookie: setCookie.split(";")[0], ...me };
 }
 
@@ -195,7 +203,7 @@ export class Client {
 
 /** Spawns `bun server.ts` (or another command) and waits for its JSON ready line. */
 export async function spawnServer(env: Record<string, string>, cmd: string[] = [BUN, join(ROOT, "server.ts")], cwd = ROOT) {
-  const proc = Bun.spawn(cmd, { cwd, env: { ...process.env, PORT: "0", HOST: "127.0.0.1", ...env }, stdout: "pipe", stderr: "pipe" });
+  const proc = Bun.spawn(cmd, { cwd, env: { ...process.env, PORT: "0", HOST: "127.0.0.1", ...ADDRESS_LIMITS_OFF_ENV, ...env }, stdout: "pipe", stderr: "pipe" });
   const lines: string[] = [];
   const reader = proc.stdout.getReader();
   const decoder = new TextDecoder();
