@@ -362,8 +362,9 @@ describe("chat", () => {
 
   test("the hand-written check for say frames accepts exactly what the zod schema accepts", () => {
     const rooms = [undefined, "room", "a", "a".repeat(32), "a".repeat(33), "", "Room", "-x", "x y", 5, null];
-    const texts = [undefined, "hi", "", " ", "a\u0000b", "tab\tnew\nline", "\u007f", "\ud800", "😀", "\u202eRTL", "x".repeat(2001), 7, ["x"]];
-    const refs = [undefined, "r1", "", "r".repeat(64), "r".repeat(65), "\u0001", "\udc00", 1, null];
+    const texts = [undefined, "hi", "", " ", "a\u0000b", "tab\tnew\nline", "\u007f", "\ud800", "😀", "\u202eRTL", "x".repeat(2001), 7, ["x"],
+      "cr\r\n", "a\u0085b", "a\u009bb", "x\u2028y", "\u200b\u200d\u2060", "\u3164", "👩\u200d👩\u200d👧", "\ufe0f\u{e0041}"];
+    const refs = [undefined, "r1", "", "r".repeat(64), "r".repeat(65), "\u0001", "\udc00", 1, null, "r\r", "\u0085", "\u2029", "\u200b"];
     const extras = [{}, { extra: 1 }, JSON.parse('{"__proto__":{"x":1}}'), { constructor: "x" }, { type: "Say" }];
     let accepted = 0;
     for (const room of rooms) for (const text of texts) for (const ref of refs) for (const extra of extras) {
@@ -377,7 +378,7 @@ describe("chat", () => {
         accepted++;
       }
     }
-    expect(accepted).toBe(72); // of 6,435 frames
+    expect(accepted).toBe(90); // of 14,300 frames
   });
 
   test("a frame over 64 KiB closes the socket with 1009", async () => {

@@ -9,10 +9,12 @@ import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { createHash, createHmac, timingSafeEqual } from "node:crypto";
 import * as z from "zod";
 import page from "./client.html" with { type: "text" };
+import confusables from "./confusables.json";
 
 // ── Constants: every fixed number, named ─────────────────────────────────────
 
 const CLIENT_HTML = page as unknown as string; // bun-types types *.html as HTMLBundle
+const CONFUSABLES: Record<string, string> = confusables; // UTS #39 prototypes; scripts/confusables.ts regenerates the file
 const TOPIC_PREFIX = "room:"; // Bun pub/sub topic of a room
 const MAX_FRAME = 64 * 1024; // a larger frame closes the socket with 1009 (Bun does it); also the largest HTTP body
 const BACKPRESSURE_LIMIT = 1024 * 1024; // unsent bytes per socket; past it Bun closes the socket
@@ -182,27 +184,94 @@ export function parseConfig(raw: Record<string, unknown>): Config {
 
 // ── Protocol: the only definition of the wire format ────────────────────────
 
-// C0 controls other than tab/newline/CR, and DEL: invisible and unsafe to store
-const CONTROL = /[\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F]/;
+// One rule for text, refs and names (README "Text and names" says it in words; a test compares them).
+// Text and refs: no C0 control but tab and newline (so no CR), no DEL, no C1, no U+2028/2029: invisible, and unsafe to store or split lines
+const TEXT_CONTROL = /[\u0000-\u0008\u000B-\u001F\u007F-\u009F\u2028\u2029]/;
+// what shows as nothing: spaces, controls, format and default-ignorable characters (zero-width, bidi, variation
+// selectors, tags, Hangul fillers, U+180E), and the braille blank
+const INVISIBLE = /[\p{White_Space}\p{Default_Ignorable_Code_Point}\p{Cc}\p{Cf}\u2800]/u;
+const ONLY_INVISIBLE = /^[\p{White_Space}\p{Default_Ignorable_Code_Point}\p{Cc}\p{Cf}\u2800]*$/u;
+// in names: every control, and bidi marks, embeddings, overrides and isolates (U+202E shows "nimdA" as "Admin")
+const NAME_CONTROL = /[\p{Cc}\u2028\u2029]/u;
+const BIDI = /[\u061C\u200E\u200F\u202A-\u202E\u2066-\u2069]/;
+const MARK_STACK = /\p{M}{4}/u; // Tibetan stacks three marks; longer runs are zalgo
+const UNASSIGNED = /[\p{Cn}\p{Co}]/u; // nothing to show, or a private font's glyph
+
+/** Why a message text is refused, or undefined; the say schema and quickSay both ask it. */
+export function textProblem(text: string): string | undefined {
+  if (TEXT_CONTROL.test(text)) return "text has control characters (only tab and newline are allowed)";
+  if (!text.isWellFormed()) return "text has a lone surrogate";
+  if (ONLY_INVISIBLE.test(text)) return "text is only invisible characters";
+}
+
+/** Why a ref is refused, or undefined: it is stored with the message, so the text's control rule holds. */
+function refProblem(ref: string): string | undefined {
+  if (ref.length > 64) return "ref is longer than 64 characters";
+  // Postgres refuses NUL (failing the whole batch), and a lone surrogate would come back as U+FFFD
+  if (TEXT_CONTROL.test(ref) || !ref.isWellFormed()) return "ref has control characters or a lone surrogate";
+}
+
+/** Why a (trimmed) name is refused, or undefined. */
+export function nameProblem(name: string): string | undefined {
+  if (NAME_CONTROL.test(name)) return "name has control characters";
+  if (!name.isWellFormed()) return "name has a lone surrogate";
+  if (ONLY_INVISIBLE.test(name)) return "name is only invisible characters";
+  if (BIDI.test(name)) return "name has bidi control characters (they reorder what is shown)";
+  if (INVISIBLE.test(name.replaceAll(" ", ""))) return "name has invisible characters (zero-width, format or unusual spaces)";
+  if (UNASSIGNED.test(name)) return "name has unassigned or private-use characters";
+  if (MARK_STACK.test(name)) return "name has more than 3 combining marks in a row";
+  const scripts = mixedScripts(name);
+  if (scripts) return `name mixes scripts (${scripts.join(" and ")}); use letters of one script`;
+}
+
+// Scripts by ISO 15924 code (Unicode 16); Common and Inherited go with any script
+const SCRIPTS = ("Adlm Aghb Ahom Arab Armi Armn Avst Bali Bamu Bass Batk Beng Bhks Bopo Brah Brai Bugi Buhd Cakm Cans Cari " +
+  "Cham Cher Chrs Copt Cpmn Cprt Cyrl Deva Diak Dogr Dsrt Dupl Egyp Elba Elym Ethi Gara Geor Glag Gong Gonm Goth Gran Grek " +
+  "Gujr Gukh Guru Hang Hani Hano Hatr Hebr Hira Hluw Hmng Hmnp Hung Ital Java Kali Kana Kawi Khar Khmr Khoj Kits Knda Krai " +
+  "Kthi Lana Laoo Latn Lepc Limb Lina Linb Lisu Lyci Lydi Mahj Maka Mand Mani Marc Medf Mend Merc Mero Mlym Modi Mong Mroo " +
+  "Mtei Mult Mymr Nagm Nand Narb Nbat Newa Nkoo Nshu Ogam Olck Onao Orkh Orya Osge Osma Ougr Palm Pauc Perm Phag Phli Phlp " +
+  "Phnx Plrd Prti Rjng Rohg Runr Samr Sarb Saur Sgnw Shaw Shrd Sidd Sind Sinh Sogd Sogo Sora Soyo Sund Sunu Sylo Syrc Tagb " +
+  "Takr Tale Talu Taml Tang Tavt Telu Tfng Tglg Thaa Thai Tibt Tirh Tnsa Todr Toto Tutg Ugar Vaii Vith Wara Wcho Xpeo Xsux " +
+  "Yezi Yiii Zanb").split(" ").map((code) => ({ code, test: new RegExp(`\\p{Script_Extensions=${code}}`, "u") }));
+const ANY_SCRIPT = /[\p{Script_Extensions=Zyyy}\p{Script_Extensions=Zinh}]/u;
+// UTS #39 "Highly Restrictive": one script, or one of these sets (Han is written with kana, Bopomofo or Hangul)
+const SCRIPT_SETS = [["Latn", "Hani", "Hira", "Kana"], ["Latn", "Hani", "Bopo"], ["Latn", "Hani", "Hang"]];
+const scriptName = new Intl.DisplayNames(["en"], { type: "script" });
+
+/** The scripts a name mixes when it is not "Highly Restrictive" (UTS #39 §5.2), else undefined. */
+function mixedScripts(name: string): string[] | undefined {
+  // each letter's Script_Extensions; a name is single-script when one script is in all of them
+  const sets = [...name].filter((ch) => !ANY_SCRIPT.test(ch)).map((ch) => SCRIPTS.filter((s) => s.test.test(ch)).map((s) => s.code));
+  if (sets.length === 0) return;
+  const common = sets.reduce((all, set) => all.filter((code) => set.includes(code)));
+  if (common.length > 0) return;
+  if (SCRIPT_SETS.some((allowed) => sets.every((set) => set.some((code) => allowed.includes(code))))) return;
+  return [...new Set(sets.map((set) => set[0]))].map((code) => scriptName.of(code) ?? code);
+}
+
+/** UTS #39 skeleton: NFD, each character replaced by its prototype in confusables.txt, NFD again. */
+export function skeleton(s: string): string {
+  let out = "";
+  for (const ch of s.normalize("NFD")) out += CONFUSABLES[ch] ?? ch;
+  return out.normalize("NFD");
+}
+
+/** What makes two names the same: case (NFKC, lower case), then look-alikes ("Admin", "admin", "Аdmin" in Cyrillic, "adrnin"). */
+export function nameKey(name: string): string {
+  // lower case again after the skeleton, whose prototypes are sometimes capitals ("0" → "O")
+  return skeleton(name.normalize("NFKC").toLowerCase()).toLowerCase();
+}
+
 const ROOM = /^[a-z0-9][a-z0-9_-]{0,31}$/;
 export const RoomName = z.string().regex(ROOM, "room must match ^[a-z0-9][a-z0-9_-]{0,31}$");
-export const Name = z
-  .string()
-  .trim()
-  .min(1, "name is empty")
-  .max(32, "name is longer than 32 characters")
-  .refine((s) => !CONTROL.test(s) && !/[\u0080-\u009F\u2028\u2029]/.test(s), "name has control characters")
-  .refine((s) => s.isWellFormed(), "name has a lone surrogate");
-export const Text = z
-  .string()
-  .min(1, "text is empty")
-  .refine((s) => !CONTROL.test(s), "text has control characters")
-  .refine((s) => s.isWellFormed(), "text has a lone surrogate");
-export const Ref = z
-  .string()
-  .max(64, "ref is longer than 64 characters")
-  // stored with the message: Postgres refuses NUL (failing the whole batch), and a lone surrogate would come back as U+FFFD
-  .refine((s) => !CONTROL.test(s) && s.isWellFormed(), "ref has control characters or a lone surrogate");
+/** A zod refinement from a "why is it refused" function, so the schema words the problem the same way. */
+const refuse = (problem: (s: string) => string | undefined) => (s: string, ctx: z.RefinementCtx) => {
+  const message = problem(s);
+  if (message) ctx.addIssue({ code: "custom", message });
+};
+export const Name = z.string().trim().min(1, "name is empty").max(32, "name is longer than 32 characters").superRefine(refuse(nameProblem));
+export const Text = z.string().min(1, "text is empty").superRefine(refuse(textProblem));
+export const Ref = z.string().superRefine(refuse(refProblem));
 export const MessageId = z.number().int().nonnegative();
 export const User = z.strictObject({ id: z.string(), name: z.string() });
 export type User = z.infer<typeof User>;
@@ -301,9 +370,9 @@ function quickSay(v: any): Frame<"say"> | undefined {
   for (const key in v) if (key !== "type" && key !== "room" && key !== "text" && key !== "ref") return;
   const { room, text, ref } = v;
   if (typeof room !== "string" || !ROOM.test(room)) return;
-  if (typeof text !== "string" || text.length === 0 || CONTROL.test(text) || !text.isWellFormed()) return;
+  if (typeof text !== "string" || text.length === 0 || textProblem(text)) return;
   if (ref === undefined) return { type: "say", room, text };
-  if (typeof ref !== "string" || ref.length > 64 || CONTROL.test(ref) || !ref.isWellFormed()) return;
+  if (typeof ref !== "string" || refProblem(ref)) return;
   return { type: "say", room, text, ref };
 }
 
@@ -564,8 +633,6 @@ const sessionOfRow = (sid: string, r: any): Session => ({
 });
 const SESSION_COLUMNS = "s.handle, s.user_id, s.used, s.seen, u.name, u.password, u.admin";
 const sidHash = (sid: string) => createHash("sha256").update(sid).digest("base64url");
-/** Names are unique ignoring case and compatibility forms. */
-const nameKey = (name: string) => name.normalize("NFKC").toLowerCase();
 const PROBE_SQL = "INSERT INTO meta (key, value) VALUES ('probe', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value";
 const isUniqueViolation = (error: unknown) => /unique|duplicate/i.test(String((error as Error)?.message));
 
@@ -573,7 +640,7 @@ const isUniqueViolation = (error: unknown) => /unique|duplicate/i.test(String((e
 type SessionRowV1 = { sid: string; user_id: string; name: string; created: number; used: number };
 /**
  * Schema 1 → 2: each v1 row becomes a guest user and its session (sid hashed). Names are keyed again by today's
- * nameKey; a name that now collides with an earlier one gets a suffix (the rename is logged by the caller).
+ * nameKey (look-alikes collide now); a name that collides with an earlier one gets a suffix: `-2`, `-3`…
  */
 function migrateSessions(rows: SessionRowV1[]) {
   const keys = new Set<string>();

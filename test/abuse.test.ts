@@ -15,7 +15,7 @@ async function burst(baseUrl: string, cookies: string[]) {
 }
 
 /** Names (≤ 32 characters) and texts that break naive HTML or SQL handling. */
-const HOSTILE_NAMES = ["'; DROP TABLE messages; --", "<script>alert(1)</script>", "Robert'); DROP TABLE sessions;", "%00", "a\\b\\\\c", `"quoted" 'single'`, "<img src=x onerror=alert(1)>", "${7*7}{{7*7}}", "\u202Eevil", "NULL"];
+const HOSTILE_NAMES = ["'; DROP TABLE messages; --", "<script>alert(1)</script>", "Robert'); DROP TABLE sessions;", "%00", "a\\b\\\\c", `"quoted" 'single'`, "<img src=x onerror=alert(1)>", "${7*7}{{7*7}}", "\u05E9\u05DC\u05D5\u05DD 42", "NULL"];
 const HOSTILE_TEXTS = [
   "'; DROP TABLE messages; --", "<script>alert(document.cookie)</script>", "%00%27%22", "C:\\path\\to\\file \\\\server\\share", `"double" 'single' \`back\``,
   "' OR '1'='1", "1; SELECT * FROM sessions --", "</textarea><svg onload=alert(1)>", "\\u0000 \\n not escapes", "&lt;b&gt; &amp; &#x3C;", "-- comment /* block */",
@@ -74,7 +74,7 @@ describe("identity", () => {
     expect(new Set(sessions.map((s) => s.cookie)).size).toBe(40);
     const sockets = await Promise.all(sessions.map((s) => Client.connect(chat.url, s)));
     for (const [i, s] of sessions.entries()) {
-      const me = (await (await fetch(`${chat.url}/api/me`, { headers: { cookie: s.cookie } })).json()) as { id: string; name: string };
+      const me = (await (await fetch(`${chat.url}/api/me`, { headers: { cookie: s.cookie } })).json()) as { id: string; name: string; registered: boolean; admin: boolean };
       expect(me).toEqual({ id: s.id, name: s.name, registered: false, admin: false });
       expect(sockets[i].frames[0]).toMatchObject({ type: "welcome", user: { id: s.id, name: s.name } });
     }

@@ -144,6 +144,48 @@ describe.skipIf(SKIP)("browser client", () => {
     expect([...a.errors, ...b.errors]).toEqual([]);
   }, TEST_MS);
 
+  test("names sit in <bdi> and message text has dir=auto, so right-to-left names reorder nothing; a non-ASCII host shows as punycode", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await using b = await open(chat.url);
+    // Hebrew letters and digits: without isolation they would pull the text after them to the left
+    const rtl = "שלום 42";
+    await a.page.locator("#me-name").click();
+    await a.page.locator("#me-input").fill(rtl);
+    await a.page.locator("#me-input").press("Enter");
+    await a.page.locator("#me-name bdi", { hasText: rtl }).waitFor();
+    await b.page.locator("#people bdi.person-name", { hasText: rtl }).waitFor();
+    await a.page.locator("#text").fill("typing");
+    await b.page.locator("#typing bdi", { hasText: rtl }).waitFor();
+    expect(await b.page.locator("#typing").textContent()).toBe(`${rtl} is typing…`);
+    // the page shows it with the punycode host, so say() would not find it
+    await a.page.locator("#text").fill("see https://\u0430pple.com/login and https://example.com/");
+    await a.page.locator("#text").press("Enter");
+    for (const { page } of [a, b]) {
+      const message = shownText(page, "see https://xn--pple-43d.com/login and https://example.com/").and(page.locator(":not(.pending)"));
+      await message.waitFor();
+      expect(await message.locator("bdi.author").textContent()).toBe(rtl);
+      expect(await message.locator(".text").getAttribute("dir")).toBe("auto");
+      const links = message.locator(".text a");
+      expect(await links.allTextContents()).toEqual(["https://xn--pple-43d.com/login", "https://example.com/"]);
+      expect(await links.first().getAttribute("href")).toBe("https://xn--pple-43d.com/login");
+      expect(await links.first().getAttribute("title")).toContain("xn--pple-43d.com");
+      expect(await links.nth(1).getAttribute("title")).toBeNull();
+    }
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
+  test("a hash that is not valid percent-encoding is ignored: the page connects and chats", async () => {
+    await using chat = await serve();
+    // decodeURIComponent throws on it; the page opens the default room instead
+    await using a = await open(chat.url, "/#%E0%A4%A");
+    await using b = await open(chat.url);
+    expect(await a.page.evaluate(() => location.hash)).toBe("#general");
+    await say(a.page, "hello despite the hash");
+    await shownText(b.page, "hello despite the hash").waitFor();
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
   test("the page runs under a strict Content-Security-Policy that refuses any script it did not ship", async () => {
     await using chat = await serve();
     const res = await fetch(chat.url);

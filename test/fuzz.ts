@@ -9,24 +9,32 @@ const FRAME_LIMIT = 64 * 1024;
 /** Rooms the fuzzer and the bystanders join; "constructor" checks that room names are never object keys. */
 export const FUZZ_ROOMS = ["fuzz", "constructor"] as const;
 
-const CONTROL = /[\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F]/;
+// the server's rule written out independently: C0 but tab and newline, DEL, C1, U+2028/2029
+const CONTROL = /[\u0000-\u0008\u000B-\u001F\u007F-\u009F\u2028\u2029]/;
 
+/** Pieces that show nothing: text made only of these is refused, anywhere else they are fine. */
+const INVISIBLE_PIECES = [
+  " ", "\t", "\n", "\u00A0", "\u3000", "\u200F", "\u200E", "\u202E", "\u202D", "\u2066", "\u2069", "\u061C", "\u200B", "\u200C", "\u200D",
+  "\u2060", "\uFEFF", "\u00AD", "\u034F", "\uFE0F", "\u180E", "\u115F", "\u1160", "\u3164", "\uFFA0", "\u{E0041}", "\u{E007F}", "\u2800",
+];
 /** Text pieces a valid message is built from: every Unicode edge, markup and SQL. */
 const PIECES = [
-  "hello", "a", " ", "😀", "👩‍👩‍👧‍👦", "🇺🇦", "👍🏽", "\u{1F600}\u{FE0F}", "\u{10FFFF}", "\u{1D11E}", "𝓗", "\u{E000}",
-  "\u200F", "\u200E", "\u202E", "\u202D", "\u2066", "\u2069", "שלום", "مرحبا", "ﷺ",
-  "\u200B", "\u200C", "\u200D", "\u2060", "\uFEFF", "\u00AD", "e\u0301", "Z\u0334\u0321\u032A\u0354\u0344",
-  "\t", "\n", "\r\n", "\r", "\u0085", "\u0080", "\u009F", "\u2028", "\u2029", "\uFFFE", "\uFFFF", "\uFFFD", "\u00A0", "\u3000",
+  "hello", "a", "😀", "👩‍👩‍👧‍👦", "🇺🇦", "👍🏽", "\u{1F600}\u{FE0F}", "\u{10FFFF}", "\u{1D11E}", "𝓗", "\u{E000}",
+  "שלום", "مرحبا", "ﷺ", "e\u0301", "Z\u0334\u0321\u032A\u0354\u0344", "\u0410dmin", "https://\u0430pple.com/",
+  "\uFFFE", "\uFFFF", "\uFFFD", ...INVISIBLE_PIECES,
   "<script>alert(1)</script>", "<img src=x onerror=alert(1)>", "'; DROP TABLE messages; --", "\" OR 1=1 --", "' OR ''='",
   "%00", "%s%n%x", "\\", "\\u0000", "\\\"", "\\ud800", "`${process.exit()}`", "{{7*7}}", "../../etc/passwd", "null", "undefined",
   '{"type":"say"}', "&amp;&lt;&#0;", "__proto__", "constructor", "room:fuzz",
 ];
+/** Pieces a text or ref may not hold: CR, C1 controls, line and paragraph separators. */
+const CONTROL_PIECES = ["\r\n", "\r", "\u0085", "\u0080", "\u009B", "\u009F", "\u2028", "\u2029"];
 /** Keys that must never reach an object's prototype, and other unknown keys. */
 const ODD_KEYS = ["__proto__", "constructor", "prototype", "toString", "hasOwnProperty", "", "extra", "Type", "type ", "\u0000", "😀", "id", "user", "ts", "valueOf"];
 const BAD_ROOMS = ["", "Room", "ROOM", "-room", "_room", "room!", "ro om", "x".repeat(33), "😀", "__proto__", "room\u0000", "room/..", "r\u200B", "１"];
 const BAD_TYPES = ["Say", "SAY", "say ", " say", "welcome", "message", "error", "history", "__proto__", "constructor", "toString", "", "sayy"];
 const WRONG_VALUES: unknown[] = [0, -1, 1.5, 1e308, -1e308, true, false, null, [], {}, ["say"], { type: "say" }, "", [[[[[]]]]]];
-const BAD_NAMES = ["", "   ", "\t", "x".repeat(33), "a\u0000b", "a\u0007", "a\u007F", "a\u0085b", "a\u2028b", "a\u009Fb"];
+const BAD_NAMES = ["", "   ", "\t", "x".repeat(33), "a\u0000b", "a\u0007", "a\u007F", "a\u0085b", "a\u2028b", "a\u009Fb",
+  "\u202Enimda", "ad\u200Bmin", "\u0410dmin", "\u200B\u200B", "\u3164", "Z\u0334\u0321\u032A\u0354\u0344", "a\u00A0b", "\u2066x\u2069"];
 const TYPES = ["join", "leave", "say", "typing", "nick"] as const;
 
 /** What the server must answer to one frame: an error with this code (and ref), or the echo of this message. */
@@ -81,7 +89,14 @@ function shuffle<T>(items: T[], r: Random): T[] {
 function validText(r: Random, long = false): string {
   const target = long ? 1 + r.int(FUZZ_MAX_TEXT) : 1 + r.int(r.chance(0.8) ? 40 : 400);
   let text = "";
-  while (text.length < target) text += r.pick(PIECES);
+  let visible = false;
+  while (text.length < target) {
+    const piece = r.pick(PIECES);
+    visible ||= !INVISIBLE_PIECES.includes(piece);
+    text += piece;
+  }
+  // text of invisible characters only is refused; one visible letter in front makes it valid
+  if (!visible) text = "a" + text;
   while (text.length > FUZZ_MAX_TEXT) text = [...text].slice(0, -1).join("");
   return text;
 }
@@ -224,7 +239,8 @@ function invalidCase(r: Random): Case {
     }
     case 6: {
       // text with a control character, a lone surrogate (as a JSON escape) or empty
-      const bad = r.pick([{ raw: '"\\ud800"' }, { raw: '"a\\udfffb"' }, { raw: '"\\udc00\\ud800"' }, { raw: '"x\\ud83d"' }, "", "a\u0000b", "\u0001", "x\u0008", "\u000B", "\u000C", "\u001F", "\u007F", "ok\u001Bok"]);
+      const bad = r.pick([{ raw: '"\\ud800"' }, { raw: '"a\\udfffb"' }, { raw: '"\\udc00\\ud800"' }, { raw: '"x\\ud83d"' }, "", "a\u0000b", "\u0001", "x\u0008", "\u000B", "\u000C", "\u001F", "\u007F", "ok\u001Bok",
+        `a${r.pick(CONTROL_PIECES)}b`, r.pick(CONTROL_PIECES), r.pick(INVISIBLE_PIECES).repeat(1 + r.int(3)) + r.pick(INVISIBLE_PIECES)]);
       const ref = validRef(r);
       frame = jsonObject(shuffle<[string, unknown]>([["type", "say"], ["room", r.pick(FUZZ_ROOMS)], ["text", bad], ...(ref === undefined ? [] : [["ref", ref] as [string, unknown]])], r), r);
       break;
@@ -271,7 +287,7 @@ function invalidCase(r: Random): Case {
     }
     default: {
       // a ref that may not be stored: too long, a control character, a lone surrogate
-      const ref = r.pick<unknown>(["r".repeat(65 + r.int(1000)), "a\u0000", "\u0007", "\u007F", { raw: '"\\udbff"' }, { raw: '"a\\ud800\\ud800"' }]);
+      const ref = r.pick<unknown>(["r".repeat(65 + r.int(1000)), "a\u0000", "\u0007", "\u007F", { raw: '"\\udbff"' }, { raw: '"a\\ud800\\ud800"' }, `r${r.pick(CONTROL_PIECES)}`]);
       frame = jsonObject(shuffle<[string, unknown]>([["type", "say"], ["room", r.pick(FUZZ_ROOMS)], ["text", "hello"], ["ref", ref]], r), r);
     }
   }
@@ -407,6 +423,9 @@ export async function runFuzz({ seed, frames, chaos, url, bystanderUrls }: FuzzO
     }
   });
 
+  // a last say of the fuzzer's in each fuzz room: once it is back, the fuzzer holds every message before it
+  // (the chaos socket may have left a room, so its sentinel alone does not prove the fuzzer heard its last says)
+  for (const room of FUZZ_ROOMS) await fuzzer.say(room, `fence ${room}`);
   // every message accepted from either socket, by room and id: the fuzzer stays in the fuzz rooms
   // throughout, so it holds all of theirs; the chaos socket holds its own elsewhere
   const accepted = new Map<string, Map<number, Message>>();

@@ -48,7 +48,7 @@ export async function runSoak({ duration, clients, rooms, seed = 1, server, log 
   /** A new session as newSession() gets one, but on a connection that closes, so no idle HTTP socket skews the file count. */
   async function newSession(baseUrl: string): Promise<Session> {
     const res = await fetch(`${baseUrl}/api/me`, { headers: { connection: "close" } });
-    const me = (await res.json()) as { id: string; name: string };
+    const me = (await res.json()) as { id: string; name: string; registered: boolean; admin: boolean };
     return { cookie: res.headers.get("set-cookie")!.split(";")[0], ...me };
   }
   // sessions first (one per client; some cycles use a fresh one), then the baseline
