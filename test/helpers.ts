@@ -93,6 +93,11 @@ export async function cookieAnswers(baseUrl: string, cookie: string) {
 
 type Frame = ServerMessage;
 type Pred<T extends Frame> = (f: Frame) => f is T;
+type Diff = Extract<Frame, { type: "presence_diff" }>;
+
+/** A presence_diff that names this user among its joins or its leaves. */
+export const diffWith = (change: "joins" | "leaves", userId: string) => (f: Frame): f is Diff =>
+  f.type === "presence_diff" && f[change].some((u) => u.id === userId);
 
 /** A WebSocket client that validates every frame with the server's own schema. */
 export class Client {
@@ -167,6 +172,18 @@ export class Client {
     const isType = (f: Frame): f is Extract<Frame, { type: K }> => f.type === type;
     while (out.length < count) out.push(await this.next(isType, Math.max(1, deadline - Date.now())));
     return out;
+  }
+
+  /** Who this client believes is in a room: its last presence list, with every later presence_diff applied (leaves, then joins). */
+  people(room: string): string[] {
+    const at = this.frames.findLastIndex((f) => f.type === "presence" && f.room === room);
+    const ids = new Set(at < 0 ? [] : (this.frames[at] as Extract<Frame, { type: "presence" }>).users.map((u) => u.id));
+    for (const f of this.frames.slice(at + 1)) {
+      if (f.type !== "presence_diff" || f.room !== room) continue;
+      for (const u of f.leaves) ids.delete(u.id);
+      for (const u of f.joins) ids.add(u.id);
+    }
+    return [...ids].sort();
   }
 
   untaken(): Frame[] {
