@@ -57,6 +57,30 @@ describeWithServices("cluster", (services) => {
     expect(metrics).toMatch(/chat_fanout_lag_ms \d+/);
   });
 
+  test("each node sends its own presence_diff frames from the cluster's presence: watchers on both nodes end with the same view, at most one diff per interval", async () => {
+    await using cluster = await spawnCluster(services, ["diff-a", "diff-b"], { RATE_LIMIT });
+    const started = performance.now();
+    const watchers = [(await usersInRoom(cluster.nodes[0].url, 1, "diff")), (await usersInRoom(cluster.nodes[1].url, 1, "diff"))];
+    const arrivals: { id: string; client: Client }[] = [];
+    for (let i = 0; i < 10; i++) {
+      const node = cluster.nodes[i % 2];
+      const session = await newSession(node.url);
+      const client = await Client.connect(node.url, session);
+      await client.join("diff");
+      arrivals.push({ id: session.id, client });
+    }
+    // half of them go again; a last arrival's diff carries everything before it
+    for (const gone of arrivals.splice(0, 5)) await gone.client.close();
+    const last = await usersInRoom(cluster.nodes[0].url, 1, "diff");
+    const expected = [...watchers.map((w) => w.sessions[0].id), ...arrivals.map((a) => a.id), last.sessions[0].id].sort();
+    for (const { clients: [watcher] } of watchers) {
+      await watcher.next(diffWith("joins", last.sessions[0].id), 10_000);
+      expect(watcher.people("diff")).toEqual(expected);
+      const intervals = (performance.now() - started) / 100;
+      expect(watcher.frames.filter((f) => f.type === "presence_diff").length).toBeLessThanOrEqual(Math.ceil(intervals) + 1);
+    }
+  });
+
   test("concurrent senders on every node: ids strictly increase and every member sees the same order", async () => {
     await using cluster = await spawnCluster(services, ["race-a", "race-b", "race-c"], { RATE_LIMIT });
     const clients: Client[] = [];
