@@ -81,6 +81,7 @@ describe.skipIf(!!skip)("one node on Postgres", () => {
     const logs = recorder();
     await using chat = await serve({ databaseUrl: await pg.createDatabase(), log: logs.log });
     const { sessions: [alice], clients: [a] } = await usersInRoom(chat.url, 1, "room");
+    await a.next(diffWith("joins", alice.id)); // published: a joiner's list has her
     const bob = await newSession(chat.url);
     const b = await Client.connect(chat.url, bob); // opened before the database goes: the upgrade reads the session
     const sent = await a.say("room", "the newest");

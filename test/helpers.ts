@@ -198,6 +198,18 @@ export class Client {
     return { history, presence };
   }
 
+  /** Joins with `since` and asks for every further page: the messages of all pages, and whether the first was complete. */
+  async recover(room: string, since: number) {
+    const isHistory = (f: Frame): f is Extract<Frame, { type: "history" }> => f.type === "history" && f.room === room;
+    const { history, presence } = await this.join(room, since);
+    const pages = [history];
+    while (pages.at(-1)!.more) {
+      this.send({ type: "history", room, after: pages.at(-1)!.messages.at(-1)!.id });
+      pages.push(await this.next(isHistory, 10_000));
+    }
+    return { pages, messages: pages.flatMap((p) => p.messages), complete: history.complete, presence };
+  }
+
   /** Says something and waits for its own copy to come back. */
   async say(room: string, text: string, ref: string = crypto.randomUUID()) {
     this.send({ type: "say", room, text, ref });

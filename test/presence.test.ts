@@ -6,7 +6,6 @@ import { Client, diffWith, newSession, rawInRoom, serve, type Session, until, us
 import { metric } from "./probes.ts";
 
 type Frame = ServerMessage;
-type History = Extract<Frame, { type: "history" }>;
 const INTERVAL = 100; // PRESENCE_INTERVAL_MS's default
 
 /** Frames of one type a client received so far. */
@@ -34,17 +33,6 @@ async function seed(chat: Awaited<ReturnType<typeof serve>>, room: string, count
   const user = { id: "useed", name: "seed" };
   const batch: NewMessage[] = Array.from({ length: count }, (_, i) => ({ room, user, text: String.fromCharCode(0x4e00 + i).repeat(chars), ts: Date.now() }));
   await chat.store.append(batch);
-}
-
-/** Joins with since and asks for every further page; the history frames received. */
-async function recover(client: Client, room: string, since: number): Promise<History[]> {
-  client.send({ type: "join", room, since });
-  const pages = [await client.next((f): f is History => f.type === "history" && f.room === room, 10_000)];
-  while (pages.at(-1)!.more) {
-    client.send({ type: "history", room, after: pages.at(-1)!.messages.at(-1)!.id });
-    pages.push(await client.next((f): f is History => f.type === "history" && f.room === room, 10_000));
-  }
-  return pages;
 }
 
 describe("presence diffs", () => {
@@ -135,7 +123,7 @@ describe("history pages and budgets", () => {
     await using chat = await serve();
     await seed(chat, "big", 500);
     const c = await Client.connect(chat.url, await newSession(chat.url));
-    const pages = await recover(c, "big", 0);
+    const { pages } = await c.recover("big", 0);
     expect(pages.length).toBeGreaterThan(1);
     for (const page of pages) expect(Buffer.byteLength(JSON.stringify(page))).toBeLessThanOrEqual(chat.config.historyPageBytes);
     expect(pages.every((p) => p.complete)).toBe(true);
