@@ -253,7 +253,7 @@ const bytesOf = (e: Entry) => (e.bytes ??= Buffer.byteLength(e.frame));
 /** A history frame and its size in bytes, what the history budget is charged. */
 type Page = { frame: string; bytes: number };
 
-/** The history frame from entries already serialized; at most `maxBytes` unless one message alone is larger. */
+/** The history frame from entries already serialized (Room.history and Room.page choose how many fit). */
 function historyFrame(room: string, entries: Entry[], flags: { complete: boolean; more: boolean }): Page {
   const frame = `{"type":"history","room":${JSON.stringify(room)},"messages":[${entries.map((e) => e.frame).join(",")}],"complete":${flags.complete},"more":${flags.more}}`;
   return { frame, bytes: Buffer.byteLength(frame) };
