@@ -4,7 +4,7 @@ import { Database } from "bun:sqlite";
 import { existsSync, mkdirSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { ClientMessage, parseClientMessage, parseConfig, readSettings } from "./server.ts";
-import { BUN, Client, cookieAnswers, newSession, putName, ROOT, serve, spawnServer, tempDir, until, UPGRADE, upgradeStatus, usersInRoom } from "./test/helpers.ts";
+import { BUN, Client, cookieAnswers, diffWith, newSession, putName, ROOT, serve, spawnServer, tempDir, until, UPGRADE, upgradeStatus, usersInRoom } from "./test/helpers.ts";
 import { rowsCheckpointed } from "./test/probes.ts";
 
 describe("chat", () => {
@@ -110,25 +110,23 @@ describe("chat", () => {
     expect(await b.next((f) => f.type === "error")).toMatchObject({ code: "name_taken" });
   });
 
-  test("presence counts a user with two tabs once; joined and left fire on the first and last tab", async () => {
+  test("presence counts a user with two tabs once; presence_diff names the user on the first and last tab only", async () => {
     await using chat = await serve();
     const [alice, bob] = [await newSession(chat.url), await newSession(chat.url)];
     const b = await Client.connect(chat.url, bob);
     await b.join("room");
+    await b.next(diffWith("joins", bob.id)); // bob's arrival is published: a joiner's list has him
     const tab1 = await Client.connect(chat.url, alice);
     const { presence } = await tab1.join("room");
     expect(presence.users).toEqual([{ id: bob.id, name: bob.name }, { id: alice.id, name: alice.name }]);
-    expect(await b.next((f) => f.type === "joined")).toEqual({ type: "joined", room: "room", user: { id: alice.id, name: alice.name } });
+    expect(await b.next(diffWith("joins", alice.id))).toEqual({ type: "presence_diff", room: "room", joins: [{ id: alice.id, name: alice.name }], leaves: [] });
     const tab2 = await Client.connect(chat.url, alice);
     const second = await tab2.join("room");
     expect(second.presence.users).toHaveLength(2);
     await tab1.close();
-    // bob hears nothing about alice's first tab going; a message from tab2 proves the order
-    await tab2.say("room", "still here");
-    await b.next((f) => f.type === "message");
-    expect(b.untaken().some((f) => f.type === "joined" || f.type === "left")).toBe(false);
     await tab2.close();
-    expect(await b.next((f) => f.type === "left")).toEqual({ type: "left", room: "room", user: { id: alice.id, name: alice.name } });
+    // alice's second tab arriving and first tab going changed nothing: the next diff bob hears is her last tab leaving
+    expect(await b.next((f) => f.type === "presence_diff")).toEqual({ type: "presence_diff", room: "room", joins: [], leaves: [{ id: alice.id, name: alice.name }] });
     const rooms = (await (await fetch(`${chat.url}/api/rooms`)).json()) as { name: string; online: number }[];
     expect(rooms.find((r) => r.name === "room")?.online).toBe(1);
   });
@@ -136,8 +134,9 @@ describe("chat", () => {
   test("a leave frame ends membership: no more messages, say answers not_joined", async () => {
     await using chat = await serve();
     const { sessions: [, bob], clients: [a, b] } = await usersInRoom(chat.url, 2, "room");
+    await a.next(diffWith("joins", bob.id)); // else his arrival and departure fall in one interval, and a hears of neither
     b.send({ type: "leave", room: "room" });
-    expect(await a.next((f) => f.type === "left")).toMatchObject({ user: { id: bob.id } });
+    await a.next(diffWith("leaves", bob.id));
     await a.say("room", "bob is gone");
     b.send({ type: "say", room: "room", text: "can I?", ref: "x" });
     expect(await b.next((f) => f.type === "error")).toMatchObject({ code: "not_joined", ref: "x" });
@@ -160,7 +159,7 @@ describe("chat", () => {
     await using chat = await serve({ historyOnJoin: 3 });
     const a = await Client.connect(chat.url, await newSession(chat.url));
     const first = await a.join("room");
-    expect(first.history).toEqual({ type: "history", room: "room", messages: [], complete: true });
+    expect(first.history).toEqual({ type: "history", room: "room", messages: [], complete: true, more: false });
     for (let i = 1; i <= 5; i++) await a.say("room", `m${i}`);
     const b = await Client.connect(chat.url, await newSession(chat.url));
     const { history } = await b.join("room");
@@ -193,7 +192,7 @@ describe("chat", () => {
 
     // nothing missed: an empty, complete history
     const again = await Client.connect(chat.url, alice);
-    expect((await again.join("room", 5)).history).toEqual({ type: "history", room: "room", messages: [], complete: true });
+    expect((await again.join("room", 5)).history).toEqual({ type: "history", room: "room", messages: [], complete: true, more: false });
 
     // more missed than RECOVERY_LIMIT: the newest RECOVERY_LIMIT and complete: false
     for (let i = 0; i < 6; i++) await b.say("room", `more${i}`);
@@ -203,14 +202,16 @@ describe("chat", () => {
     expect(recovered.messages.map((m) => m.id)).toEqual([8, 9, 10, 11]);
   });
 
-  test("joining twice on one socket re-sends history and presence without a second membership", async () => {
-    await using chat = await serve();
+  test("a join of a room already joined is answered with presence only: no history, no second membership, and it costs a join", async () => {
+    await using chat = await serve({ joinLimit: "2/60s" });
     const { sessions: [session], clients: [a] } = await usersInRoom(chat.url, 1, "room");
-    const m = await a.say("room", "one");
-    const { history, presence } = await a.join("room", 0);
-    expect(history.messages).toEqual([m]);
-    expect(presence.users).toEqual([{ id: session.id, name: session.name }]);
+    await a.say("room", "one");
+    a.send({ type: "join", room: "room", since: 0 });
+    expect(await a.next((f) => f.type === "presence")).toEqual({ type: "presence", room: "room", users: [{ id: session.id, name: session.name }] });
+    a.send({ type: "join", room: "room" });
+    expect(await a.next((f) => f.type === "error")).toMatchObject({ code: "rate_limited", room: "room" });
     await a.say("room", "two");
+    expect(a.frames.filter((f) => f.type === "history")).toHaveLength(1);
     expect(a.untaken().filter((f) => f.type === "message")).toEqual([]);
   });
 

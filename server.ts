@@ -120,7 +120,11 @@ const SETTINGS = {
   maxText: setting("MAX_TEXT", Int(1, 32_000), "2000", "longest message, in UTF-16 code units"),
   rateLimit: setting("RATE_LIMIT", Rate, "20/10s", "say frames per user (all tabs together)"),
   renameLimit: setting("RENAME_LIMIT", Rate, "5/60s", "renames per user"),
-  joinLimit: setting("JOIN_LIMIT", Rate, "100/60s", "join frames per connection"),
+  joinLimit: setting("JOIN_LIMIT", Rate, "100/60s", "join frames per user (all sockets, surviving reconnects)"),
+  presenceIntervalMs: setting("PRESENCE_INTERVAL_MS", Int(1, 60_000), "100", "at most one presence_diff per room this often"),
+  historyPageBytes: setting("HISTORY_PAGE_BYTES", Int(1024, 16 * 1024 * 1024), "131072", "largest history frame (one message always fits)"),
+  historyBytes: setting("HISTORY_BYTES", Rate, "4194304/4s", "history bytes per connection, in <bytes>/<seconds>s"),
+  historyBytesPerAddress: setting("HISTORY_BYTES_PER_ADDRESS", Rate, "16777216/8s", "history and REST paging bytes per client address"),
   maxConnections: setting("MAX_CONNECTIONS", Int(1, 1_000_000), "10000", "open sockets per process"),
   maxConnectionsPerUser: setting("MAX_CONNECTIONS_PER_USER", Int(1, 10_000), "20", "open sockets per user"),
   maxRoomsPerConnection: setting("MAX_ROOMS_PER_CONNECTION", Int(1, 10_000), "50", "rooms one socket may join"),
@@ -278,6 +282,7 @@ export type User = z.infer<typeof User>;
 
 export const ClientMessage = z.discriminatedUnion("type", [
   z.strictObject({ type: z.literal("join"), room: RoomName, since: MessageId.optional() }),
+  z.strictObject({ type: z.literal("history"), room: RoomName, after: MessageId }),
   z.strictObject({ type: z.literal("leave"), room: RoomName }),
   z.strictObject({ type: z.literal("say"), room: RoomName, text: Text, ref: Ref.optional() }),
   z.strictObject({ type: z.literal("typing"), room: RoomName }),
@@ -302,11 +307,10 @@ export type ErrorCode = z.infer<typeof ErrorCode>;
 
 export const ServerMessage = z.discriminatedUnion("type", [
   z.strictObject({ type: z.literal("welcome"), user: User, maxText: z.number().int() }),
-  z.strictObject({ type: z.literal("history"), room: RoomName, messages: z.array(Message), complete: z.boolean() }),
+  z.strictObject({ type: z.literal("history"), room: RoomName, messages: z.array(Message), complete: z.boolean(), more: z.boolean() }),
   z.strictObject({ type: z.literal("presence"), room: RoomName, users: z.array(User) }),
   Message,
-  z.strictObject({ type: z.literal("joined"), room: RoomName, user: User }),
-  z.strictObject({ type: z.literal("left"), room: RoomName, user: User }),
+  z.strictObject({ type: z.literal("presence_diff"), room: RoomName, joins: z.array(User), leaves: z.array(User) }),
   z.strictObject({ type: z.literal("renamed"), user: User, previous: z.string() }),
   z.strictObject({ type: z.literal("typing"), room: RoomName, user: User }),
   z.strictObject({
@@ -334,17 +338,28 @@ export function messageOf(m: { room: string; id: number; user: User; text: strin
   return message;
 }
 
-/** A message as it goes on the wire: its id, and its frame serialized once for every recipient. */
-export type Entry = { id: number; frame: string };
+/** A message as it goes on the wire: its id, and its frame serialized once for every recipient (and its UTF-8 size, once asked). */
+export type Entry = { id: number; frame: string; bytes?: number };
 const entryOf = (m: Message): Entry => ({ id: m.id, frame: JSON.stringify(m) });
+const bytesOf = (e: Entry) => (e.bytes ??= Buffer.byteLength(e.frame));
 
-/** The history frame from frames already serialized (a join sends up to RECOVERY_LIMIT of them). */
-function historyFrame(room: string, frames: string[], complete: boolean): string {
-  return `{"type":"history","room":${JSON.stringify(room)},"messages":[${frames.join(",")}],"complete":${complete}}`;
+/** A history frame and its size in bytes, what the history budget is charged. */
+type Page = { frame: string; bytes: number };
+
+/** The history frame from entries already serialized (Room.history and Room.page choose how many fit). */
+function historyFrame(room: string, entries: Entry[], flags: { complete: boolean; more: boolean }): Page {
+  const frame = `{"type":"history","room":${JSON.stringify(room)},"messages":[${entries.map((e) => e.frame).join(",")}],"complete":${flags.complete},"more":${flags.more}}`;
+  return { frame, bytes: Buffer.byteLength(frame) };
+}
+const HISTORY_OVERHEAD = 128; // the history frame's bytes around its messages (a 32-character room name included)
+
+/** Sends a frame to one socket; a send that met backpressure marks the socket (see the close handler). */
+function sendFrame(ws: ChatSocket, frame: string) {
+  if (ws.send(frame) <= 0) ws.data.pressured = true;
 }
 
 function send(ws: ChatSocket, msg: ServerMessage) {
-  ws.send(JSON.stringify(msg));
+  sendFrame(ws, JSON.stringify(msg));
 }
 
 function sendError(ws: ChatSocket, code: ErrorCode, message: string, extra: ErrorExtra = {}) {
@@ -427,33 +442,47 @@ export const FanoutCodec = {
 
 // ── Rate limits: one token bucket for every limit ────────────────────────────
 
-/** `rate.count` tokens refilled evenly over `rate.perMs`. */
+/** `rate.count` tokens refilled evenly over `rate.perMs`. A cost above `rate.count` costs a full bucket, so anything passes one. */
 export class TokenBucket {
   private tokens: number;
   constructor(private readonly rate: Rate, public lastUsed = performance.now()) {
     this.tokens = rate.count;
   }
-  /** Takes a token: 0, or the ms until one is free (and nothing is taken). */
-  take(now = performance.now()): number {
+  /** The ms until `cost` tokens are there: 0 when they are now. Takes nothing. */
+  wait(cost = 1, now = performance.now()): number {
     const { count, perMs } = this.rate;
     this.tokens = Math.min(count, this.tokens + ((now - this.lastUsed) * count) / perMs);
     this.lastUsed = now;
-    if (this.tokens >= 1) {
-      this.tokens -= 1;
-      return 0;
-    }
-    return Math.ceil(((1 - this.tokens) * perMs) / count);
+    const need = Math.min(cost, count);
+    return this.tokens >= need ? 0 : Math.ceil(((need - this.tokens) * perMs) / count);
   }
+  /** Takes `cost` tokens: 0, or the ms until they are there (and nothing is taken). */
+  take(now = performance.now(), cost = 1): number {
+    const wait = this.wait(cost, now);
+    if (!wait) this.tokens -= Math.min(cost, this.rate.count);
+    return wait;
+  }
+}
+
+/** Takes `cost` from every bucket, or from none: 0, or the ms until all of them can pay. */
+function takeAll(buckets: TokenBucket[], cost: number): number {
+  const now = performance.now();
+  const wait = Math.max(...buckets.map((b) => b.wait(cost, now)));
+  if (!wait) for (const bucket of buckets) bucket.take(now, cost);
+  return wait;
 }
 
 /** A token bucket per key (a user id), made full on first use and forgotten when idle. */
 export class RateLimiter {
   private readonly buckets = new Map<string, TokenBucket>();
   constructor(private readonly rate: Rate) {}
-  take(key: string): number {
+  take(key: string, cost = 1): number {
+    return this.bucket(key).take(performance.now(), cost);
+  }
+  bucket(key: string): TokenBucket {
     let bucket = this.buckets.get(key);
     if (!bucket) this.buckets.set(key, (bucket = new TokenBucket(this.rate)));
-    return bucket.take();
+    return bucket;
   }
   /** Past `kept` buckets, forgets those unused since `before` whose key `keep` does not hold on to. */
   prune(before: number, keep: (key: string) => boolean, kept = BUCKETS_KEPT) {
@@ -1440,8 +1469,9 @@ type SocketData = {
   address: string; // the client address (clientAddress), for the per-address limits
   rooms: string[]; // joined: history sent, subscribed
   joining: string[] | null; // waiting for the room to load (usually null)
-  joins: TokenBucket | null; // JOIN_LIMIT, made on the first join
+  historyBytes: TokenBucket | null; // HISTORY_BYTES, made on the first history sent
   buffered: number; // unsent bytes when last sampled
+  pressured: boolean; // a direct send met backpressure since the last drain
   closed: boolean;
 };
 type ChatSocket = ServerWebSocket<SocketData>;
@@ -1476,7 +1506,7 @@ export class Connections {
     let user = this.users.get(session.id);
     if (!user) this.users.set(session.id, (user = { id: session.id, name: session.name, sockets: [] }));
     this.perAddress.set(address, (this.perAddress.get(address) ?? 0) + 1);
-    return { user, sid: session.sid, address, rooms: [], joining: null, joins: null, buffered: 0, closed: false };
+    return { user, sid: session.sid, address, rooms: [], joining: null, historyBytes: null, buffered: 0, pressured: false, closed: false };
   }
 
   private refuse(session: Session, address: string): [Refusal, Refused] | undefined {
@@ -1567,14 +1597,18 @@ export class Room {
   sockets = 0;
   /** user id → that user's joined sockets on this node */
   readonly localUsers = new Map<string, number>();
-  /** presence: everyone in the room, on every node */
+  /** presence: everyone in the room, on every node, as this node knows it now */
   readonly members = new Map<string, User>();
+  /** presence as this node's sockets were last told it; presence_diff frames carry members − published and back */
+  private published = new Map<string, User>();
+  private changed = new Set<string>(); // user ids whose presence changed since the last presence_diff
+  private presenceTimer: Timer | null = null;
   /** the last id delivered here; ids are 1, 2, 3… without gaps */
   lastId = 0;
   private recent: Entry[] = []; // the newest messages, enough for any join or recovery
   private held: Entry[] = [];
   private settled: Promise<void>; // the load or catch-up under way
-  private plainHistory: string | null = null; // the history frame of a join without since, until the next message
+  private plainHistory: Page | null = null; // the history frame of a join without since, until the next message
   private sampledAt = 0; // when unsent bytes were last sampled after a publish met backpressure
 
   constructor(readonly name: string, private readonly registry: Rooms) {
@@ -1588,6 +1622,7 @@ export class Room {
     try {
       await fanout.subscribe(this.name);
       for (const user of await fanout.members(this.name)) this.members.set(user.id, user);
+      this.published = new Map(this.members); // nobody here has been told anything yet: a joiner gets the list
       this.recent = (await store.tail(this.name, this.registry.keep)).map(entryOf);
       this.lastId = this.recent.at(-1)?.id ?? 0;
     } catch (error) {
@@ -1685,25 +1720,41 @@ export class Room {
     for (const ws of connections.socketsIn(this)) ws.data.buffered = ws.getBufferedAmount();
   }
 
-  /** The history frame for a join, from the recent messages: exact and synchronous. */
-  history(since: number | undefined): string {
+  /** The history frame for a join, from the recent messages: exact and synchronous. With `since`, the oldest
+   * messages after it first (see page); without, the newest HISTORY_ON_JOIN that fit HISTORY_PAGE_BYTES. */
+  history(since: number | undefined): Page {
+    if (since !== undefined && since <= this.lastId) return this.page(since);
     if (since === undefined && this.plainHistory) return this.plainHistory;
+    // a fresh join, or a client ahead of the server (its database was reset): the newest messages
     const { recent, lastId } = this;
-    const { historyOnJoin, recoveryLimit } = this.registry.limits;
-    let count: number;
-    let complete: boolean;
-    if (since === undefined || since > lastId) {
-      // a fresh join, or a client ahead of the server (its database was reset): the newest messages
-      count = Math.min(historyOnJoin, recent.length);
-      const firstId = count ? recent[recent.length - count].id : lastId + 1;
-      complete = since === undefined && firstId === 1;
-    } else {
-      count = Math.min(lastId - since, recoveryLimit);
-      complete = lastId - since <= recoveryLimit;
+    const { historyOnJoin, historyPageBytes } = this.registry.limits;
+    const oldest = Math.max(0, recent.length - historyOnJoin);
+    let start = recent.length;
+    for (let bytes = HISTORY_OVERHEAD; start > oldest; start--) {
+      bytes += bytesOf(recent[start - 1]) + 1;
+      if (bytes > historyPageBytes && start < recent.length) break; // one message always fits
     }
-    const frame = historyFrame(this.name, recent.slice(recent.length - count).map((e) => e.frame), complete);
-    if (since === undefined) this.plainHistory = frame;
-    return frame;
+    const firstId = start < recent.length ? recent[start].id : lastId + 1;
+    const page = historyFrame(this.name, recent.slice(start), { complete: since === undefined && firstId === 1, more: false });
+    if (since === undefined) this.plainHistory = page;
+    return page;
+  }
+
+  /** Messages after `after` among the newest RECOVERY_LIMIT, oldest first, as many as fit HISTORY_PAGE_BYTES:
+   * complete when none between `after` and the first is missing, more when some after the last remain. */
+  page(after: number): Page {
+    const { recent } = this;
+    const { recoveryLimit, historyPageBytes } = this.registry.limits;
+    const oldest = Math.max(0, recent.length - recoveryLimit);
+    let start = recent.length;
+    while (start > oldest && recent[start - 1].id > after) start--;
+    let end = start;
+    for (let bytes = HISTORY_OVERHEAD; end < recent.length; end++) {
+      bytes += bytesOf(recent[end]) + 1;
+      if (bytes > historyPageBytes && end > start) break; // one message always fits
+    }
+    const complete = start === recent.length || recent[start].id === after + 1;
+    return historyFrame(this.name, recent.slice(start, end), { complete, more: end < recent.length });
   }
 
   /** Counts a joined socket of a user: true for the user's first here. */
@@ -1721,18 +1772,65 @@ export class Room {
     return sockets === 0;
   }
 
-  /** A user arrived: everyone but `except` (the joiner, who gets the whole list) hears joined. */
-  addMember(user: User, except?: ChatSocket) {
-    const known = this.members.has(user.id);
+  /** A user arrived (cluster-wide): told to this node's sockets in the next presence_diff. */
+  addMember(user: User) {
+    if (this.members.has(user.id)) return;
     this.members.set(user.id, user);
-    if (!known) this.broadcast(JSON.stringify({ type: "joined", room: this.name, user } satisfies ServerMessage), except);
+    this.presenceChanged(user.id);
   }
 
+  /** A user went (cluster-wide): told in the next presence_diff. */
   removeMember(user: User) {
-    const known = this.members.get(user.id);
-    if (!known) return;
-    this.members.delete(user.id);
-    this.broadcast(JSON.stringify({ type: "left", room: this.name, user: known } satisfies ServerMessage));
+    if (!this.members.delete(user.id)) return;
+    this.presenceChanged(user.id);
+  }
+
+  /** A member's new name, everywhere it is kept (a rename is its own frame, never a leave and a join); false if not here. */
+  rename(user: User): boolean {
+    const here = this.members.has(user.id) || this.published.has(user.id);
+    if (this.members.has(user.id)) this.members.set(user.id, user);
+    if (this.published.has(user.id)) this.published.set(user.id, user);
+    return here;
+  }
+
+  /** The list a joiner gets: what the others here were told, and the joiner (whom the next diff may name again). */
+  presenceList(joiner: User): User[] {
+    const users = [...this.published.values()];
+    return this.published.has(joiner.id) ? users : [...users, joiner];
+  }
+
+  /** At most one presence_diff per PRESENCE_INTERVAL_MS, and no timer while nothing changes. */
+  private presenceChanged(userId: string) {
+    this.changed.add(userId);
+    if (this.presenceTimer) return;
+    this.presenceTimer = setTimeout(() => this.publishPresence(), this.registry.limits.presenceIntervalMs);
+    this.presenceTimer.unref();
+  }
+
+  /** Tells this node's sockets every first arrival and last departure since the previous diff (both in one interval: neither). */
+  private publishPresence() {
+    this.presenceTimer = null;
+    const joins: User[] = [];
+    const leaves: User[] = [];
+    for (const id of this.changed) {
+      const now = this.members.get(id);
+      const told = this.published.get(id);
+      if (now && !told) {
+        joins.push(now);
+        this.published.set(id, now);
+      } else if (!now && told) {
+        leaves.push(told);
+        this.published.delete(id);
+      }
+    }
+    this.changed.clear();
+    if (joins.length || leaves.length) this.broadcast(JSON.stringify({ type: "presence_diff", room: this.name, joins, leaves } satisfies ServerMessage));
+  }
+
+  /** The room is dropped from this node, or the server stops: no more diffs. */
+  stopPresence() {
+    if (this.presenceTimer) clearTimeout(this.presenceTimer);
+    this.presenceTimer = null;
   }
 }
 
@@ -1744,7 +1842,7 @@ export class Rooms {
   /** recent messages kept per room */
   readonly keep: number;
 
-  constructor(readonly units: RoomUnits, readonly limits: Pick<Config, "historyOnJoin" | "recoveryLimit">) {
+  constructor(readonly units: RoomUnits, readonly limits: Pick<Config, "historyOnJoin" | "recoveryLimit" | "historyPageBytes" | "presenceIntervalMs">) {
     this.keep = Math.max(limits.historyOnJoin, limits.recoveryLimit);
   }
 
@@ -1766,8 +1864,14 @@ export class Rooms {
 
   /** Drops a room from this node: released, or failed to load. */
   forget(room: Room) {
+    room.stopPresence();
     this.rooms.delete(room.name);
     this.units.fanout.unsubscribe(room.name);
+  }
+
+  /** The server stops: no room timer may outlive it. */
+  close() {
+    for (const room of this.rooms.values()) room.stopPresence();
   }
 
   values() {
@@ -1863,14 +1967,19 @@ export class Chat {
   private readonly sayLimits: RateLimiter;
   private readonly addressSayLimits: RateLimiter; // all users of one address together
   private readonly renameLimits: RateLimiter;
+  private readonly joinLimits: RateLimiter; // per user, so a reconnect does not refill it
+  private readonly addressBytes: RateLimiter; // history bytes per client address
   private readonly typingThrottle = new TypingThrottle();
 
   constructor(private readonly config: Config, private readonly units: ChatUnits) {
     this.sayLimits = new RateLimiter(config.rateLimit);
     this.addressSayLimits = new RateLimiter(config.rateLimitPerAddress);
     this.renameLimits = new RateLimiter(config.renameLimit);
+    this.joinLimits = new RateLimiter(config.joinLimit);
+    this.addressBytes = new RateLimiter(config.historyBytesPerAddress);
   }
 
+  /** A join: history and presence; of a room already joined (or being joined), presence only (pages fill gaps). */
   async join(ws: ChatSocket, name: string, since: number | undefined) {
     const data = ws.data;
     const known = data.rooms.includes(name) || !!data.joining?.includes(name);
@@ -1880,31 +1989,58 @@ export class Chat {
     if (!known) {
       (data.joining ??= []).push(room.name); // room.name is shared, not a copy per socket
       room.sockets++;
+      // another node may have stored messages this one has not delivered yet: ask the store before saying "you are ahead"
+      if (since !== undefined && since > room.lastId) await room.refresh();
     }
-    // another node may have stored messages this one has not delivered yet: ask the store before saying "you are ahead"
-    if (since !== undefined && since > room.lastId) await room.refresh();
     const live = await room.ready();
     const joined = data.rooms.includes(name);
     if (data.closed || (!joined && !data.joining?.includes(name))) return; // closed or left meanwhile
-    if (!live) {
-      removeFrom(data, "joining", name);
-      room.sockets--;
-      return sendError(ws, "unavailable", `Cannot join ${name}: history is unavailable, try again`, { room: name });
-    }
+    if (!live) return this.abandonJoin(ws, room, "unavailable", `Cannot join ${name}: history is unavailable, try again`);
     // from here on nothing awaits: history up to lastId, then live messages after it, exactly
-    ws.sendText(room.history(since));
-    if (!joined) this.enter(ws, room);
-    send(ws, { type: "presence", room: name, users: [...room.members.values()] });
+    if (!joined) {
+      const page = room.history(since);
+      const wait = this.chargeHistory(ws, page.bytes);
+      if (wait) return this.abandonJoin(ws, room, "rate_limited", `Cannot join ${name}: too much history sent, try again in ${wait} ms`, wait);
+      sendFrame(ws, page.frame);
+      this.enter(ws, room);
+    }
+    send(ws, { type: "presence", room: name, users: room.presenceList(userOf(ws)) });
+  }
+
+  /** A join that cannot finish: the socket is not in the room, and hears why. */
+  private abandonJoin(ws: ChatSocket, room: Room, code: ErrorCode, message: string, retryAfterMs?: number) {
+    removeFrom(ws.data, "joining", room.name);
+    room.sockets--;
+    this.units.rooms.release(room);
+    sendError(ws, code, message, { room: room.name, retryAfterMs });
+  }
+
+  /** The next page of a joined room's history: after a history frame with more, or to fill a gap. */
+  page(ws: ChatSocket, name: string, after: number) {
+    const room = ws.data.rooms.includes(name) ? this.units.rooms.get(name) : undefined;
+    if (!room) return sendError(ws, "not_joined", `Cannot read the history of ${name}: join it first`, { room: name });
+    const page = room.page(after);
+    const wait = this.chargeHistory(ws, page.bytes);
+    if (wait) return sendError(ws, "rate_limited", `Too much history sent: try again in ${wait} ms`, { room: name, retryAfterMs: wait });
+    sendFrame(ws, page.frame);
+  }
+
+  /** Charges history bytes to the socket's and its address's budgets, both or neither: 0, or the ms until both can pay. */
+  private chargeHistory(ws: ChatSocket, bytes: number): number {
+    const own = (ws.data.historyBytes ??= new TokenBucket(this.config.historyBytes));
+    const wait = takeAll([own, this.addressBytes.bucket(ws.data.address)], bytes);
+    if (wait) this.units.metrics.rateLimited++;
+    return wait;
   }
 
   private refuseJoin(ws: ChatSocket, name: string, known: boolean): Extract<Outcome, { ok: false }> | undefined {
-    const { maxRoomsPerConnection, joinLimit } = this.config;
+    const { maxRoomsPerConnection } = this.config;
     const data = ws.data;
     if (!known && data.rooms.length + (data.joining?.length ?? 0) >= maxRoomsPerConnection) {
       return { ok: false, code: "limit_exceeded", message: `Cannot join ${name}: at most ${maxRoomsPerConnection} rooms per connection` };
     }
-    // each join can announce the user to the room, and sends history: a socket toggling a room would flood both
-    const wait = (data.joins ??= new TokenBucket(joinLimit)).take();
+    // each join can announce the user to the room, and sends history: a user toggling a room would flood both
+    const wait = this.joinLimits.take(data.user.id);
     if (!wait) return;
     this.units.metrics.rateLimited++;
     return { ok: false, code: "rate_limited", message: `Cannot join ${name}: too many joins, try again in ${wait} ms`, retryAfterMs: wait };
@@ -1917,7 +2053,7 @@ export class Chat {
     ws.subscribe(room.topic);
     const user = userOf(ws);
     if (room.addLocal(user.id)) {
-      room.addMember(user, ws);
+      room.addMember(user);
       this.units.fanout.join(room.name, user);
     }
   }
@@ -1991,17 +2127,25 @@ export class Chat {
     if (local) local.name = user.name;
     const recipients = new Set<ChatSocket>(local?.sockets);
     for (const room of this.units.rooms.values()) {
-      if (!room.members.has(user.id)) continue;
-      room.members.set(user.id, user);
+      if (!room.rename(user)) continue;
       for (const ws of this.units.connections.socketsIn(room)) recipients.add(ws);
     }
     const frame = JSON.stringify({ type: "renamed", user, previous } satisfies ServerMessage);
-    for (const ws of recipients) if (!ws.data.closed) ws.sendText(frame);
+    for (const ws of recipients) if (!ws.data.closed) sendFrame(ws, frame);
   }
 
-  /** Scrollback for GET /api/rooms/:room/messages. */
-  scrollback(room: string, before: number, limit: number) {
-    return this.units.store.before(room, before, limit);
+  /** Scrollback for GET /api/rooms/:room/messages as its JSON body, charged to the address's history budget. */
+  async scrollback(address: string, room: string, page: { before: number; limit: number }): Promise<{ ok: true; body: string } | Extract<Outcome, { ok: false }>> {
+    const budget = this.addressBytes.bucket(address);
+    // an empty budget costs no read; a full one pays any page (the size is known only after the read)
+    let wait = budget.wait(1);
+    if (!wait) {
+      const body = JSON.stringify({ messages: await this.units.store.before(room, page.before, page.limit) });
+      wait = budget.take(performance.now(), Buffer.byteLength(body));
+      if (!wait) return { ok: true, body };
+    }
+    this.units.metrics.rateLimited++;
+    return { ok: false, code: "rate_limited", message: `Too much history sent to this address: try again in ${wait} ms`, retryAfterMs: wait };
   }
 
   /** GET /api/rooms: stored rooms and those loaded here, busiest first. */
@@ -2057,6 +2201,8 @@ export class Chat {
     this.sayLimits.prune(before, here);
     this.addressSayLimits.prune(before, () => false); // a bucket idle for STALE_MS is full again anyway
     this.renameLimits.prune(before, here);
+    this.joinLimits.prune(before, here);
+    this.addressBytes.prune(before, () => false);
   }
 }
 
@@ -2326,7 +2472,9 @@ function mountApi(app: Hono<Env>, { sessions, chat }: AppUnits) {
     const query = MessagesQuery.safeParse(c.req.query());
     if (!query.success) return httpError(c, 400, "bad_request", firstIssue(query.error));
     const { before = Number.MAX_SAFE_INTEGER, limit } = query.data;
-    return c.json({ messages: await chat.scrollback(room.data, before, limit) });
+    const result = await chat.scrollback(c.get("address"), room.data, { before, limit });
+    if (!result.ok) return httpError(c, 429, result.code, result.message, result.retryAfterMs);
+    return c.body(result.body, 200, { "content-type": "application/json" });
   });
 }
 
@@ -2376,6 +2524,7 @@ type FrameHandlers = { [T in ClientMessage["type"]]: (ws: ChatSocket, msg: Frame
 function socketHandlers({ config, chat, connections, metrics, logger }: { config: Config; chat: Chat; connections: Connections; metrics: Metrics; logger: Logger }): WebSocketHandler<SocketData> {
   const handlers: FrameHandlers = {
     join: (ws, msg) => void chat.join(ws, msg.room, msg.since).catch((error) => logger.error("join", error, { room: msg.room })),
+    history: (ws, msg) => chat.page(ws, msg.room, msg.after),
     leave: (ws, msg) => chat.leave(ws, msg.room),
     say: (ws, msg) => chat.say(ws, msg),
     typing: (ws, msg) => chat.typing(ws, msg.room),
@@ -2407,11 +2556,14 @@ function socketHandlers({ config, chat, connections, metrics, logger }: { config
       }
       (handlers[parsed.value.type] as (ws: ChatSocket, msg: ClientMessage) => void)(ws, parsed.value);
     },
+    drain(ws) {
+      ws.data.pressured = false;
+    },
     close(ws, code, reason) {
       const data = ws.data;
       data.closed = true;
-      // Bun closes slow readers itself (1006); unsent bytes at close tell them from clean exits
-      if (code === 1006 && reason === "" && data.buffered > 0) metrics.slowConsumersClosed++;
+      // Bun closes slow readers itself (1006); unsent bytes at close, or a send that met backpressure, tell them from clean exits
+      if (code === 1006 && reason === "" && (data.buffered > 0 || data.pressured)) metrics.slowConsumersClosed++;
       for (const room of [...data.rooms, ...(data.joining ?? [])]) chat.leave(ws, room);
       connections.closed(ws);
     },
@@ -2476,6 +2628,7 @@ export async function startServer(options: ServerOptions = {}) {
     if (stopped) return;
     stopped = lifecycle.shuttingDown = true;
     timers.forEach(clearInterval);
+    rooms.close();
     await queue.drain();
     for (const ws of [...connections.all()]) ws.close(1001, "server shutting down");
     await server.stop();

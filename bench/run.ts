@@ -142,6 +142,8 @@ async function startTarget(target: Target): Promise<Server> {
       DATABASE_URL: `sqlite://${join(dir, "chat.db")}`,
       RATE_LIMIT: "1000000/1s",
       JOIN_LIMIT: "1000000/1s", // the recovery scenario joins 2,000 times on one socket
+      HISTORY_BYTES: "100000000000/1s", // and receives ~100 KB of history each time
+      HISTORY_BYTES_PER_ADDRESS: "100000000000/1s", // every bench client is on loopback
       MAX_CONNECTIONS: "100000",
       MAX_CONNECTIONS_PER_USER: "10000",
     });

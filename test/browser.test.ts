@@ -6,6 +6,7 @@ import { join } from "node:path";
 import { chromium, type Browser, type Page, type WebSocketRoute } from "playwright-core";
 import { ServerMessage } from "../server.ts";
 import { Client, newSession, ROOT, serve, tempDir, until } from "./helpers.ts";
+import { metric } from "./probes.ts";
 
 const CHROMIUM = "/usr/bin/chromium";
 const CHROMIUM_ARGS = [
@@ -386,7 +387,7 @@ describe.skipIf(SKIP)("browser client", () => {
     expect(a.errors).toEqual([]);
   }, TEST_MS);
 
-  test("after a server restart on the same database the page shows each missed message exactly once", async () => {
+  test("after a server restart on the same database the page shows each missed message exactly once, through history pages and a refused page", async () => {
     using tmp = tempDir();
     const databaseUrl = `sqlite://${tmp.dir}/chat.db`;
     const first = await serve({ databaseUrl });
@@ -409,11 +410,13 @@ describe.skipIf(SKIP)("browser client", () => {
       // keep the page out while bob posts on the restarted server
       await a.context.setOffline(true);
       await a.page.locator('#status[data-state="offline"]').waitFor();
-      second = await serve({ databaseUrl, port });
+      // pages of about two missed messages, and a budget that refuses the second page for a moment
+      second = await serve({ databaseUrl, port, historyPageBytes: 1024, historyBytes: "700/1s" });
       const b2 = await Client.connect(second.url, bob);
       const { history } = await b2.join("general");
       expect(history.messages.map((m) => m.text)).toEqual(["before the restart", "bob before"]);
-      for (const text of ["missed 1", "missed 2", "missed 3"]) await b2.say("general", text);
+      const missed = ["missed 1", "missed 2", "missed 3"].map((text) => `${text} ${".".repeat(300)}`);
+      for (const text of missed) await b2.say("general", text);
       expect(await texts(a.page)).toEqual(["before the restart", "bob before"]);
 
       await a.context.setOffline(false);
@@ -424,7 +427,8 @@ describe.skipIf(SKIP)("browser client", () => {
       await shownText(a.page, "live again").waitFor();
       await say(a.page, "a is back");
       await b2.next((f) => f.type === "message" && f.text === "a is back");
-      expect(await texts(a.page)).toEqual(["before the restart", "bob before", "missed 1", "missed 2", "missed 3", "live again", "a is back"]);
+      expect(await texts(a.page)).toEqual(["before the restart", "bob before", ...missed, "live again", "a is back"]);
+      expect(await metric(second.url, "chat_rate_limited_total")).toBeGreaterThan(0); // a page was refused, and asked again
       expect(await a.page.locator(".log > .msg[data-id]").evaluateAll((els) => els.map((e) => Number(e.getAttribute("data-id"))))).toEqual([1, 2, 3, 4, 5, 6, 7]);
       b1.close();
       b2.close();

@@ -1,6 +1,6 @@
 // Cluster mode: real redis-server, real Postgres and three real server processes on loopback.
 import { expect, test } from "bun:test";
-import { Client, newSession, putName, retryUntilServed, spawnCluster, usersInRoom } from "./helpers.ts";
+import { Client, diffWith, newSession, putName, retryUntilServed, spawnCluster, usersInRoom } from "./helpers.ts";
 import { describeWithServices, startPostgres, startRedis } from "./services.ts";
 
 const RATE_LIMIT = "1000/1s";
@@ -21,7 +21,7 @@ describeWithServices("cluster", (services) => {
     await cb.join("lobby");
     const { presence } = await cc.join("lobby");
     expect(presence.users.map((u) => u.id).sort()).toEqual([alice.id, bob.id, carol.id].sort());
-    expect(await ca.next((f) => f.type === "joined" && f.user.id === carol.id)).toMatchObject({ room: "lobby" });
+    expect(await ca.next(diffWith("joins", carol.id))).toMatchObject({ room: "lobby" });
 
     const sent = await ca.say("lobby", "hello from a");
     expect(sent.user).toEqual({ id: alice.id, name: alice.name });
@@ -34,21 +34,17 @@ describeWithServices("cluster", (services) => {
     }
     expect((await cb.say("lobby", "I am Bob")).user.name).toBe("Bob");
 
-    // a second tab of alice on node c: no joined; closing the first: no left; closing both: one left
+    // a second tab of alice on node c, then her first closed: presence unchanged; closing both: one leave
     const tab = await Client.connect(c.url, alice);
     await tab.join("lobby");
     await ca.close();
     await tab.say("lobby", "still alice");
-    await cb.next((f) => f.type === "message" && f.text === "still alice");
     await tab.close();
-    const left = await cb.next((f) => f.type === "left");
-    expect(left.user.id).toBe(alice.id);
-    await cc.next((f) => f.type === "left");
-    await cb.say("lobby", "after alice left");
-    await cc.next((f) => f.type === "message" && f.text === "after alice left");
     for (const client of [cb, cc]) {
-      expect(client.frames.filter((f) => f.type === "joined" && f.user.id === alice.id)).toHaveLength(0);
-      expect(client.frames.filter((f) => f.type === "left")).toHaveLength(1);
+      await client.next(diffWith("leaves", alice.id));
+      expect(client.people("lobby")).toEqual([bob.id, carol.id].sort());
+      expect(client.frames.filter(diffWith("joins", alice.id))).toHaveLength(0);
+      expect(client.frames.filter((f) => f.type === "presence_diff" && f.leaves.length > 0)).toHaveLength(1);
       // each message exactly once
       const ids = client.frames.filter((f) => f.type === "message").map((f) => (f as { id: number }).id);
       expect(new Set(ids).size).toBe(ids.length);
@@ -59,6 +55,30 @@ describeWithServices("cluster", (services) => {
     expect(metrics).toContain('\nchat_node_info{node="lobby-a",cluster="1"} 1\n');
     expect(metrics).toContain("chat_redis_connected 1");
     expect(metrics).toMatch(/chat_fanout_lag_ms \d+/);
+  });
+
+  test("each node sends its own presence_diff frames from the cluster's presence: watchers on both nodes end with the same view, at most one diff per interval", async () => {
+    await using cluster = await spawnCluster(services, ["diff-a", "diff-b"], { RATE_LIMIT });
+    const started = performance.now();
+    const watchers = [(await usersInRoom(cluster.nodes[0].url, 1, "diff")), (await usersInRoom(cluster.nodes[1].url, 1, "diff"))];
+    const arrivals: { id: string; client: Client }[] = [];
+    for (let i = 0; i < 10; i++) {
+      const node = cluster.nodes[i % 2];
+      const session = await newSession(node.url);
+      const client = await Client.connect(node.url, session);
+      await client.join("diff");
+      arrivals.push({ id: session.id, client });
+    }
+    // half of them go again; a last arrival's diff carries everything before it
+    for (const gone of arrivals.splice(0, 5)) await gone.client.close();
+    const last = await usersInRoom(cluster.nodes[0].url, 1, "diff");
+    const expected = [...watchers.map((w) => w.sessions[0].id), ...arrivals.map((a) => a.id), last.sessions[0].id].sort();
+    for (const { clients: [watcher] } of watchers) {
+      await watcher.next(diffWith("joins", last.sessions[0].id), 10_000);
+      expect(watcher.people("diff")).toEqual(expected);
+      const intervals = (performance.now() - started) / 100;
+      expect(watcher.frames.filter((f) => f.type === "presence_diff").length).toBeLessThanOrEqual(Math.ceil(intervals) + 1);
+    }
   });
 
   test("concurrent senders on every node: ids strictly increase and every member sees the same order", async () => {
@@ -90,7 +110,7 @@ describeWithServices("cluster", (services) => {
     await mover.join("move");
     const stayer = await Client.connect(c.url, dave); // dave has no other node: he must expire
     await stayer.join("move");
-    await writer.next((f) => f.type === "joined" && f.user.id === dave.id);
+    await writer.next(diffWith("joins", dave.id));
     const before = [];
     for (let i = 0; i < 5; i++) before.push(await writer.say("move", `before ${i}`));
     await mover.collect("message", 5);
@@ -104,9 +124,9 @@ describeWithServices("cluster", (services) => {
     const live = await writer.say("move", "live again");
     expect(await back.next((f) => f.type === "message")).toEqual(live);
     // dave's only node died without cleanup: his membership expires (heartbeat TTL)
-    const left = await writer.next((f) => f.type === "left" && f.user.id === dave.id, 30_000);
+    const left = await writer.next(diffWith("leaves", dave.id), 30_000);
     expect(left.room).toBe("move");
-    expect(writer.frames.some((f) => f.type === "left" && f.user.id === bob.id)).toBe(false);
+    expect(writer.frames.some(diffWith("leaves", bob.id))).toBe(false);
   }, 60_000);
 
   test("Redis restarts mid-conversation: health says degraded, then chat resumes with nothing lost", async () => {

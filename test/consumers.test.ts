@@ -2,7 +2,7 @@
 // without costing the server memory or the others a message; a peer that vanishes without a
 // close frame is found by pings and leaves presence. Spawned servers, raw TCP clients.
 import { describe, expect, test } from "bun:test";
-import { BUN, Client, newSession, rawInRoom, spawnServer, tempDir, until, usersInRoom } from "./helpers.ts";
+import { BUN, Client, diffWith, newSession, rawInRoom, spawnServer, tempDir, until, usersInRoom } from "./helpers.ts";
 import { RawSocket } from "./raw.ts";
 import { countEchoes, metric, rssMiB } from "./probes.ts";
 
@@ -79,15 +79,16 @@ describe("dead peers", () => {
     const proc = Bun.spawn([BUN, "-e", code], { env: { ...process.env, CHAT_URL: `${child.url.replace("http", "ws")}/chat`, CHAT_COOKIE: ghost.cookie }, stdout: "pipe" });
     try {
       await proc.stdout.getReader().read();
-      await watcher.next((f) => f.type === "joined" && f.user.id === ghost.id);
+      await watcher.next(diffWith("joins", ghost.id));
       expect(await metric(child.url, "chat_connections")).toBe(3);
       proc.kill("SIGSTOP");
-      const left = await watcher.next((f) => f.type === "left", 40_000);
-      expect(left).toEqual({ type: "left", room: "room", user: { id: ghost.id, name: ghost.name } });
+      const left = await watcher.next((f) => f.type === "presence_diff" && f.leaves.length > 0, 40_000);
+      expect(left).toEqual({ type: "presence_diff", room: "room", joins: [], leaves: [{ id: ghost.id, name: ghost.name }] });
       expect(await metric(child.url, "chat_connections")).toBe(2);
       // the idle client said nothing for at least as long, but answered the pings: still here
       expect(idle.ws.readyState).toBe(WebSocket.OPEN);
-      expect(watcher.frames.some((f) => f.type === "left" && f.user.id !== ghost.id)).toBe(false);
+      expect(watcher.people("room")).not.toContain(ghost.id);
+      expect(watcher.people("room")).toHaveLength(2);
       const rooms = (await (await fetch(`${child.url}/api/rooms`, { headers: { cookie: ghost.cookie } })).json()) as { name: string; online: number }[];
       expect(rooms.find((r) => r.name === "room")?.online).toBe(2);
       expect((await idle.say("room", "still here")).text).toBe("still here");

@@ -54,7 +54,7 @@ async function checkConverge(url: string, peers: Peer[], stored: Message[]) {
     const seen = messagesOf(p.client);
     const since = seen.at(-1)?.id ?? 0;
     const back = await Client.connect(url, p.session);
-    const { history } = await back.join(ROOM, since);
+    const history = await back.recover(ROOM, since);
     expect(history.complete).toBe(true);
     const view = [...seen, ...history.messages];
     expect(view).toEqual(stored);
@@ -160,6 +160,6 @@ describeWithServices("crash, cluster", (services) => {
     await using a2 = await spawnServer({ ...cluster.env, NODE_ID: "crash-a2" });
     await checkConverge(a2.url, onB, stored);
     const fresh = await Client.connect(a2.url, onA[0].session);
-    expect((await fresh.join(ROOM, 0)).history.messages).toEqual(stored);
+    expect((await fresh.recover(ROOM, 0)).messages).toEqual(stored);
   }, 120_000);
 });

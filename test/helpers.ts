@@ -101,6 +101,11 @@ export async function cookieAnswers(baseUrl: string, cookie: string) {
 
 type Frame = ServerMessage;
 type Pred<T extends Frame> = (f: Frame) => f is T;
+type Diff = Extract<Frame, { type: "presence_diff" }>;
+
+/** A presence_diff that names this user among its joins or its leaves. */
+export const diffWith = (change: "joins" | "leaves", userId: string) => (f: Frame): f is Diff =>
+  f.type === "presence_diff" && f[change].some((u) => u.id === userId);
 
 /** A WebSocket client that validates every frame with the server's own schema. */
 export class Client {
@@ -177,6 +182,18 @@ export class Client {
     return out;
   }
 
+  /** Who this client believes is in a room: its last presence list, with every later presence_diff applied (leaves, then joins). */
+  people(room: string): string[] {
+    const at = this.frames.findLastIndex((f) => f.type === "presence" && f.room === room);
+    const ids = new Set(at < 0 ? [] : (this.frames[at] as Extract<Frame, { type: "presence" }>).users.map((u) => u.id));
+    for (const f of this.frames.slice(at + 1)) {
+      if (f.type !== "presence_diff" || f.room !== room) continue;
+      for (const u of f.leaves) ids.delete(u.id);
+      for (const u of f.joins) ids.add(u.id);
+    }
+    return [...ids].sort();
+  }
+
   untaken(): Frame[] {
     return this.frames.filter((_, i) => !this.taken.has(i));
   }
@@ -187,6 +204,18 @@ export class Client {
     const history = await this.next((f): f is Extract<Frame, { type: "history" }> => f.type === "history" && f.room === room);
     const presence = await this.next((f): f is Extract<Frame, { type: "presence" }> => f.type === "presence" && f.room === room);
     return { history, presence };
+  }
+
+  /** Joins with `since` and asks for every further page: the messages of all pages, and whether the first was complete. */
+  async recover(room: string, since: number) {
+    const isHistory = (f: Frame): f is Extract<Frame, { type: "history" }> => f.type === "history" && f.room === room;
+    const { history, presence } = await this.join(room, since);
+    const pages = [history];
+    while (pages.at(-1)!.more) {
+      this.send({ type: "history", room, after: pages.at(-1)!.messages.at(-1)!.id });
+      pages.push(await this.next(isHistory, 10_000));
+    }
+    return { pages, messages: pages.flatMap((p) => p.messages), complete: history.complete, presence };
   }
 
   /** Says something and waits for its own copy to come back. */
