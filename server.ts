@@ -1255,7 +1255,7 @@ export class Room {
     const { store, fanout, logger } = this.registry.units;
     try {
       await fanout.subscribe(this.name);
-      for (const user of await fanout.members(this.name)) this.members.set(user.id, user);
+      for (const user of await fanout.members(this.name)) this.setMember(user);
       this.recent = (await store.tail(this.name, this.registry.keep)).map(entryOf);
       this.lastId = this.recent.at(-1)?.id ?? 0;
     } catch (error) {
@@ -1392,7 +1392,7 @@ export class Room {
   /** A user arrived: everyone but `except` (the joiner, who gets the whole list) hears joined. */
   addMember(user: User, except?: ChatSocket) {
     const known = this.members.has(user.id);
-    this.members.set(user.id, user);
+    this.setMember(user);
     if (!known) this.broadcast(JSON.stringify({ type: "joined", room: this.name, user } satisfies ServerMessage), except);
   }
 
@@ -1400,15 +1400,25 @@ export class Room {
     const known = this.members.get(user.id);
     if (!known) return;
     this.members.delete(user.id);
+    this.registry.memberRemoved(this, user.id);
     this.broadcast(JSON.stringify({ type: "left", room: this.name, user: known } satisfies ServerMessage));
   }
+
+  /** Adds or renames a member; the registry indexes who is where. */
+  setMember(user: User) {
+    this.members.set(user.id, user);
+    this.registry.memberAdded(this, user.id);
+  }
 }
+
+const NO_ROOMS: ReadonlySet<Room> = new Set();
 
 type RoomUnits = { store: Store; fanout: Fanout; topics: Topics; connections: Connections; metrics: Metrics; logger: Logger };
 
 /** The rooms loaded on this node: loaded on the first local join, dropped when the last local socket leaves. */
 export class Rooms {
   private readonly rooms = new Map<string, Room>();
+  private readonly byUser = new Map<string, Set<Room>>(); // user id → loaded rooms whose members hold the user
   /** recent messages kept per room */
   readonly keep: number;
 
@@ -1436,6 +1446,24 @@ export class Rooms {
   forget(room: Room) {
     this.rooms.delete(room.name);
     this.units.fanout.unsubscribe(room.name);
+    for (const userId of room.members.keys()) this.memberRemoved(room, userId);
+  }
+
+  memberAdded(room: Room, userId: string) {
+    if (this.rooms.get(room.name) !== room) return; // a room that failed to load is no longer listed
+    let rooms = this.byUser.get(userId);
+    if (!rooms) this.byUser.set(userId, (rooms = new Set()));
+    rooms.add(room);
+  }
+
+  memberRemoved(room: Room, userId: string) {
+    const rooms = this.byUser.get(userId);
+    if (rooms?.delete(room) && rooms.size === 0) this.byUser.delete(userId);
+  }
+
+  /** The rooms loaded here whose members hold the user: what a rename touches. */
+  roomsOf(userId: string): ReadonlySet<Room> {
+    return this.byUser.get(userId) ?? NO_ROOMS;
   }
 
   values() {
@@ -1639,7 +1667,7 @@ export class Chat {
     if (previous !== name) {
       const user = { id: userId, name };
       this.renamed(user, previous);
-      const here = [...this.units.rooms.values()].filter((r) => r.localUsers.has(userId)).map((r) => r.name);
+      const here = [...this.units.rooms.roomsOf(userId)].filter((r) => r.localUsers.has(userId)).map((r) => r.name);
       this.units.fanout.publishRename(user, previous, here);
     }
     return { ok: true };
@@ -1650,9 +1678,8 @@ export class Chat {
     const local = this.units.connections.user(user.id);
     if (local) local.name = user.name;
     const recipients = new Set<ChatSocket>(local?.sockets);
-    for (const room of this.units.rooms.values()) {
-      if (!room.members.has(user.id)) continue;
-      room.members.set(user.id, user);
+    for (const room of this.units.rooms.roomsOf(user.id)) {
+      room.setMember(user);
       for (const ws of this.units.connections.socketsIn(room)) recipients.add(ws);
     }
     const frame = JSON.stringify({ type: "renamed", user, previous } satisfies ServerMessage);
