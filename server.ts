@@ -7,6 +7,7 @@ import { Hono, type Context } from "hono";
 import { getCookie, setSignedCookie } from "hono/cookie";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { createHash, createHmac, timingSafeEqual } from "node:crypto";
+import { readFileSync } from "node:fs";
 import * as z from "zod";
 import page from "./client.html" with { type: "text" };
 
@@ -23,6 +24,8 @@ const STALE_MS = 60_000; // a typing entry or an idle rate bucket older than thi
 const BUCKETS_KEPT = 10_000; // rate-limit buckets are pruned only past this many
 const TYPING_EVERY_MS = 1_000; // at most one typing frame per user and room is passed on in this time
 const SHUTDOWN_TIMEOUT_MS = 8_000; // a graceful stop that takes longer exits with 1
+const FD_LIMIT_FALLBACK = 10_000; // open files assumed where /proc/self/limits cannot be read
+const FD_RESERVE_MIN = 256; // descriptors kept from sockets for HTTP requests, the database and Redis (or a quarter, if more)
 const UNUSED_SESSION_TTL_MS = 60 * 60_000; // a session row that never connected goes after an hour
 const COOKIE_MAX_AGE_S = 400 * 24 * 3600; // browsers cap cookie lifetimes at 400 days
 const SID_BYTES = 24; // 192-bit session ids
@@ -110,7 +113,7 @@ const SETTINGS = {
   rateLimit: setting("RATE_LIMIT", Rate, "20/10s", "say frames per user (all tabs together)"),
   renameLimit: setting("RENAME_LIMIT", Rate, "5/60s", "renames per user"),
   joinLimit: setting("JOIN_LIMIT", Rate, "100/60s", "join frames per connection"),
-  maxConnections: setting("MAX_CONNECTIONS", Int(1, 1_000_000), "10000", "open sockets per process"),
+  maxConnections: setting("MAX_CONNECTIONS", Int(0, 1_000_000), "0", "open sockets per process (0: 3/4 of the open-file limit)"),
   maxConnectionsPerUser: setting("MAX_CONNECTIONS_PER_USER", Int(1, 10_000), "20", "open sockets per user"),
   maxRoomsPerConnection: setting("MAX_ROOMS_PER_CONNECTION", Int(1, 10_000), "50", "rooms one socket may join"),
   maxUnusedSessions: setting("MAX_UNUSED_SESSIONS", Int(1, 100_000_000), "100000", "session rows that never connected"),
@@ -2231,6 +2234,24 @@ function socketHandlers({ config, chat, connections, metrics, logger }: { config
 
 // ── startServer: the units, wired in the order data flows ────────────────────
 
+/** The soft limit on open files (Linux), else FD_LIMIT_FALLBACK. */
+export function openFileLimit(limits = "/proc/self/limits"): number {
+  try {
+    const soft = /^Max open files\s+(\d+|unlimited)/m.exec(readFileSync(limits, "utf8"))?.[1];
+    if (soft) return soft === "unlimited" ? Number.MAX_SAFE_INTEGER : Number(soft);
+  } catch {}
+  return FD_LIMIT_FALLBACK;
+}
+
+/** MAX_CONNECTIONS: unset (0) or above what the descriptors allow, the open-file limit less a reserve for HTTP
+ * requests, the database and Redis, so a full server still answers /healthz. */
+export function connectionLimit(wanted: number, fdLimit: number, logger: Logger): number {
+  const allowed = Math.max(1, fdLimit - Math.max(FD_RESERVE_MIN, Math.ceil(fdLimit / 4)));
+  if (wanted === 0) return allowed;
+  if (wanted > allowed) logger.info("config", { warning: `MAX_CONNECTIONS=${wanted} lowered to ${allowed}: the open-file limit is ${fdLimit}` });
+  return Math.min(wanted, allowed);
+}
+
 export type ServerOptions = Partial<ConfigInput> & {
   /** Receives one object per event; off in tests. */
   log?: Log;
@@ -2241,6 +2262,7 @@ export async function startServer(options: ServerOptions = {}) {
   const { log = () => {}, ...input } = options;
   const config = Config.parse(input);
   const logger = new Logger(log);
+  config.maxConnections = connectionLimit(config.maxConnections, openFileLimit(), logger);
   const nodeId = config.nodeId ?? `${process.pid}-${randomId(NODE_SUFFIX_BYTES)}`;
   const store = await openStore(config.databaseUrl, { retention: config.retentionDays > 0 });
   const secret = config.sessionSecret ?? (await store.secret(randomId(SECRET_BYTES)));
