@@ -1,6 +1,8 @@
 // The room list, retention, MAX_ROOMS and renames, on a real server with a SQLite file.
 import { describe, expect, test } from "bun:test";
+import { openStore } from "../server.ts";
 import { Client, newSession, putName, serve, until } from "./helpers.ts";
+import { describeWithServices } from "./services.ts";
 
 type Listed = { name: string; online: number; lastId: number };
 const roomsOf = async (url: string) => (await (await fetch(`${url}/api/rooms`)).json()) as Listed[];
@@ -38,10 +40,10 @@ describe("rooms", () => {
     await b.close();
     const idle = await until(async () => {
       const rooms = await roomsOf(chat.url);
-      return rooms.every((r) => r.online === 0) && rooms;
+      return rooms.every((r) => r.online === 0) ? rooms : undefined;
     });
     expect(idle).toHaveLength(100);
-    expect(idle[0]).toEqual({ name: "r7", online: 0, lastId: 4 });
+    expect(idle![0]).toEqual({ name: "r7", online: 0, lastId: 4 });
   });
 
   test("a restarted server lists the rooms with the most messages from the stored last ids", async () => {
@@ -122,5 +124,25 @@ describe("rooms", () => {
     for (const client of everyone) await client.join("after");
     const heard = everyone.map((c) => c.frames.filter((f) => f.type === "renamed").length);
     expect(heard).toEqual([1, 0, 1, 0, 0, 1, 1]);
+  });
+});
+
+describeWithServices("rooms, Postgres", (services) => {
+  test("expire, dropRoom and the id floor work on Postgres too", async () => {
+    const store = await openStore(await services.pg.createDatabase(), { retention: true });
+    try {
+      await store.append(Array.from({ length: 3 }, (_, i) => ({ room: "pg-old", user: someone, text: `${i}`, ts: OLD })));
+      await store.append([{ room: "pg-new", user: someone, text: "new", ts: Date.now() }]);
+      expect(await store.countRooms()).toBe(2);
+      expect(await store.expire(Date.now() - 24 * 3600_000, 2)).toEqual({ deleted: 2, emptied: [] });
+      expect(await store.expire(Date.now() - 24 * 3600_000, 2)).toEqual({ deleted: 1, emptied: ["pg-old"] });
+      expect(await store.dropRoom("pg-new")).toBe(false); // it has messages
+      expect(await store.dropRoom("pg-old")).toBe(true);
+      expect([await store.countRooms(), await store.hasRoom("pg-old"), await store.lastId("pg-old")]).toEqual([1, false, 3]);
+      expect(await store.append([{ room: "pg-old", user: someone, text: "again", ts: Date.now() }])).toEqual([4]);
+      expect(await store.rooms(100)).toEqual([{ name: "pg-old", lastId: 4 }, { name: "pg-new", lastId: 1 }]);
+    } finally {
+      await store.close();
+    }
   });
 });
