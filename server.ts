@@ -1824,9 +1824,9 @@ export class Chat {
     const refused = this.refuseJoin(ws, name, known);
     if (refused) return sendError(ws, refused.code, refused.message, { room: name, retryAfterMs: refused.retryAfterMs });
     if (!known && !this.units.rooms.get(name)) {
-      const admitted = await this.units.retention.admit(name).catch((error) => void this.units.logger.error("admit room", error, { room: name }));
+      // a store that cannot count fails the load next, which answers unavailable
+      const admitted = await this.units.retention.admit(name).catch(() => true);
       if (data.closed) return;
-      if (admitted === undefined) return sendError(ws, "unavailable", `Cannot join ${name}: the database is unavailable, try again`, { room: name });
       if (!admitted) return sendError(ws, "limit_exceeded", `Cannot join ${name}: the server holds its most rooms (MAX_ROOMS=${this.config.maxRooms})`, { room: name });
       known = isKnown(); // the same join may have raced this one
     }
