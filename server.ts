@@ -7,6 +7,7 @@ import { Hono, type Context } from "hono";
 import { getCookie, setSignedCookie } from "hono/cookie";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { createHash, createHmac, timingSafeEqual } from "node:crypto";
+import { readFileSync } from "node:fs";
 import * as z from "zod";
 import page from "./client.html" with { type: "text" };
 import confusables from "./confusables.json";
@@ -25,6 +26,8 @@ const STALE_MS = 60_000; // a typing entry or an idle rate bucket older than thi
 const BUCKETS_KEPT = 10_000; // rate-limit buckets are pruned only past this many
 const TYPING_EVERY_MS = 1_000; // at most one typing frame per user and room is passed on in this time
 const SHUTDOWN_TIMEOUT_MS = 8_000; // a graceful stop that takes longer exits with 1
+const FD_LIMIT_FALLBACK = 10_000; // open files assumed where /proc/self/limits cannot be read
+const FD_RESERVE_MIN = 256; // descriptors kept from sockets for HTTP requests, the database and Redis (or a quarter, if more)
 const UNUSED_SESSION_TTL_MS = 60 * 60_000; // a session row that never connected goes after an hour
 const SEEN_EVERY_MS = 60 * 60_000; // a connected session's last-seen time is written at most this often
 const PRUNE_BATCH = 1_000; // rows one janitor statement deletes, so it never holds the writer long
@@ -37,12 +40,17 @@ const NODE_SUFFIX_BYTES = 4;
 const DEFAULT_NAME_ATTEMPTS = 8; // random default names tried before one with a longer random tail
 const HEALTH_PROBE_MS = 1_000; // /healthz writes to the store at most this often
 const ROOM_LIST_LIMIT = 100; // rooms in GET /api/rooms
+const DAY_MS = 24 * 3600_000;
+const RETENTION_BATCH = 1_000; // messages one expiring transaction deletes
+const EMPTIED_KEPT = 100_000; // rooms left empty by retention, remembered until they can be dropped
 const GAP_READ_LIMIT = 10_000; // messages one read of the store returns when filling a gap
 const GAP_ATTEMPTS = 5; // empty reads of a gap before it is skipped
 const GAP_RETRY_MS = 50; // the wait after the n-th empty read is n times this
 // SQLite
 const WAL_REWIND_BYTES = 64 * 1024 * 1024; // past this the checkpointer rewinds the WAL to its start
 const CHECKPOINT_MS = 100; // the checkpointer's interval (see startCheckpointer)
+const LAST_ID_FLUSH_MS = 1_000; // how often rooms' new last ids are written to their rows
+const LAST_ID_FLUSH_ROOMS = 1_000; // rows written by one flush
 const SQLITE_BUSY_ATTEMPTS = 2_000; // 1 ms apart: a statement that meets a lock retries for about 2 s
 // Postgres
 const PG_POOL = 8;
@@ -125,7 +133,7 @@ const SETTINGS = {
   historyPageBytes: setting("HISTORY_PAGE_BYTES", Int(1024, 16 * 1024 * 1024), "131072", "largest history frame (one message always fits)"),
   historyBytes: setting("HISTORY_BYTES", Rate, "4194304/4s", "history bytes per connection, in <bytes>/<seconds>s"),
   historyBytesPerAddress: setting("HISTORY_BYTES_PER_ADDRESS", Rate, "16777216/8s", "history and REST paging bytes per client address"),
-  maxConnections: setting("MAX_CONNECTIONS", Int(1, 1_000_000), "10000", "open sockets per process"),
+  maxConnections: setting("MAX_CONNECTIONS", Int(0, 1_000_000), "0", "open sockets per process (0: 3/4 of the open-file limit)"),
   maxConnectionsPerUser: setting("MAX_CONNECTIONS_PER_USER", Int(1, 10_000), "20", "open sockets per user"),
   maxRoomsPerConnection: setting("MAX_ROOMS_PER_CONNECTION", Int(1, 10_000), "50", "rooms one socket may join"),
   maxUnusedSessions: setting("MAX_UNUSED_SESSIONS", Int(1, 100_000_000), "100000", "session rows that never connected"),
@@ -139,6 +147,8 @@ const SETTINGS = {
   metricsPort: optional("METRICS_PORT", Int(0, 65535), "serve /metrics on this port only (on METRICS_HOST)"),
   metricsHost: setting("METRICS_HOST", z.string().min(1), "127.0.0.1", "address of METRICS_PORT"),
   metricsToken: optional("METRICS_TOKEN", z.string().min(16, "must be at least 16 characters"), "/metrics needs Authorization: Bearer <token>"),
+  retentionDays: setting("RETENTION_DAYS", Int(0, 100_000), "0", "messages older than this many days are deleted (0 keeps them)"),
+  maxRooms: setting("MAX_ROOMS", Int(1, 100_000_000), "100000", "stored rooms; past it empty ones are dropped, then new ones refused"),
   idleTimeout: setting("IDLE_TIMEOUT", Int(1, 960), "60", "seconds without a frame or pong before a socket is dropped"),
 };
 type Settings = typeof SETTINGS;
@@ -612,24 +622,35 @@ export interface Store {
   between(room: string, after: number, before: number): Promise<Message[]>;
   /** Scrollback: up to `limit` messages before an id, oldest first. */
   before(room: string, before: number, limit: number): Promise<Message[]>;
-  /** Rooms with the newest messages first, and their last ids. */
+  /** The last id a room handed out (0 for a new room: its first id is then past the ids of any room dropped before). */
+  lastId(room: string): Promise<number>;
+  /** The rooms with the highest last ids (at most ROOM_LIST_LIMIT), without scanning the others. */
   rooms(limit: number): Promise<{ name: string; lastId: number }[]>;
+  /** Rows in `rooms`: each room that has stored a message and was not dropped. */
+  countRooms(): Promise<number>;
+  hasRoom(room: string): Promise<boolean>;
+  /** Deletes up to `limit` of the oldest messages older than `before`: how many, and the rooms left without any. */
+  expire(before: number, limit: number): Promise<{ deleted: number; emptied: string[] }>;
+  /** Drops a room's row if it holds no messages; its last id raises the floor that new rooms' ids start above. */
+  dropRoom(room: string): Promise<boolean>;
   close(): Promise<void>;
 }
 
 /** Opens the database a URL names: sqlite://<file>, :memory:, or postgres://… */
-export async function openStore(url: string): Promise<Store> {
-  if (/^postgres(ql)?:\/\//.test(url)) return PostgresStore.open(url);
-  if (url === ":memory:") return new SqliteStore(":memory:");
-  if (url.startsWith("sqlite://") && url.length > "sqlite://".length) return new SqliteStore(url.slice("sqlite://".length));
+export async function openStore(url: string, options: StoreOptions = {}): Promise<Store> {
+  if (/^postgres(ql)?:\/\//.test(url)) return PostgresStore.open(url, options);
+  if (url === ":memory:") return new SqliteStore(":memory:", options);
+  if (url.startsWith("sqlite://") && url.length > "sqlite://".length) return new SqliteStore(url.slice("sqlite://".length), options);
   throw new Error(`Cannot open DATABASE_URL=${url}: expected sqlite://<file>, :memory: or postgres://…`);
 }
 
 /** The schema's version, in meta: a database made by an older version is migrated when opened (see migrateSessions). */
 const SCHEMA_VERSION = 2;
+/** retention: messages get an index on ts, so expiring them is bounded (it costs every insert a second b-tree write) */
+export type StoreOptions = { retention?: boolean };
 
 /** The tables, the same on both engines but for SQLite's WITHOUT ROWID messages (one b-tree write a message). */
-function schema(engine: "sqlite" | "postgres"): string[] {
+function schema(engine: "sqlite" | "postgres", { retention = false }: StoreOptions): string[] {
   return [
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL)",
@@ -642,11 +663,48 @@ function schema(engine: "sqlite" | "postgres"): string[] {
     "CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (user_id)",
     "CREATE INDEX IF NOT EXISTS sessions_by_use ON sessions (used, created)",
     "CREATE INDEX IF NOT EXISTS sessions_by_seen ON sessions (seen)",
-    // on Postgres last_id is the room's id counter; on SQLite the row only lists the room
+    // the room's last id, written with each append (on Postgres it is the id counter); it outlives expired messages
     "CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, last_id BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS rooms_active ON rooms (last_id DESC)",
     `CREATE TABLE IF NOT EXISTS messages (room TEXT NOT NULL, id BIGINT NOT NULL, user_id TEXT NOT NULL, name TEXT NOT NULL,
       text TEXT NOT NULL, ts BIGINT NOT NULL, ref TEXT, PRIMARY KEY (room, id))${engine === "sqlite" ? " WITHOUT ROWID" : ""}`,
+    ...(retention ? ["CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts)"] : []),
   ];
+}
+
+/** The oldest messages before a time (1st parameter), at most the 2nd parameter of them, deleted; the rooms they were in. */
+const expireSql = (p: "?" | "$") => `DELETE FROM messages WHERE (room, id) IN (SELECT room, id FROM messages WHERE ts < ${p}1 ORDER BY ts LIMIT ${p}2) RETURNING room, id`;
+
+/** The `size` keys with the highest scores, kept as scores change, in O(1) but when the lowest changes (O(size)).
+ * Exact while scores only grow (last ids); when one falls, a key outside may outrank it until that key is offered. */
+export class Leaders {
+  private readonly scores = new Map<string, number>();
+  private lowest: string | undefined;
+  constructor(private readonly size: number) {}
+
+  offer(key: string, score: number) {
+    if (!this.scores.has(key) && this.scores.size >= this.size) {
+      if (score <= this.scores.get(this.lowest!)!) return;
+      this.scores.delete(this.lowest!);
+      this.lowest = undefined;
+    }
+    this.scores.set(key, score);
+    if (this.lowest === undefined || key === this.lowest || score < this.scores.get(this.lowest)!) this.findLowest();
+  }
+
+  remove(key: string) {
+    if (this.scores.delete(key) && key === this.lowest) this.findLowest();
+  }
+
+  private findLowest() {
+    this.lowest = undefined;
+    for (const [key, score] of this.scores) if (this.lowest === undefined || score < this.scores.get(this.lowest)!) this.lowest = key;
+  }
+
+  /** Highest first. */
+  top(): [key: string, score: number][] {
+    return [...this.scores].sort((a, b) => b[1] - a[1]);
+  }
 }
 
 /** A messages row as stored. */
@@ -695,11 +753,17 @@ function migrateSessions(rows: SessionRowV1[]) {
 class SqliteStore implements Store {
   private readonly db: Database;
   private readonly checkpointer: Worker | null;
-  private readonly insertRow: (row: Row) => void;
   private readonly insertRows: (rows: Row[]) => void;
-  private readonly lastIds = new Map<string, number>(); // the last id handed out per room
+  private readonly lastIds = new Map<string, number>(); // the last id handed out per room, of rooms written since start
+  private readonly leaders = new Leaders(ROOM_LIST_LIMIT); // this process is the only writer: it sees every new last id
+  private roomCount: number;
+  // rooms.last_id is written in batches, off the insert (it cost an insert 60%): it only seeds `leaders` at start,
+  // ids come from max(last_id, max(id)), and expire() writes it before deleting
+  private readonly dirty = new Map<string, number>();
+  private readonly writeLastIds: (rooms: [string, number][]) => void;
+  private readonly flusher: Timer;
 
-  constructor(file: string) {
+  constructor(file: string, options: StoreOptions) {
     this.db = new Database(file, { create: true });
     this.db.run("PRAGMA journal_mode = WAL");
     // NORMAL in WAL mode survives a process crash (kill -9); only an OS crash or power loss can drop the last commits
@@ -707,11 +771,29 @@ class SqliteStore implements Store {
     // never sleep on a lock inside the event loop: a busy statement is retried asynchronously (see retrying)
     this.db.run("PRAGMA busy_timeout = 0");
     this.db.run("PRAGMA wal_autocheckpoint = 0"); // the checkpointer thread does it, off the event loop
-    this.db.transaction(() => this.migrate())();
+    this.db.transaction(() => {
+      this.migrate(options);
+      this.fillLastIds();
+    })();
     const insert = this.db.prepare("INSERT INTO messages (room, id, user_id, name, text, ts, ref) VALUES (?, ?, ?, ?, ?, ?, ?)");
-    this.insertRow = (r) => void insert.run(r.room, r.id, r.user_id, r.name, r.text, r.ts, r.ref);
-    this.insertRows = this.db.transaction((rows: Row[]) => rows.forEach(this.insertRow));
+    const insertRow = (r: Row) => void insert.run(r.room, r.id, r.user_id, r.name, r.text, r.ts, r.ref);
+    const insertMany = this.db.transaction((rows: Row[]) => rows.forEach(insertRow));
+    this.insertRows = (rows) => (rows.length === 1 ? insertRow(rows[0]) : insertMany(rows)); // one row is its own transaction
+    const setLast = this.db.prepare("UPDATE rooms SET last_id = max(last_id, ?) WHERE name = ?");
+    this.writeLastIds = this.db.transaction((rooms: [string, number][]) => rooms.forEach(([room, id]) => setLast.run(id, room)));
+    this.flusher = setInterval(() => void this.flushLastIds().catch(() => {}), LAST_ID_FLUSH_MS);
+    this.flusher.unref();
+    const active = this.db.query("SELECT name, last_id FROM rooms ORDER BY last_id DESC LIMIT ?").all(ROOM_LIST_LIMIT) as { name: string; last_id: number }[];
+    for (const r of active) this.leaders.offer(r.name, r.last_id);
+    this.roomCount = (this.db.query("SELECT count(*) AS n FROM rooms").get() as { n: number }).n; // once, at start
     this.checkpointer = file === ":memory:" ? null : startCheckpointer(file);
+  }
+
+  /** Once per database: rooms.last_id was not written by earlier versions on SQLite. */
+  private fillLastIds() {
+    if (this.db.query("SELECT 1 FROM meta WHERE key = 'rooms_last_id'").get()) return;
+    this.db.run("UPDATE rooms SET last_id = coalesce((SELECT max(id) FROM messages WHERE room = rooms.name), 0)");
+    this.db.run("INSERT INTO meta (key, value) VALUES ('rooms_last_id', '1')");
   }
 
   /** Runs a statement, retrying while another connection holds the lock (the checkpointer's WAL rewind, a backup). */
@@ -735,7 +817,7 @@ class SqliteStore implements Store {
   }
 
   /** Creates the tables, or brings an older database up to SCHEMA_VERSION. */
-  private migrate() {
+  private migrate(options: StoreOptions) {
     this.db.run("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)");
     const version = this.db.query("SELECT value FROM meta WHERE key = 'schema_version'").get() as { value: string } | null;
     const columns = (this.db.query("PRAGMA table_info(sessions)").all() as { name: string }[]).map((c) => c.name);
@@ -744,7 +826,7 @@ class SqliteStore implements Store {
       v1 = this.db.query("SELECT sid, user_id, name, created, used FROM sessions").all() as SessionRowV1[];
       this.db.run("DROP TABLE sessions");
     }
-    schema("sqlite").forEach((ddl) => this.db.run(ddl));
+    schema("sqlite", options).forEach((ddl) => this.db.run(ddl));
     const { users, sessions } = migrateSessions(v1);
     const user = this.db.prepare("INSERT INTO users (id, name, name_key, created, seen) VALUES (?, ?, ?, ?, ?)");
     for (const u of users) user.run(u.id, u.name, u.name_key, u.created, u.seen);
@@ -854,21 +936,46 @@ class SqliteStore implements Store {
     });
     const rows = batch.map((m, i) => rowOf(m, ids[i]));
     try {
-      // one row is its own transaction; more share one
-      await this.retrying(() => (rows.length === 1 ? this.insertRow(rows[0]) : this.insertRows(rows)));
+      await this.retrying(() => this.insertRows(rows));
     } catch (error) {
       // nothing was stored: hand the ids out again (backwards, so each room ends at its first id - 1)
       for (let i = batch.length - 1; i >= 0; i--) this.lastIds.set(batch[i].room, ids[i] - 1);
       throw error;
     }
+    for (let i = 0; i < batch.length; i++) {
+      this.leaders.offer(batch[i].room, ids[i]);
+      this.dirty.set(batch[i].room, ids[i]);
+    }
     return ids;
+  }
+
+  /** Writes up to LAST_ID_FLUSH_ROOMS rooms' last ids, so one flush never holds the writer long. */
+  private async flushLastIds() {
+    const rooms = this.dirty.entries().take(LAST_ID_FLUSH_ROOMS).toArray();
+    if (!rooms.length) return;
+    await this.retrying(() => this.writeLastIds(rooms));
+    for (const [room, id] of rooms) if (this.dirty.get(room) === id) this.dirty.delete(room);
   }
 
   /** Learns a room's last id, and lists the room. */
   private openRoom(room: string) {
-    const { last } = this.db.query("SELECT max(id) AS last FROM messages WHERE room = ?").get(room) as { last: number | null };
-    this.db.query("INSERT INTO rooms (name, last_id) VALUES (?, 0) ON CONFLICT (name) DO NOTHING").run(room);
-    this.lastIds.set(room, last ?? 0);
+    const last = this.readLastId(room);
+    const listed = this.db.query("INSERT INTO rooms (name, last_id) VALUES (?, ?) ON CONFLICT (name) DO NOTHING").run(room, last);
+    this.roomCount += listed.changes;
+    this.lastIds.set(room, last);
+  }
+
+  /** The room's last committed id; for a room without a row, the floor (the highest id of any dropped room). */
+  private readLastId(room: string): number {
+    const row = this.db.query(`SELECT max(last_id, coalesce((SELECT max(id) FROM messages WHERE room = ?1), 0)) AS last
+      FROM rooms WHERE name = ?1`).get(room) as { last: number } | null;
+    if (row) return row.last;
+    return (this.db.query("SELECT value FROM counters WHERE name = 'room_floor'").get() as { value: number } | null)?.value ?? 0;
+  }
+
+  /** Committed ids only (lastIds may be ahead, for a batch being written). */
+  lastId(room: string) {
+    return this.retrying(() => this.readLastId(room));
   }
 
   tail(room: string, limit: number) {
@@ -889,15 +996,55 @@ class SqliteStore implements Store {
     );
   }
 
-  rooms(limit: number) {
+  async rooms(limit: number) {
+    return this.leaders.top().slice(0, limit).map(([name, lastId]) => ({ name, lastId }));
+  }
+
+  async countRooms() {
+    return this.roomCount;
+  }
+
+  hasRoom(room: string) {
+    return this.retrying(() => this.lastIds.has(room) || !!this.db.query("SELECT 1 FROM rooms WHERE name = ?").get(room));
+  }
+
+  expire(before: number, limit: number) {
     return this.retrying(() =>
-      (this.db.query(`SELECT name, (SELECT max(id) FROM messages WHERE room = rooms.name) AS last_id
-        FROM rooms ORDER BY last_id DESC LIMIT ?`).all(limit) as { name: string; last_id: number | null }[])
-        .map((r) => ({ name: r.name, lastId: r.last_id ?? 0 })),
+      this.db.transaction(() => {
+        const rows = this.db.query(expireSql("?")).all(before, limit) as { room: string; id: number }[];
+        this.writeLastIds(rows.map((r) => [r.room, r.id])); // the rows' last ids outlive their messages
+        const any = this.db.query("SELECT 1 FROM messages WHERE room = ? LIMIT 1");
+        return { deleted: rows.length, emptied: [...new Set(rows.map((r) => r.room))].filter((room) => !any.get(room)) };
+      })(),
     );
   }
 
+  dropRoom(room: string) {
+    return this.retrying(() =>
+      this.db.transaction(() => {
+        const dropped = this.db.query(`DELETE FROM rooms WHERE name = ?1 AND NOT EXISTS (SELECT 1 FROM messages WHERE room = ?1)
+          RETURNING last_id`).get(room) as { last_id: number } | null;
+        if (!dropped) return false;
+        this.db.query(`INSERT INTO counters (name, value) VALUES ('room_floor', ?)
+          ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)`).run(dropped.last_id);
+        this.lastIds.delete(room);
+        this.leaders.remove(room);
+        this.roomCount--;
+        return true;
+      })(),
+    );
+  }
+
+  private flushLastIdsNow() {
+    this.writeLastIds([...this.dirty]);
+    this.dirty.clear();
+  }
+
   async close() {
+    clearInterval(this.flusher);
+    try {
+      this.flushLastIdsNow();
+    } catch {} // a crash, too, leaves the room list's start a little stale
     this.checkpointer?.terminate();
     this.db.close();
   }
@@ -940,13 +1087,16 @@ export function startCheckpointer(file: string, { intervalMs = CHECKPOINT_MS, re
 
 /** Postgres through Bun.SQL's pool. Many nodes write at once: a message's id comes from its room's counter row. */
 class PostgresStore implements Store {
+  private listing: Promise<{ name: string; lastId: number }[]> | null = null; // concurrent room lists share one query
   private constructor(private readonly sql: SQL) {}
 
-  static async open(url: string): Promise<PostgresStore> {
+  static async open(url: string, options: StoreOptions): Promise<PostgresStore> {
     const sql = new SQL(url, { max: PG_POOL });
     await sql.begin(async (tx) => {
       await tx`SELECT pg_advisory_xact_lock(${PG_SCHEMA_LOCK})`;
-      await PostgresStore.migrate(tx);
+      await PostgresStore.migrate(tx, options);
+      // the room count is kept in a counter row from now on (count(*) scans)
+      await tx`INSERT INTO counters (name, value) SELECT 'rooms', count(*) FROM rooms ON CONFLICT (name) DO NOTHING`;
     });
     return new PostgresStore(sql);
   }
@@ -958,7 +1108,7 @@ class PostgresStore implements Store {
   }
 
   /** Creates the tables, or brings an older database up to SCHEMA_VERSION (under the schema lock). */
-  private static async migrate(tx: SQL) {
+  private static async migrate(tx: SQL, options: StoreOptions) {
     await tx.unsafe("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)");
     const [version] = await tx`SELECT value FROM meta WHERE key = 'schema_version'`;
     const [old] = await tx`SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = 'sessions' AND column_name = 'sid'`;
@@ -967,7 +1117,7 @@ class PostgresStore implements Store {
       v1 = await tx`SELECT sid, user_id, name, created, used FROM sessions`;
       await tx.unsafe("DROP TABLE sessions");
     }
-    for (const ddl of schema("postgres")) await tx.unsafe(ddl);
+    for (const ddl of schema("postgres", options)) await tx.unsafe(ddl);
     const { users, sessions } = migrateSessions(v1);
     for (let i = 0; i < users.length; i += PG_ROWS_PER_INSERT) await tx`INSERT INTO users ${tx(users.slice(i, i + PG_ROWS_PER_INSERT))}`;
     for (let i = 0; i < sessions.length; i += PG_ROWS_PER_INSERT) await tx`INSERT INTO sessions ${tx(sessions.slice(i, i + PG_ROWS_PER_INSERT))}`;
@@ -1061,8 +1211,11 @@ class PostgresStore implements Store {
       const ids = new Array<number>(batch.length);
       // rooms in name order, so two nodes' batches never wait on each other's locks in a cycle
       for (const [room, indexes] of [...byRoom].sort(([a], [b]) => (a < b ? -1 : 1))) {
-        const [{ last_id }] = await tx`INSERT INTO rooms (name, last_id) VALUES (${room}, ${indexes.length})
-          ON CONFLICT (name) DO UPDATE SET last_id = rooms.last_id + ${indexes.length} RETURNING last_id`;
+        // a new room starts above the floor; xmax = 0 marks a row this statement inserted
+        const [{ last_id, created }] = await tx`INSERT INTO rooms (name, last_id)
+          VALUES (${room}, coalesce((SELECT value FROM counters WHERE name = 'room_floor'), 0) + ${indexes.length})
+          ON CONFLICT (name) DO UPDATE SET last_id = rooms.last_id + ${indexes.length} RETURNING last_id, (xmax = 0) AS created`;
+        if (created) await tx`UPDATE counters SET value = value + 1 WHERE name = 'rooms'`;
         let id = Number(last_id) - indexes.length;
         for (const i of indexes) ids[i] = ++id;
       }
@@ -1087,9 +1240,50 @@ class PostgresStore implements Store {
     return rows.reverse().map(messageOfRow) as Message[];
   }
 
-  async rooms(limit: number) {
-    const rows = await this.sql`SELECT name, last_id FROM rooms ORDER BY last_id DESC LIMIT ${limit}`;
-    return rows.map((r: any) => ({ name: r.name as string, lastId: Number(r.last_id) }));
+  async lastId(room: string) {
+    const [row] = await this.sql`SELECT coalesce((SELECT last_id FROM rooms WHERE name = ${room}),
+      (SELECT value FROM counters WHERE name = 'room_floor'), 0) AS last_id`;
+    return Number(row.last_id);
+  }
+
+  /** Through the index rooms_active: O(limit). */
+  rooms(limit: number) {
+    return (this.listing ??= (async () => {
+      const rows = await this.sql`SELECT name, last_id FROM rooms ORDER BY last_id DESC LIMIT ${limit}`;
+      return rows.map((r: any) => ({ name: r.name as string, lastId: Number(r.last_id) }));
+    })().finally(() => (this.listing = null)));
+  }
+
+  async countRooms() {
+    const [row] = await this.sql`SELECT value FROM counters WHERE name = 'rooms'`;
+    return Number(row?.value ?? 0);
+  }
+
+  async hasRoom(room: string) {
+    return (await this.sql`SELECT 1 FROM rooms WHERE name = ${room}`).length > 0;
+  }
+
+  expire(before: number, limit: number) {
+    return this.sql.begin(async (tx) => {
+      const rows = await tx.unsafe(expireSql("$"), [before, limit]);
+      const rooms = [...new Set(rows.map((r: { room: string }) => r.room))] as string[];
+      const left = rooms.length
+        ? await tx`SELECT name FROM rooms WHERE name IN ${tx(rooms)} AND EXISTS (SELECT 1 FROM messages WHERE room = rooms.name)`
+        : [];
+      const kept = new Set(left.map((r: { name: string }) => r.name));
+      return { deleted: rows.length as number, emptied: rooms.filter((room) => !kept.has(room)) };
+    });
+  }
+
+  dropRoom(room: string) {
+    return this.sql.begin(async (tx) => {
+      const [dropped] = await tx`DELETE FROM rooms WHERE name = ${room} AND NOT EXISTS (SELECT 1 FROM messages WHERE room = ${room}) RETURNING last_id`;
+      if (!dropped) return false;
+      await tx`INSERT INTO counters (name, value) VALUES ('room_floor', ${dropped.last_id})
+        ON CONFLICT (name) DO UPDATE SET value = greatest(counters.value, excluded.value)`;
+      await tx`UPDATE counters SET value = value - 1 WHERE name = 'rooms'`;
+      return true;
+    });
   }
 
   async close() {
@@ -1621,10 +1815,12 @@ export class Room {
     const { store, fanout, logger } = this.registry.units;
     try {
       await fanout.subscribe(this.name);
-      for (const user of await fanout.members(this.name)) this.members.set(user.id, user);
+      for (const user of await fanout.members(this.name)) this.setMember(user);
       this.published = new Map(this.members); // nobody here has been told anything yet: a joiner gets the list
+      // before the tail: a message stored between the two reads is in the tail; the tail is empty once all expired
+      const stored = await store.lastId(this.name);
       this.recent = (await store.tail(this.name, this.registry.keep)).map(entryOf);
-      this.lastId = this.recent.at(-1)?.id ?? 0;
+      this.lastId = Math.max(this.recent.at(-1)?.id ?? 0, stored);
     } catch (error) {
       logger.error("load room", error, { room: this.name });
       this.state = "failed";
@@ -1775,13 +1971,14 @@ export class Room {
   /** A user arrived (cluster-wide): told to this node's sockets in the next presence_diff. */
   addMember(user: User) {
     if (this.members.has(user.id)) return;
-    this.members.set(user.id, user);
+    this.setMember(user);
     this.presenceChanged(user.id);
   }
 
   /** A user went (cluster-wide): told in the next presence_diff. */
   removeMember(user: User) {
     if (!this.members.delete(user.id)) return;
+    this.registry.memberRemoved(this, user.id);
     this.presenceChanged(user.id);
   }
 
@@ -1832,13 +2029,23 @@ export class Room {
     if (this.presenceTimer) clearTimeout(this.presenceTimer);
     this.presenceTimer = null;
   }
+
+  /** Adds or renames a member; the registry indexes who is where. */
+  setMember(user: User) {
+    this.members.set(user.id, user);
+    this.registry.memberAdded(this, user.id);
+  }
 }
+
+const NO_ROOMS: ReadonlySet<Room> = new Set();
 
 type RoomUnits = { store: Store; fanout: Fanout; topics: Topics; connections: Connections; metrics: Metrics; logger: Logger };
 
 /** The rooms loaded on this node: loaded on the first local join, dropped when the last local socket leaves. */
 export class Rooms {
   private readonly rooms = new Map<string, Room>();
+  private readonly byUser = new Map<string, Set<Room>>(); // user id → loaded rooms whose members hold the user
+  private readonly busy = new Leaders(ROOM_LIST_LIMIT); // the loaded rooms with the most members, for the room list
   /** recent messages kept per room */
   readonly keep: number;
 
@@ -1867,6 +2074,32 @@ export class Rooms {
     room.stopPresence();
     this.rooms.delete(room.name);
     this.units.fanout.unsubscribe(room.name);
+    for (const userId of room.members.keys()) this.memberRemoved(room, userId);
+    this.busy.remove(room.name);
+  }
+
+  memberAdded(room: Room, userId: string) {
+    if (this.rooms.get(room.name) !== room) return; // a room that failed to load is no longer listed
+    let rooms = this.byUser.get(userId);
+    if (!rooms) this.byUser.set(userId, (rooms = new Set()));
+    rooms.add(room);
+    this.busy.offer(room.name, room.members.size);
+  }
+
+  memberRemoved(room: Room, userId: string) {
+    const rooms = this.byUser.get(userId);
+    if (rooms?.delete(room) && rooms.size === 0) this.byUser.delete(userId);
+    if (this.rooms.get(room.name) === room) this.busy.offer(room.name, room.members.size);
+  }
+
+  /** Up to ROOM_LIST_LIMIT loaded rooms, those with the most members. */
+  busiest(): Room[] {
+    return this.busy.top().map(([name]) => this.rooms.get(name)!);
+  }
+
+  /** The rooms loaded here whose members hold the user: what a rename touches. */
+  roomsOf(userId: string): ReadonlySet<Room> {
+    return this.byUser.get(userId) ?? NO_ROOMS;
   }
 
   /** The server stops: no room timer may outlive it. */
@@ -1957,11 +2190,57 @@ export class SayQueue {
   }
 }
 
+// ── Retention: old messages expire, empty rooms are dropped, the number of rooms is capped ──
+
+export class Retention {
+  private readonly emptied = new Set<string>(); // rooms left without messages: dropped once nobody is in them
+  private running: Promise<void> | null = null;
+
+  constructor(private readonly config: Pick<Config, "retentionDays" | "maxRooms">, private readonly units: { store: Store; rooms: Rooms; fanout: Fanout }) {}
+
+  /** The janitor's pass (one at a time): expired messages go in short batches, then empty rooms nobody is in. */
+  run(now = Date.now()): Promise<void> {
+    return (this.running ??= this.expire(now).then(() => this.dropEmpty()).finally(() => (this.running = null)));
+  }
+
+  private async expire(now: number) {
+    if (this.config.retentionDays === 0) return;
+    const before = now - this.config.retentionDays * DAY_MS;
+    for (;;) {
+      const { deleted, emptied } = await this.units.store.expire(before, RETENTION_BATCH);
+      for (const room of emptied) if (this.emptied.size < EMPTIED_KEPT) this.emptied.add(room);
+      if (deleted < RETENTION_BATCH) return;
+      await Bun.sleep(1); // the say queue and requests run between batches
+    }
+  }
+
+  /** Drops the remembered empty rooms that are not loaded here and have nobody on other nodes. */
+  private async dropEmpty() {
+    const { store, rooms, fanout } = this.units;
+    const idle = [...this.emptied].filter((name) => !rooms.get(name)).slice(0, RETENTION_BATCH);
+    const online = await fanout.online(idle);
+    for (const [i, name] of idle.entries()) {
+      if (online[i] > 0) continue;
+      await store.dropRoom(name); // false if it has messages again: it is no longer empty either way
+      this.emptied.delete(name);
+    }
+  }
+
+  /** Whether a join may make this room: a known one always, a new one while fewer than MAX_ROOMS are stored
+   * (after dropping empty ones). Rows are made by the first message, so joins racing for the last place may pass it. */
+  async admit(name: string): Promise<boolean> {
+    const { store, rooms } = this.units;
+    if (rooms.get(name) || (await store.countRooms()) < this.config.maxRooms || (await store.hasRoom(name))) return true;
+    await this.dropEmpty();
+    return (await store.countRooms()) < this.config.maxRooms;
+  }
+}
+
 // ── Chat operations: what frames and requests ask of rooms and users ─────────
 
 export type Outcome = { ok: true } | { ok: false; code: ErrorCode; message: string; retryAfterMs?: number };
 
-type ChatUnits = { store: Store; fanout: Fanout; rooms: Rooms; connections: Connections; queue: SayQueue; metrics: Metrics; logger: Logger };
+type ChatUnits = { store: Store; fanout: Fanout; rooms: Rooms; connections: Connections; queue: SayQueue; retention: Retention; metrics: Metrics; logger: Logger };
 
 export class Chat {
   private readonly sayLimits: RateLimiter;
@@ -1982,9 +2261,17 @@ export class Chat {
   /** A join: history and presence; of a room already joined (or being joined), presence only (pages fill gaps). */
   async join(ws: ChatSocket, name: string, since: number | undefined) {
     const data = ws.data;
-    const known = data.rooms.includes(name) || !!data.joining?.includes(name);
+    const isKnown = () => data.rooms.includes(name) || !!data.joining?.includes(name);
+    let known = isKnown();
     const refused = this.refuseJoin(ws, name, known);
     if (refused) return sendError(ws, refused.code, refused.message, { room: name, retryAfterMs: refused.retryAfterMs });
+    if (!known && !this.units.rooms.get(name)) {
+      // a store that cannot count fails the load next, which answers unavailable
+      const admitted = await this.units.retention.admit(name).catch(() => true);
+      if (data.closed) return;
+      if (!admitted) return sendError(ws, "limit_exceeded", `Cannot join ${name}: the server holds its most rooms (MAX_ROOMS=${this.config.maxRooms})`, { room: name });
+      known = isKnown(); // the same join may have raced this one
+    }
     const room = this.units.rooms.open(name);
     if (!known) {
       (data.joining ??= []).push(room.name); // room.name is shared, not a copy per socket
@@ -2115,7 +2402,7 @@ export class Chat {
     if (previous !== name) {
       const user = { id: userId, name };
       this.renamed(user, previous);
-      const here = [...this.units.rooms.values()].filter((r) => r.localUsers.has(userId)).map((r) => r.name);
+      const here = [...this.units.rooms.roomsOf(userId)].filter((r) => r.localUsers.has(userId)).map((r) => r.name);
       this.units.fanout.publishRename(user, previous, here);
     }
     return { ok: true };
@@ -2126,7 +2413,7 @@ export class Chat {
     const local = this.units.connections.user(user.id);
     if (local) local.name = user.name;
     const recipients = new Set<ChatSocket>(local?.sockets);
-    for (const room of this.units.rooms.values()) {
+    for (const room of this.units.rooms.roomsOf(user.id)) {
       if (!room.rename(user)) continue;
       for (const ws of this.units.connections.socketsIn(room)) recipients.add(ws);
     }
@@ -2148,19 +2435,22 @@ export class Chat {
     return { ok: false, code: "rate_limited", message: `Too much history sent to this address: try again in ${wait} ms`, retryAfterMs: wait };
   }
 
-  /** GET /api/rooms: stored rooms and those loaded here, busiest first. */
+  /** GET /api/rooms: busiest first, at most ROOM_LIST_LIMIT, from the stored rooms with the highest last ids and
+   * the loaded rooms with the most members (each list kept at that size): O(ROOM_LIST_LIMIT). */
   async listRooms() {
-    const list = new Map((await this.units.store.rooms(ROOM_LIST_LIMIT)).map((r) => [r.name, { name: r.name, online: 0, lastId: r.lastId }]));
-    for (const room of this.units.rooms.values()) {
-      const entry = list.get(room.name) ?? { name: room.name, online: 0, lastId: 0 };
+    const { store, rooms } = this.units;
+    const list = new Map((await store.rooms(ROOM_LIST_LIMIT)).map((r) => [r.name, { name: r.name, online: 0, lastId: r.lastId }]));
+    for (const room of rooms.busiest()) if (!list.has(room.name)) list.set(room.name, { name: room.name, online: 0, lastId: 0 });
+    for (const entry of list.values()) {
+      const room = rooms.get(entry.name);
+      if (!room) continue;
       entry.lastId = Math.max(entry.lastId, room.lastId);
       entry.online = room.members.size; // kept current by the fan-out
-      list.set(room.name, entry);
     }
     const elsewhere = [...list.keys()].filter((name) => !this.units.rooms.get(name));
     const online = await this.units.fanout.online(elsewhere);
     elsewhere.forEach((name, i) => (list.get(name)!.online = online[i]));
-    return [...list.values()].sort((a, b) => b.online - a.online || b.lastId - a.lastId);
+    return [...list.values()].sort((a, b) => b.online - a.online || b.lastId - a.lastId).slice(0, ROOM_LIST_LIMIT);
   }
 
   /** What this node does with news from the fan-out. */
@@ -2572,6 +2862,24 @@ function socketHandlers({ config, chat, connections, metrics, logger }: { config
 
 // ── startServer: the units, wired in the order data flows ────────────────────
 
+/** The soft limit on open files (Linux), else FD_LIMIT_FALLBACK. */
+export function openFileLimit(limits = "/proc/self/limits"): number {
+  try {
+    const soft = /^Max open files\s+(\d+|unlimited)/m.exec(readFileSync(limits, "utf8"))?.[1];
+    if (soft) return soft === "unlimited" ? Number.MAX_SAFE_INTEGER : Number(soft);
+  } catch {}
+  return FD_LIMIT_FALLBACK;
+}
+
+/** MAX_CONNECTIONS: unset (0) or above what the descriptors allow, the open-file limit less a reserve for HTTP
+ * requests, the database and Redis, so a full server still answers /healthz. */
+export function connectionLimit(wanted: number, fdLimit: number, logger: Logger): number {
+  const allowed = Math.max(1, fdLimit - Math.max(FD_RESERVE_MIN, Math.ceil(fdLimit / 4)));
+  if (wanted === 0) return allowed;
+  if (wanted > allowed) logger.info("config", { warning: `MAX_CONNECTIONS=${wanted} lowered to ${allowed}: the open-file limit is ${fdLimit}` });
+  return Math.min(wanted, allowed);
+}
+
 export type ServerOptions = Partial<ConfigInput> & {
   /** Receives one object per event; off in tests. */
   log?: Log;
@@ -2582,8 +2890,9 @@ export async function startServer(options: ServerOptions = {}) {
   const { log = () => {}, ...input } = options;
   const config = Config.parse(input);
   const logger = new Logger(log);
+  config.maxConnections = connectionLimit(config.maxConnections, openFileLimit(), logger);
   const nodeId = config.nodeId ?? randomId(NODE_SUFFIX_BYTES);
-  const store = await openStore(config.databaseUrl);
+  const store = await openStore(config.databaseUrl, { retention: config.retentionDays > 0 });
   const secret = config.sessionSecret ?? (await store.secret(randomId(SECRET_BYTES)));
   const fanout = config.redisUrl ? await RedisFanout.open(config.redisUrl, nodeId, logger) : new LocalFanout(nodeId);
   const metrics = new Metrics();
@@ -2591,7 +2900,8 @@ export async function startServer(options: ServerOptions = {}) {
   const connections = new Connections(config, metrics);
   const rooms = new Rooms({ store, fanout, topics, connections, metrics, logger }, config);
   const queue = new SayQueue(store, rooms, fanout, metrics, logger);
-  const chat = new Chat(config, { store, fanout, rooms, connections, queue, metrics, logger });
+  const retention = new Retention(config, { store, rooms, fanout });
+  const chat = new Chat(config, { store, fanout, rooms, connections, queue, retention, metrics, logger });
   fanout.listen(chat.fanoutEvents());
   const sessions = new Sessions(store, new Cookies(secret), config, metrics, logger);
   const lifecycle = { shuttingDown: false };
@@ -2618,6 +2928,7 @@ export async function startServer(options: ServerOptions = {}) {
       sessions.forgetStale(performance.now() - STALE_MS);
       void sessions.stillOpen([...connections.all()].map((ws) => ws.data.sid)).then(() => sessions.prune())
         .catch((error) => logger.error("touch sessions", error));
+      retention.run().catch((error) => logger.error("retention", error));
     }, JANITOR_MS),
   ];
   for (const timer of timers) timer.unref();
@@ -2645,6 +2956,8 @@ export async function startServer(options: ServerOptions = {}) {
     /** Starts shutting down: health answers 503 and new sockets are refused; the rest keeps working. */
     drain: () => void (lifecycle.shuttingDown = true),
     pruneSessions: () => sessions.prune(),
+    /** The janitor's retention pass (RETENTION_DAYS, empty rooms), as if at `now` (ms since the epoch). */
+    prune: (now?: number) => retention.run(now),
     /** What the janitor does every JANITOR_MS, as if at `now`. */
     forgetStale: (now?: number) => chat.forgetStale(now),
   };
