@@ -4,7 +4,7 @@
 import { RedisClient, type Server, type ServerWebSocket, SQL, type WebSocketHandler } from "bun";
 import { Database } from "bun:sqlite";
 import { Hono, type Context } from "hono";
-import { getCookie, setSignedCookie } from "hono/cookie";
+import { deleteCookie, getCookie, setSignedCookie } from "hono/cookie";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { createHash, createHmac, timingSafeEqual } from "node:crypto";
 import { readFileSync } from "node:fs";
@@ -39,6 +39,9 @@ const SECRET_BYTES = 32;
 const NODE_SUFFIX_BYTES = 4;
 const DEFAULT_NAME_ATTEMPTS = 8; // random default names tried before one with a longer random tail
 const HEALTH_PROBE_MS = 1_000; // /healthz writes to the store at most this often
+const LOGIN_WINDOW_MS = 15 * 60_000; // failed logins are counted over this window…
+const LOGIN_FAILURES = 10; // …and past this many, per name or per address, logins are refused
+const PASSWORD_HASH = { algorithm: "argon2id" } as const; // Bun's defaults: 64 MiB, 2 passes
 const ROOM_LIST_LIMIT = 100; // rooms in GET /api/rooms
 const DAY_MS = 24 * 3600_000;
 const RETENTION_BATCH = 1_000; // messages one expiring transaction deletes
@@ -149,6 +152,8 @@ const SETTINGS = {
   metricsToken: optional("METRICS_TOKEN", z.string().min(16, "must be at least 16 characters"), "/metrics needs Authorization: Bearer <token>"),
   retentionDays: setting("RETENTION_DAYS", Int(0, 100_000), "0", "messages older than this many days are deleted (0 keeps them)"),
   maxRooms: setting("MAX_ROOMS", Int(1, 100_000_000), "100000", "stored rooms; past it empty ones are dropped, then new ones refused"),
+  guests: setting("GUESTS", z.enum(["write", "read", "off"]), "write", "what guests may do: write (chat), read (join public rooms and read), off (sign in first)"),
+  maxSessionsPerUser: setting("MAX_SESSIONS_PER_USER", Int(1, 10_000), "50", "sessions (signed-in devices) per account; a new login drops the least recently seen"),
   idleTimeout: setting("IDLE_TIMEOUT", Int(1, 960), "60", "seconds without a frame or pong before a socket is dropped"),
 };
 type Settings = typeof SETTINGS;
@@ -163,6 +168,7 @@ const FLAGS = new Map(Object.entries(SETTINGS).flatMap(([key, s]) => (s.flag ? [
 
 export const HELP = [
   "Usage: bun run server.ts [--port N] [--host ADDR] [--db URL] [--redis URL]",
+  "       bun run server.ts grant-admin <name> [--db URL]   (make an account an admin of the instance)",
   "",
   "Settings, from the environment (a flag wins over its variable):",
   ...Object.values(SETTINGS).map((s) => `  ${`${s.env}=${s.fallback}`.padEnd(36)}${(s.flag ?? "").padEnd(9)}${s.help}`),
@@ -312,7 +318,7 @@ export const Message = z.strictObject({
 });
 export type Message = z.infer<typeof Message>;
 
-export const ErrorCode = z.enum(["bad_request", "not_joined", "rate_limited", "name_taken", "limit_exceeded", "unavailable"]);
+export const ErrorCode = z.enum(["bad_request", "not_joined", "rate_limited", "name_taken", "limit_exceeded", "unavailable", "forbidden"]);
 export type ErrorCode = z.infer<typeof ErrorCode>;
 
 export const ServerMessage = z.discriminatedUnion("type", [
@@ -336,6 +342,9 @@ export type ServerMessage = z.infer<typeof ServerMessage>;
 type ErrorExtra = { ref?: string; retryAfterMs?: number; room?: string };
 
 export const RenameBody = z.strictObject({ name: Name });
+const Password = z.string().min(8, "password is shorter than 8 characters").max(256, "password is longer than 256 characters");
+export const PasswordBody = z.strictObject({ password: Password, currentPassword: z.string().max(256).optional() });
+export const LoginBody = z.strictObject({ name: z.string().min(1).max(256), password: z.string().min(1).max(256) });
 export const MessagesQuery = z.strictObject({
   before: z.coerce.number().int().positive().optional(),
   limit: z.coerce.number().int().min(1).max(100).default(50),
@@ -420,6 +429,14 @@ export function parseClientMessage(raw: string | Buffer): Parsed<ClientMessage> 
   return { ok: false, error: firstIssue(result.error), ref: safeRef };
 }
 
+/** A change to who may do what: the node that makes it applies it, and tells every other node. */
+export const AccessEvent = z.discriminatedUnion("what", [
+  // sessions revoked (handles) or every session of the user (null): their sockets close with `code`
+  z.strictObject({ what: z.literal("close"), user: z.string(), handles: z.array(z.string()).nullable(), code: z.union([z.literal(4001), z.literal(4003)]) }),
+  z.strictObject({ what: z.literal("account"), user: z.string(), registered: z.boolean(), admin: z.boolean() }),
+]);
+export type AccessEvent = z.infer<typeof AccessEvent>;
+
 /** What nodes tell each other on Redis: a JSON header, and for message and typing the client frame after a newline. */
 export const FanoutHeader = z.discriminatedUnion("kind", [
   z.strictObject({ kind: z.literal("message"), id: MessageId, sentAt: z.number() }),
@@ -427,6 +444,7 @@ export const FanoutHeader = z.discriminatedUnion("kind", [
   // published by PRESENCE_LUA, with cjson
   z.strictObject({ kind: z.literal("presence"), change: z.enum(["joined", "left"]), user: User }),
   z.strictObject({ kind: z.literal("renamed"), node: z.string(), user: User, previous: z.string() }),
+  z.strictObject({ kind: z.literal("access"), node: z.string(), event: AccessEvent }),
 ]);
 export type FanoutHeader = z.infer<typeof FanoutHeader>;
 export type FanoutPayload = FanoutHeader & { frame: string };
@@ -597,6 +615,8 @@ export type PruneRules = { unusedBefore: number; keepUnused: number; guestsSeenB
 export type NewMessage = { room: string; user: User; text: string; ts: number; ref?: string };
 
 export interface Store {
+  /** Accounts, sessions by handle and login failures: the same SQL on both engines. */
+  readonly accounts: Accounts;
   /** The cookie-signing secret shared by every process: `fresh`, unless one is stored already. */
   secret(fresh: string): Promise<string>;
   findSession(sid: string): Promise<Session | undefined>;
@@ -663,6 +683,9 @@ function schema(engine: "sqlite" | "postgres", { retention = false }: StoreOptio
     "CREATE INDEX IF NOT EXISTS sessions_by_user ON sessions (user_id)",
     "CREATE INDEX IF NOT EXISTS sessions_by_use ON sessions (used, created)",
     "CREATE INDEX IF NOT EXISTS sessions_by_seen ON sessions (seen)",
+    // key: name:<nameKey> or addr:<client address>; rows older than LOGIN_WINDOW_MS are pruned
+    "CREATE TABLE IF NOT EXISTS login_failures (key TEXT NOT NULL, at BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS login_failures_by_key ON login_failures (key, at)",
     // the room's last id, written with each append (on Postgres it is the id counter); it outlives expired messages
     "CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, last_id BIGINT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS rooms_active ON rooms (last_id DESC)",
@@ -751,6 +774,7 @@ function migrateSessions(rows: SessionRowV1[]) {
  * writer of the file, so it hands out message ids itself; a worker thread checkpoints the WAL.
  */
 class SqliteStore implements Store {
+  readonly accounts = new Accounts((sql, params = []) => this.retrying(() => this.db.query(sql.replace(/\$(\d+)/g, "?$1")).all(...(params as never[]))));
   private readonly db: Database;
   private readonly checkpointer: Worker | null;
   private readonly insertRows: (rows: Row[]) => void;
@@ -1088,7 +1112,10 @@ export function startCheckpointer(file: string, { intervalMs = CHECKPOINT_MS, re
 /** Postgres through Bun.SQL's pool. Many nodes write at once: a message's id comes from its room's counter row. */
 class PostgresStore implements Store {
   private listing: Promise<{ name: string; lastId: number }[]> | null = null; // concurrent room lists share one query
-  private constructor(private readonly sql: SQL) {}
+  readonly accounts: Accounts;
+  private constructor(private readonly sql: SQL) {
+    this.accounts = new Accounts((text, params = []) => sql.unsafe(text, params as never[]));
+  }
 
   static async open(url: string, options: StoreOptions): Promise<PostgresStore> {
     const sql = new SQL(url, { max: PG_POOL });
@@ -1291,6 +1318,95 @@ class PostgresStore implements Store {
   }
 }
 
+/** One statement with `$1…` parameters, on either engine; the rows it returns. */
+type Query = (sql: string, params?: unknown[]) => Promise<any[]>;
+export type Account = { id: string; name: string; password: string | null; admin: boolean; banned: boolean };
+export type SessionInfo = { handle: string; created: number; seen: number };
+const accountOfRow = (r: any): Account => ({ id: r.id, name: r.name, password: r.password ?? null, admin: Number(r.admin) === 1, banned: Number(r.banned) === 1 });
+
+/** What accounts need of the store: few and simple statements, written once for both engines. */
+export class Accounts {
+  constructor(private readonly q: Query) {}
+
+  async user(id: string): Promise<Account | undefined> {
+    const [row] = await this.q("SELECT id, name, password, admin, banned FROM users WHERE id = $1", [id]);
+    return row ? accountOfRow(row) : undefined;
+  }
+
+  async byName(name: string): Promise<Account | undefined> {
+    const [row] = await this.q("SELECT id, name, password, admin, banned FROM users WHERE name_key = $1", [nameKey(name)]);
+    return row ? accountOfRow(row) : undefined;
+  }
+
+  /** Sets a password hash; the first account of the instance becomes its admin (decided once, in meta). */
+  async setPassword(id: string, hash: string): Promise<Account> {
+    await this.q("UPDATE users SET password = $1 WHERE id = $2", [hash, id]);
+    const first = await this.q("INSERT INTO meta (key, value) VALUES ('first_account', $1) ON CONFLICT (key) DO NOTHING RETURNING value", [id]);
+    if (first.length) await this.q("UPDATE users SET admin = 1 WHERE id = $1", [id]);
+    return (await this.user(id))!;
+  }
+
+  async setAdmin(id: string, admin: boolean) {
+    await this.q("UPDATE users SET admin = $1 WHERE id = $2", [admin ? 1 : 0, id]);
+  }
+
+  async setBanned(id: string, banned: boolean) {
+    await this.q("UPDATE users SET banned = $1 WHERE id = $2", [banned ? 1 : 0, id]);
+  }
+
+  /** A new session of an existing user; the user's oldest sessions past `keep` are deleted: their handles. */
+  async createSession(sid: string, userId: string, keep: number): Promise<{ handle: string; dropped: string[] }> {
+    const handle = randomId(HANDLE_BYTES);
+    const now = Date.now();
+    await this.q("INSERT INTO sessions (sid_hash, handle, user_id, created, seen, used) VALUES ($1, $2, $3, $4, $4, 1)", [sidHash(sid), handle, userId, now]);
+    const old = await this.q("SELECT handle FROM sessions WHERE user_id = $1 ORDER BY seen DESC, created DESC LIMIT 1000000 OFFSET $2", [userId, keep]);
+    const dropped = old.map((r) => r.handle as string);
+    for (const h of dropped) await this.q("DELETE FROM sessions WHERE handle = $1", [h]);
+    return { handle, dropped };
+  }
+
+  async sessions(userId: string): Promise<SessionInfo[]> {
+    const rows = await this.q("SELECT handle, created, seen FROM sessions WHERE user_id = $1 ORDER BY seen DESC", [userId]);
+    return rows.map((r) => ({ handle: r.handle, created: Number(r.created), seen: Number(r.seen) }));
+  }
+
+  /** Deletes one session of a user: whether it was there. */
+  async deleteSession(userId: string, handle: string): Promise<boolean> {
+    return (await this.q("DELETE FROM sessions WHERE user_id = $1 AND handle = $2 RETURNING handle", [userId, handle])).length > 0;
+  }
+
+  /** Deletes every session of a user but `except`: their handles. */
+  async deleteSessions(userId: string, except = ""): Promise<string[]> {
+    return (await this.q("DELETE FROM sessions WHERE user_id = $1 AND handle <> $2 RETURNING handle", [userId, except])).map((r) => r.handle);
+  }
+
+  /** Deletes a guest left without a session (its messages keep its name). */
+  async dropOrphanGuest(userId: string) {
+    await this.q("DELETE FROM users WHERE id = $1 AND password IS NULL AND NOT EXISTS (SELECT 1 FROM sessions WHERE user_id = $1)", [userId]);
+  }
+
+  /** Gives a session a new sid (after a privilege change); its handle stays. */
+  async rotate(oldSid: string, newSid: string) {
+    await this.q("UPDATE sessions SET sid_hash = $1 WHERE sid_hash = $2", [sidHash(newSid), sidHash(oldSid)]);
+  }
+
+  /** Failed logins per key since `since`, and the oldest of them. */
+  async failures(keys: string[], since: number): Promise<{ count: number; oldest: number }[]> {
+    return Promise.all(keys.map(async (key) => {
+      const [row] = await this.q("SELECT count(*) AS n, min(at) AS oldest FROM login_failures WHERE key = $1 AND at >= $2", [key, since]);
+      return { count: Number(row?.n ?? 0), oldest: Number(row?.oldest ?? 0) };
+    }));
+  }
+
+  async fail(keys: string[], at: number) {
+    for (const key of keys) await this.q("INSERT INTO login_failures (key, at) VALUES ($1, $2)", [key, at]);
+  }
+
+  async pruneFailures(before: number) {
+    await this.q("DELETE FROM login_failures WHERE at < $1", [before]);
+  }
+}
+
 function randomId(bytes: number): string {
   return Buffer.from(crypto.getRandomValues(new Uint8Array(bytes))).toString("base64url");
 }
@@ -1303,6 +1419,8 @@ export type FanoutEvents = {
   typing(room: string, frame: string): void;
   presence(room: string, change: "joined" | "left", user: User): void;
   renamed(user: User, previous: string): void;
+  /** Another node changed who may do what. */
+  access(event: AccessEvent): void;
   /** The fan-out was down and is back: events may have been missed. */
   reconnected(): void;
 };
@@ -1329,6 +1447,7 @@ export interface Fanout {
   publishMessage(room: string, entry: Entry): void;
   publishTyping(room: string, frame: string): void;
   publishRename(user: User, previous: string, rooms: string[]): void;
+  publishAccess(event: AccessEvent): void;
   metrics(): MetricLine[];
   close(): Promise<void>;
 }
@@ -1359,6 +1478,7 @@ class LocalFanout implements Fanout {
   publishMessage() {}
   publishTyping() {}
   publishRename() {}
+  publishAccess() {}
   metrics(): MetricLine[] {
     return [{ name: "chat_node_info", type: "gauge", help: "This process", value: 1, labels: { node: this.node, cluster: "0" } }];
   }
@@ -1466,6 +1586,8 @@ class RedisFanout implements Fanout {
         return on.presence(room, event.change, event.user);
       case "renamed":
         return event.node === this.node ? undefined : on.renamed(event.user, event.previous);
+      case "access":
+        return event.node === this.node ? undefined : on.access(event.event);
       default:
         event satisfies never;
     }
@@ -1573,6 +1695,10 @@ class RedisFanout implements Fanout {
     if (rooms.length && this.pub.connected) this.presence("rename", this.node, user.id, ...rooms, user.name).catch((e) => this.logger.error("redis rename", e));
   }
 
+  publishAccess(event: AccessEvent) {
+    this.publish(USERS_CHANNEL, FanoutCodec.encode({ kind: "access", node: this.node, event }));
+  }
+
   metrics(): MetricLine[] {
     return [
       { name: "chat_node_info", type: "gauge", help: "This process", value: 1, labels: { node: this.node, cluster: "1" } },
@@ -1607,7 +1733,7 @@ export class Logger {
 }
 
 /** Why a request, upgrade or frame was refused, as /metrics labels them. */
-const REFUSALS = ["sessions_per_address", "upgrades_per_address", "connections_per_address", "connections_per_user", "connections_total", "say_per_address"] as const;
+const REFUSALS = ["sessions_per_address", "upgrades_per_address", "connections_per_address", "connections_per_user", "connections_total", "say_per_address", "login_failures"] as const;
 export type Refusal = (typeof REFUSALS)[number];
 
 /** This process's counters, exposed at /metrics. */
@@ -1621,6 +1747,7 @@ export class Metrics {
   connectionsRefused = 0;
   storeErrors = 0;
   gapsFilled = 0;
+  loginFailures = 0;
 
   lines(gauges: { connections: number; rooms: number }): MetricLine[] {
     const counter = (name: string, help: string, value: number): MetricLine => ({ name, type: "counter", help, value });
@@ -1635,6 +1762,7 @@ export class Metrics {
       counter("chat_connections_refused_total", "Connections refused by a connection limit", this.connectionsRefused),
       counter("chat_store_errors_total", "Failed writes of chat messages", this.storeErrors),
       counter("chat_gaps_filled_total", "Out-of-order arrivals filled from the store", this.gapsFilled),
+      counter("chat_login_failures_total", "Logins refused for a wrong name or password", this.loginFailures),
       ...REFUSALS.map((reason): MetricLine => ({
         name: "chat_refused_total", type: "counter", help: "Requests, upgrades and frames refused by a limit, by reason", value: this.refused[reason], labels: { reason },
       })),
@@ -1655,11 +1783,12 @@ function renderMetrics(lines: MetricLine[]): string {
 
 // ── Connections: users with open sockets on this node, and the limits on them ─
 
-type LocalUser = { id: string; name: string; sockets: ChatSocket[] }; // a user has a few tabs
+type LocalUser = { id: string; name: string; registered: boolean; admin: boolean; sockets: ChatSocket[] }; // a user has a few tabs
 /** Per socket. Plain arrays: a socket holds a few rooms, and per-socket memory is what idle servers are made of. */
 type SocketData = {
   user: LocalUser;
   sid: string; // the session it was opened with
+  handle: string; // that session's public name (revocations name it)
   address: string; // the client address (clientAddress), for the per-address limits
   rooms: string[]; // joined: history sent, subscribed
   joining: string[] | null; // waiting for the room to load (usually null)
@@ -1698,9 +1827,9 @@ export class Connections {
       return refused[1];
     }
     let user = this.users.get(session.id);
-    if (!user) this.users.set(session.id, (user = { id: session.id, name: session.name, sockets: [] }));
+    if (!user) this.users.set(session.id, (user = { id: session.id, name: session.name, registered: session.registered, admin: session.admin, sockets: [] }));
     this.perAddress.set(address, (this.perAddress.get(address) ?? 0) + 1);
-    return { user, sid: session.sid, address, rooms: [], joining: null, historyBytes: null, buffered: 0, pressured: false, closed: false };
+    return { user, sid: session.sid, handle: session.handle, address, rooms: [], joining: null, historyBytes: null, buffered: 0, pressured: false, closed: false };
   }
 
   private refuse(session: Session, address: string): [Refusal, Refused] | undefined {
@@ -1741,6 +1870,19 @@ export class Connections {
 
   user(id: string): LocalUser | undefined {
     return this.users.get(id);
+  }
+
+  /** Applies a change of access to this node's sockets of the user. */
+  apply(event: AccessEvent) {
+    const user = this.users.get(event.user);
+    if (!user) return;
+    if (event.what === "account") {
+      user.registered = event.registered;
+      user.admin = event.admin;
+      return;
+    }
+    const reason = event.code === 4003 ? "banned" : "signed out";
+    for (const ws of [...user.sockets]) if (!event.handles || event.handles.includes(ws.data.handle)) ws.close(event.code, reason);
   }
 
   *all(): Generator<ChatSocket> {
@@ -2367,6 +2509,7 @@ export class Chat {
       return sendError(ws, "bad_request", `text: longer than ${this.config.maxText} characters`, { ref });
     }
     if (!ws.data.rooms.includes(msg.room)) return sendError(ws, "not_joined", `Cannot say in ${msg.room}: join it first`, { ref });
+    if (this.readOnly(ws)) return sendError(ws, "forbidden", "Guests may read but not write here: sign up or log in", { ref });
     const wait = this.sayLimits.take(ws.data.user.id);
     if (wait) {
       this.units.metrics.rateLimited++;
@@ -2384,10 +2527,16 @@ export class Chat {
 
   typing(ws: ChatSocket, name: string) {
     if (!ws.data.rooms.includes(name)) return sendError(ws, "not_joined", `Cannot type in ${name}: join it first`);
+    if (this.readOnly(ws)) return sendError(ws, "forbidden", "Guests may read but not write here: sign up or log in");
     if (!this.typingThrottle.allow(ws.data.user.id, name)) return;
     const frame = JSON.stringify({ type: "typing", room: name, user: userOf(ws) } satisfies ServerMessage);
     this.units.rooms.get(name)!.broadcast(frame, ws);
     this.units.fanout.publishTyping(name, frame);
+  }
+
+  /** GUESTS=read: a guest's socket reads and writes nothing. */
+  private readOnly(ws: ChatSocket): boolean {
+    return this.config.guests !== "write" && !ws.data.user.registered;
   }
 
   /** Renames a user everywhere; for PUT /api/me and the nick frame. */
@@ -2464,6 +2613,7 @@ export class Chat {
         else room?.removeMember(user);
       },
       renamed: (user, previous) => this.renamed(user, previous),
+      access: (event) => this.units.connections.apply(event),
       reconnected: () => void this.resync().catch((error) => this.units.logger.error("resync", error)),
     };
   }
@@ -2547,6 +2697,10 @@ class Cookies {
 
   issue(c: Context, sid: string) {
     return setSignedCookie(c, this.name(c), sid, this.secret, { httpOnly: true, sameSite: "Lax", path: "/", secure: isSecure(c), maxAge: COOKIE_MAX_AGE_S });
+  }
+
+  clear(c: Context) {
+    deleteCookie(c, this.name(c), { path: "/", secure: isSecure(c) });
   }
 }
 
@@ -2643,7 +2797,118 @@ class Sessions {
   }
 }
 
-type AppUnits = { config: Config; store: Store; sessions: Sessions; chat: Chat; connections: Connections; fanout: Fanout; rooms: Rooms; metrics: Metrics; logger: Logger; lifecycle: { shuttingDown: boolean } };
+/** An answer of Auth: the value, or the HTTP error to send. */
+type Answer<T> = { ok: true; value: T } | { ok: false; status: ContentfulStatusCode; code: string; message: string; retryAfterMs?: number };
+const refuse = (status: ContentfulStatusCode, code: string, message: string, retryAfterMs?: number): Answer<never> => ({ ok: false, status, code, message, retryAfterMs });
+
+/**
+ * Accounts: passwords, logins and logouts, a user's sessions, instance bans. Every revocation closes the
+ * sessions' sockets, on this node at once and on the others through the fan-out.
+ */
+class Auth {
+  private dummyHash: Promise<string> | null = null; // checked against for unknown names, so they take as long as known ones
+  constructor(
+    private readonly store: Store,
+    private readonly sessions: Sessions,
+    private readonly connections: Connections,
+    private readonly fanout: Fanout,
+    private readonly metrics: Metrics,
+    private readonly maxSessionsPerUser: number,
+  ) {}
+
+  private tell(event: AccessEvent) {
+    this.connections.apply(event);
+    this.fanout.publishAccess(event);
+  }
+
+  private closeSessions(user: string, handles: string[] | null, code: 4001 | 4003 = 4001) {
+    if (!handles || handles.length) this.tell({ what: "close", user, handles, code });
+  }
+
+  /** Makes the guest an account, or changes the password (then the current one is needed, and other sessions end). */
+  async setPassword(c: Context, session: Session, password: string, current: string | undefined): Promise<Answer<Account>> {
+    const { accounts } = this.store;
+    const user = await accounts.user(session.id);
+    if (!user) return refuse(401, "unauthorized", "No such user");
+    if (user.password && !(current && (await Bun.password.verify(current, user.password)))) {
+      return refuse(403, "forbidden", "The current password is missing or wrong");
+    }
+    const account = await accounts.setPassword(user.id, await Bun.password.hash(password, PASSWORD_HASH));
+    // a change of privilege: this browser's session gets a new sid (its sockets stay open)
+    const sid = randomId(SID_BYTES);
+    await accounts.rotate(session.sid, sid);
+    await this.sessions.cookies.issue(c, sid);
+    for (const ws of this.connections.user(user.id)?.sockets ?? []) if (ws.data.handle === session.handle) ws.data.sid = sid;
+    if (user.password) this.closeSessions(user.id, await accounts.deleteSessions(user.id, session.handle));
+    this.tell({ what: "account", user: user.id, registered: true, admin: account.admin });
+    return { ok: true, value: account };
+  }
+
+  /**
+   * Signs this browser in as the named account, with a new session; the session it had is ended. Wrong name and
+   * wrong password are one answer in about one time; past LOGIN_FAILURES per name or address, 429.
+   */
+  async login(c: Context, name: string, password: string, current: Session | undefined, address: string): Promise<Answer<Account>> {
+    const { accounts } = this.store;
+    const now = Date.now();
+    const keys = [`name:${nameKey(name)}`, `addr:${address}`];
+    const blocked = (await accounts.failures(keys, now - LOGIN_WINDOW_MS)).filter((f) => f.count >= LOGIN_FAILURES);
+    if (blocked.length) {
+      this.metrics.refused.login_failures++;
+      const wait = Math.max(1_000, ...blocked.map((f) => f.oldest + LOGIN_WINDOW_MS - now));
+      return refuse(429, "rate_limited", `Too many failed logins: try again in ${Math.ceil(wait / 60_000)} min`, wait);
+    }
+    const user = await accounts.byName(name).catch(() => undefined);
+    const hash = user?.password ?? (await (this.dummyHash ??= Bun.password.hash(randomId(SID_BYTES), PASSWORD_HASH)));
+    if (!(await Bun.password.verify(password, hash)) || !user?.password) {
+      this.metrics.loginFailures++;
+      await accounts.fail(keys, now);
+      return refuse(401, "unauthorized", "Wrong name or password");
+    }
+    if (user.banned) return refuse(403, "forbidden", "This account is banned");
+    const sid = randomId(SID_BYTES);
+    const { dropped } = await accounts.createSession(sid, user.id, this.maxSessionsPerUser);
+    this.closeSessions(user.id, dropped);
+    if (current) await this.end(current);
+    await this.sessions.cookies.issue(c, sid);
+    return { ok: true, value: user };
+  }
+
+  /** Ends a session: its row goes and its sockets close with 4001 (a guest without other sessions is gone). */
+  async end(session: Session) {
+    await this.store.accounts.deleteSession(session.id, session.handle);
+    this.closeSessions(session.id, [session.handle]);
+    if (!session.registered) await this.store.accounts.dropOrphanGuest(session.id);
+  }
+
+  async sessionsOf(session: Session) {
+    return (await this.store.accounts.sessions(session.id)).map((s) => ({ id: s.handle, createdAt: s.created, lastSeenAt: s.seen, current: s.handle === session.handle }));
+  }
+
+  /** Ends one of the user's own sessions, by handle: whether there was one. */
+  async revoke(session: Session, handle: string): Promise<boolean> {
+    if (!(await this.store.accounts.deleteSession(session.id, handle))) return false;
+    this.closeSessions(session.id, [handle]);
+    return true;
+  }
+
+  /** Instance ban (admins): every session ends, sockets close with 4003, logins answer 403 until lifted. */
+  async ban(actor: Session, userId: string, banned: boolean): Promise<Answer<null>> {
+    const { accounts } = this.store;
+    const [me, target] = await Promise.all([accounts.user(actor.id), accounts.user(userId)]);
+    if (!me?.admin) return refuse(403, "forbidden", "Only an admin may ban users from the instance");
+    if (!target) return refuse(404, "not_found", "No such user");
+    if (target.admin || target.id === me.id) return refuse(403, "forbidden", "Admins cannot be banned (remove the admin role first)");
+    await accounts.setBanned(userId, banned);
+    if (banned) {
+      await accounts.deleteSessions(userId);
+      this.closeSessions(userId, null, 4003);
+    }
+    return { ok: true, value: null };
+  }
+}
+
+type AppUnits = { config: Config; store: Store; sessions: Sessions; auth: Auth; chat: Chat; connections: Connections; fanout: Fanout; rooms: Rooms; metrics: Metrics; logger: Logger; lifecycle: { shuttingDown: boolean } };
 
 function createApp(units: AppUnits): Hono<Env> {
   const app = new Hono<Env>();
@@ -2734,9 +2999,13 @@ async function sessionOrGuest(c: Context<Env>, sessions: Sessions): Promise<Sess
   return "status" in made ? httpError(c, made.status, made.code, made.message, made.retryAfterMs) : made;
 }
 
-const me = ({ id, name, registered, admin }: Session) => ({ id, name, registered, admin });
+const me = ({ id, name, registered, admin }: Pick<Session, "id" | "name" | "registered" | "admin">) => ({ id, name, registered, admin });
+const answer = <T,>(c: Context, result: Answer<T>, ok: (value: T) => Response) =>
+  result.ok ? ok(result.value) : httpError(c, result.status, result.code, result.message, result.retryAfterMs);
+/** The request's session, or the 401 to send. */
+const signedIn = (c: Context<Env>) => c.get("session") ?? httpError(c, 401, "unauthorized", "No session: GET /api/me first, or log in");
 
-function mountApi(app: Hono<Env>, { sessions, chat }: AppUnits) {
+function mountApi(app: Hono<Env>, { sessions, auth, chat }: AppUnits) {
   app.use("/api/*", async (c, next) => {
     if (sessions.cookies.count(c) > 1) return httpError(c, 400, "bad_request", "The request has more than one session cookie: clear this site's cookies");
     c.set("session", await sessions.read(c));
@@ -2755,6 +3024,41 @@ function mountApi(app: Hono<Env>, { sessions, chat }: AppUnits) {
     if (!result.ok) return httpError(c, result.code === "rate_limited" ? 429 : 409, result.code, result.message, result.retryAfterMs);
     return c.json(me({ ...session, name: body.value.name }));
   });
+  app.post("/api/me/password", async (c) => {
+    const body = await readJson(c, PasswordBody, "body must be a JSON object {password, currentPassword?}");
+    if (!body.ok) return body.answer;
+    const session = signedIn(c);
+    if (session instanceof Response) return session;
+    return answer(c, await auth.setPassword(c, session, body.value.password, body.value.currentPassword), (a) => c.json(me({ ...a, registered: true })));
+  });
+  app.post("/api/login", async (c) => {
+    const body = await readJson(c, LoginBody, "body must be a JSON object {name, password}");
+    if (!body.ok) return body.answer;
+    const result = await auth.login(c, body.value.name, body.value.password, c.get("session"), c.get("address"));
+    return answer(c, result, (a) => c.json(me({ ...a, registered: true })));
+  });
+  app.post("/api/logout", async (c) => {
+    const session = c.get("session");
+    if (session) await auth.end(session);
+    sessions.cookies.clear(c);
+    return c.body(null, 204);
+  });
+  app.get("/api/me/sessions", async (c) => {
+    const session = signedIn(c);
+    return session instanceof Response ? session : c.json(await auth.sessionsOf(session));
+  });
+  app.delete("/api/me/sessions/:id", async (c) => {
+    const session = signedIn(c);
+    if (session instanceof Response) return session;
+    return (await auth.revoke(session, c.req.param("id"))) ? c.body(null, 204) : httpError(c, 404, "not_found", "No such session of yours");
+  });
+  for (const [method, banned] of [["put", true], ["delete", false]] as const) {
+    app[method]("/api/users/:userId/ban", async (c) => {
+      const session = signedIn(c);
+      if (session instanceof Response) return session;
+      return answer(c, await auth.ban(session, c.req.param("userId"), banned), () => c.body(null, 204));
+    });
+  }
   app.get("/api/rooms", async (c) => c.json(await chat.listRooms()));
   app.get("/api/rooms/:room/messages", async (c) => {
     const room = RoomName.safeParse(c.req.param("room"));
@@ -2784,6 +3088,7 @@ function mountSocket(app: Hono<Env>, { config, sessions, connections, lifecycle 
     }
     const session = await sessions.read(c);
     if (!session) return httpError(c, 401, "unauthorized", "No valid session: load / first (the page asks /api/me for one)");
+    if (config.guests === "off" && !session.registered) return httpError(c, 401, "unauthorized", "Guests may not chat here: sign up or log in");
     if (lifecycle.shuttingDown) return httpError(c, 503, "unavailable", "Server is shutting down");
     // before the limits: nothing may await between them and the upgrade, or a burst gets past them
     await sessions.opened(session);
@@ -2904,8 +3209,9 @@ export async function startServer(options: ServerOptions = {}) {
   const chat = new Chat(config, { store, fanout, rooms, connections, queue, retention, metrics, logger });
   fanout.listen(chat.fanoutEvents());
   const sessions = new Sessions(store, new Cookies(secret), config, metrics, logger);
+  const auth = new Auth(store, sessions, connections, fanout, metrics, config.maxSessionsPerUser);
   const lifecycle = { shuttingDown: false };
-  const units = { config, store, sessions, chat, connections, fanout, rooms, metrics, logger, lifecycle };
+  const units = { config, store, sessions, auth, chat, connections, fanout, rooms, metrics, logger, lifecycle };
   const app = createApp(units);
   const server = Bun.serve<SocketData>({
     port: config.port,
@@ -2972,6 +3278,7 @@ async function main(argv: string[], env: Record<string, string | undefined>) {
     console.log(HELP);
     process.exit(0);
   }
+  const command = argv[0] === "grant-admin" ? argv.splice(0, 2) : null;
   let settings: Record<string, string>;
   try {
     settings = readSettings(env, argv);
@@ -2981,6 +3288,7 @@ async function main(argv: string[], env: Record<string, string | undefined>) {
     console.error(error.message);
     process.exit(2);
   }
+  if (command) process.exit(await grantAdmin(parseConfig(settings).databaseUrl, command[1]));
   const log: Log = (event) => console.log(JSON.stringify({ time: new Date().toISOString(), ...event }));
   const logger = new Logger(log);
   const chat = await startServer({ ...settings, log }).catch((error) => {
@@ -3008,6 +3316,27 @@ async function main(argv: string[], env: Record<string, string | undefined>) {
         },
       );
     });
+  }
+}
+
+/** `grant-admin <name>`: for an instance whose first account (its admin) is gone. The exit code. */
+async function grantAdmin(databaseUrl: string, name: string | undefined): Promise<number> {
+  if (!name) {
+    console.error("Usage: grant-admin <name>");
+    return 2;
+  }
+  const store = await openStore(databaseUrl);
+  try {
+    const user = await store.accounts.byName(name);
+    if (!user?.password) {
+      console.error(`Cannot grant admin: no account named ${JSON.stringify(name)} (a guest must sign up first)`);
+      return 1;
+    }
+    await store.accounts.setAdmin(user.id, true);
+    console.log(`${user.name} (${user.id}) is now an admin`);
+    return 0;
+  } finally {
+    await store.close();
   }
 }
 
