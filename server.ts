@@ -2799,7 +2799,7 @@ class Sessions {
 
 /** An answer of Auth: the value, or the HTTP error to send. */
 type Answer<T> = { ok: true; value: T } | { ok: false; status: ContentfulStatusCode; code: string; message: string; retryAfterMs?: number };
-const refuse = (status: ContentfulStatusCode, code: string, message: string, retryAfterMs?: number): Answer<never> => ({ ok: false, status, code, message, retryAfterMs });
+const deny = (status: ContentfulStatusCode, code: string, message: string, retryAfterMs?: number): Answer<never> => ({ ok: false, status, code, message, retryAfterMs });
 
 /**
  * Accounts: passwords, logins and logouts, a user's sessions, instance bans. Every revocation closes the
@@ -2829,9 +2829,9 @@ class Auth {
   async setPassword(c: Context, session: Session, password: string, current: string | undefined): Promise<Answer<Account>> {
     const { accounts } = this.store;
     const user = await accounts.user(session.id);
-    if (!user) return refuse(401, "unauthorized", "No such user");
+    if (!user) return deny(401, "unauthorized", "No such user");
     if (user.password && !(current && (await Bun.password.verify(current, user.password)))) {
-      return refuse(403, "forbidden", "The current password is missing or wrong");
+      return deny(403, "forbidden", "The current password is missing or wrong");
     }
     const account = await accounts.setPassword(user.id, await Bun.password.hash(password, PASSWORD_HASH));
     // a change of privilege: this browser's session gets a new sid (its sockets stay open)
@@ -2856,16 +2856,16 @@ class Auth {
     if (blocked.length) {
       this.metrics.refused.login_failures++;
       const wait = Math.max(1_000, ...blocked.map((f) => f.oldest + LOGIN_WINDOW_MS - now));
-      return refuse(429, "rate_limited", `Too many failed logins: try again in ${Math.ceil(wait / 60_000)} min`, wait);
+      return deny(429, "rate_limited", `Too many failed logins: try again in ${Math.ceil(wait / 60_000)} min`, wait);
     }
     const user = await accounts.byName(name).catch(() => undefined);
     const hash = user?.password ?? (await (this.dummyHash ??= Bun.password.hash(randomId(SID_BYTES), PASSWORD_HASH)));
     if (!(await Bun.password.verify(password, hash)) || !user?.password) {
       this.metrics.loginFailures++;
       await accounts.fail(keys, now);
-      return refuse(401, "unauthorized", "Wrong name or password");
+      return deny(401, "unauthorized", "Wrong name or password");
     }
-    if (user.banned) return refuse(403, "forbidden", "This account is banned");
+    if (user.banned) return deny(403, "forbidden", "This account is banned");
     const sid = randomId(SID_BYTES);
     const { dropped } = await accounts.createSession(sid, user.id, this.maxSessionsPerUser);
     this.closeSessions(user.id, dropped);
@@ -2896,9 +2896,9 @@ class Auth {
   async ban(actor: Session, userId: string, banned: boolean): Promise<Answer<null>> {
     const { accounts } = this.store;
     const [me, target] = await Promise.all([accounts.user(actor.id), accounts.user(userId)]);
-    if (!me?.admin) return refuse(403, "forbidden", "Only an admin may ban users from the instance");
-    if (!target) return refuse(404, "not_found", "No such user");
-    if (target.admin || target.id === me.id) return refuse(403, "forbidden", "Admins cannot be banned (remove the admin role first)");
+    if (!me?.admin) return deny(403, "forbidden", "Only an admin may ban users from the instance");
+    if (!target) return deny(404, "not_found", "No such user");
+    if (target.admin || target.id === me.id) return deny(403, "forbidden", "Admins cannot be banned (remove the admin role first)");
     await accounts.setBanned(userId, banned);
     if (banned) {
       await accounts.deleteSessions(userId);
@@ -3233,6 +3233,7 @@ export async function startServer(options: ServerOptions = {}) {
       chat.forgetStale();
       sessions.forgetStale(performance.now() - STALE_MS);
       void sessions.stillOpen([...connections.all()].map((ws) => ws.data.sid)).then(() => sessions.prune())
+        .then(() => store.accounts.pruneFailures(Date.now() - LOGIN_WINDOW_MS))
         .catch((error) => logger.error("touch sessions", error));
       retention.run().catch((error) => logger.error("retention", error));
     }, JANITOR_MS),
