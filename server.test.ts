@@ -481,8 +481,8 @@ describe("chat", () => {
     await a.say("beta", "b1");
     const get = (path: string) => fetch(`${chat.url}${path}`, { headers: { cookie: session.cookie } });
     expect(await (await get("/api/rooms")).json()).toEqual([
-      { name: "alpha", online: 1, lastId: 7 },
-      { name: "beta", online: 1, lastId: 1 },
+      { name: "alpha", online: 1, lastId: 7, visibility: "public" },
+      { name: "beta", online: 1, lastId: 1, visibility: "public" },
     ]);
     const page1 = (await (await get("/api/rooms/alpha/messages?limit=3")).json()) as any;
     expect(page1.messages.map((m: any) => m.id)).toEqual([5, 6, 7]);

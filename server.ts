@@ -43,6 +43,7 @@ const LOGIN_WINDOW_MS = 15 * 60_000; // failed logins are counted over this wind
 const LOGIN_FAILURES = 10; // …and past this many, per name or per address, logins are refused
 const PASSWORD_HASH = { algorithm: "argon2id" } as const; // Bun's defaults: 64 MiB, 2 passes
 const ROOM_LIST_LIMIT = 100; // rooms in GET /api/rooms
+const AUDIT_LIMIT = 200; // entries in GET /api/rooms/:room/audit
 const DAY_MS = 24 * 3600_000;
 const RETENTION_BATCH = 1_000; // messages one expiring transaction deletes
 const EMPTIED_KEPT = 100_000; // rooms left empty by retention, remembered until they can be dropped
@@ -293,6 +294,11 @@ export const Name = z.string().trim().min(1, "name is empty").max(32, "name is l
 export const Text = z.string().min(1, "text is empty").superRefine(refuse(textProblem));
 export const Ref = z.string().superRefine(refuse(refProblem));
 export const MessageId = z.number().int().nonnegative();
+export const Visibility = z.enum(["public", "private", "dm"]);
+export type Visibility = z.infer<typeof Visibility>;
+const DM_PREFIX = "dm-"; // dm rooms' names: made by the server, never by a user
+export const AuditAction = z.enum(["kick", "ban", "unban", "mute", "unmute", "promote", "demote", "invite", "remove"]);
+export type AuditAction = z.infer<typeof AuditAction>;
 export const User = z.strictObject({ id: z.string(), name: z.string() });
 export type User = z.infer<typeof User>;
 
@@ -329,6 +335,17 @@ export const ServerMessage = z.discriminatedUnion("type", [
   z.strictObject({ type: z.literal("presence_diff"), room: RoomName, joins: z.array(User), leaves: z.array(User) }),
   z.strictObject({ type: z.literal("renamed"), user: User, previous: z.string() }),
   z.strictObject({ type: z.literal("typing"), room: RoomName, user: User }),
+  z.strictObject({ type: z.literal("invited"), room: RoomName, by: User }),
+  // the socket is out of the room: kicked or banned by `by`, or it removed itself from a private room
+  z.strictObject({ type: z.literal("removed"), room: RoomName, by: User, reason: z.enum(["kicked", "banned", "left"]) }),
+  z.strictObject({
+    type: z.literal("moderation"),
+    room: RoomName,
+    action: z.enum(["kick", "ban", "unban", "mute", "unmute", "promote", "demote"]),
+    user: User,
+    by: User,
+    until: z.number().int().optional(), // ms since the epoch, for a ban or mute that ends
+  }),
   z.strictObject({
     type: z.literal("error"),
     code: ErrorCode,
@@ -342,6 +359,14 @@ export type ServerMessage = z.infer<typeof ServerMessage>;
 type ErrorExtra = { ref?: string; retryAfterMs?: number; room?: string };
 
 export const RenameBody = z.strictObject({ name: Name });
+export const CreateRoomBody = z.strictObject({
+  name: RoomName.refine((name) => !name.startsWith(DM_PREFIX), `names starting with ${DM_PREFIX} are reserved for direct messages`),
+  visibility: z.enum(["public", "private"]),
+});
+export const DmBody = z.strictObject({ user: z.string().min(1).max(64) });
+const Minutes = z.number().int().min(1).max(10 * 365 * 24 * 60);
+export const BanBody = z.strictObject({ minutes: Minutes.optional() });
+export const MuteBody = z.strictObject({ minutes: Minutes });
 const Password = z.string().min(8, "password is shorter than 8 characters").max(256, "password is longer than 256 characters");
 export const PasswordBody = z.strictObject({ password: Password, currentPassword: z.string().max(256).optional() });
 export const LoginBody = z.strictObject({ name: z.string().min(1).max(256), password: z.string().min(1).max(256) });
@@ -434,6 +459,19 @@ export const AccessEvent = z.discriminatedUnion("what", [
   // sessions revoked (handles) or every session of the user (null): their sockets close with `code`
   z.strictObject({ what: z.literal("close"), user: z.string(), handles: z.array(z.string()).nullable(), code: z.union([z.literal(4001), z.literal(4003)]) }),
   z.strictObject({ what: z.literal("account"), user: z.string(), registered: z.boolean(), admin: z.boolean() }),
+  // a room's rules changed: every node re-reads them; then a user is out of it, or invited, and the room is told
+  z.strictObject({
+    what: z.literal("room"),
+    room: RoomName,
+    by: User,
+    removed: z.strictObject({ user: z.string(), reason: z.enum(["kicked", "banned", "left"]) }).optional(),
+    invited: z.string().optional(),
+    moderation: z.strictObject({
+      action: z.enum(["kick", "ban", "unban", "mute", "unmute", "promote", "demote"]),
+      user: User,
+      until: z.number().int().optional(),
+    }).optional(),
+  }),
 ]);
 export type AccessEvent = z.infer<typeof AccessEvent>;
 
@@ -617,6 +655,10 @@ export type NewMessage = { room: string; user: User; text: string; ts: number; r
 export interface Store {
   /** Accounts, sessions by handle and login failures: the same SQL on both engines. */
   readonly accounts: Accounts;
+  /** Rooms' rules: members, roles, bans, mutes and the audit log; the same SQL on both engines. */
+  readonly access: RoomAccess;
+  /** Makes a room with an owner (and, for a dm, its two members): false when the name exists. */
+  createRoom(room: string, visibility: Visibility, owner: string | null, members: string[]): Promise<boolean>;
   /** The cookie-signing secret shared by every process: `fresh`, unless one is stored already. */
   secret(fresh: string): Promise<string>;
   findSession(sid: string): Promise<Session | undefined>;
@@ -687,8 +729,20 @@ function schema(engine: "sqlite" | "postgres", { retention = false }: StoreOptio
     "CREATE TABLE IF NOT EXISTS login_failures (key TEXT NOT NULL, at BIGINT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS login_failures_by_key ON login_failures (key, at)",
     // the room's last id, written with each append (on Postgres it is the id counter); it outlives expired messages
-    "CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, last_id BIGINT NOT NULL)",
+    // visibility: public, private or dm; owner: who made it with POST /api/rooms (NULL for rooms made by a join)
+    `CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, last_id BIGINT NOT NULL, visibility TEXT NOT NULL DEFAULT 'public',
+      owner TEXT)`,
     "CREATE INDEX IF NOT EXISTS rooms_active ON rooms (last_id DESC)",
+    // role: moderator or member (the owner is rooms.owner); a private or dm room's members are its rows
+    "CREATE TABLE IF NOT EXISTS members (room TEXT NOT NULL, user_id TEXT NOT NULL, role TEXT NOT NULL, PRIMARY KEY (room, user_id))",
+    "CREATE INDEX IF NOT EXISTS members_by_user ON members (user_id)",
+    // until: ms since the epoch; a ban without one lasts until lifted
+    "CREATE TABLE IF NOT EXISTS bans (room TEXT NOT NULL, user_id TEXT NOT NULL, until BIGINT, PRIMARY KEY (room, user_id))",
+    "CREATE TABLE IF NOT EXISTS mutes (room TEXT NOT NULL, user_id TEXT NOT NULL, until BIGINT NOT NULL, PRIMARY KEY (room, user_id))",
+    // append-only: nothing updates or deletes a row (names as they were then)
+    `CREATE TABLE IF NOT EXISTS audit (room TEXT NOT NULL, at BIGINT NOT NULL, action TEXT NOT NULL, user_id TEXT NOT NULL,
+      user_name TEXT NOT NULL, by_id TEXT NOT NULL, by_name TEXT NOT NULL, until BIGINT)`,
+    "CREATE INDEX IF NOT EXISTS audit_by_room ON audit (room, at)",
     `CREATE TABLE IF NOT EXISTS messages (room TEXT NOT NULL, id BIGINT NOT NULL, user_id TEXT NOT NULL, name TEXT NOT NULL,
       text TEXT NOT NULL, ts BIGINT NOT NULL, ref TEXT, PRIMARY KEY (room, id))${engine === "sqlite" ? " WITHOUT ROWID" : ""}`,
     ...(retention ? ["CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts)"] : []),
@@ -774,7 +828,9 @@ function migrateSessions(rows: SessionRowV1[]) {
  * writer of the file, so it hands out message ids itself; a worker thread checkpoints the WAL.
  */
 class SqliteStore implements Store {
-  readonly accounts = new Accounts((sql, params = []) => this.retrying(() => this.db.query(sql.replace(/\$(\d+)/g, "?$1")).all(...(params as never[]))));
+  private readonly query: Query = (sql, params = []) => this.retrying(() => this.db.query(sql.replace(/\$(\d+)/g, "?$1")).all(...(params as never[])));
+  readonly accounts = new Accounts(this.query);
+  readonly access = new RoomAccess(this.query);
   private readonly db: Database;
   private readonly checkpointer: Worker | null;
   private readonly insertRows: (rows: Row[]) => void;
@@ -849,6 +905,11 @@ class SqliteStore implements Store {
     if (!version && columns.includes("sid")) {
       v1 = this.db.query("SELECT sid, user_id, name, created, used FROM sessions").all() as SessionRowV1[];
       this.db.run("DROP TABLE sessions");
+    }
+    const roomColumns = (this.db.query("PRAGMA table_info(rooms)").all() as { name: string }[]).map((c) => c.name);
+    if (roomColumns.length && !roomColumns.includes("visibility")) {
+      this.db.run("ALTER TABLE rooms ADD COLUMN visibility TEXT NOT NULL DEFAULT 'public'");
+      this.db.run("ALTER TABLE rooms ADD COLUMN owner TEXT");
     }
     schema("sqlite", options).forEach((ddl) => this.db.run(ddl));
     const { users, sessions } = migrateSessions(v1);
@@ -997,6 +1058,20 @@ class SqliteStore implements Store {
     return (this.db.query("SELECT value FROM counters WHERE name = 'room_floor'").get() as { value: number } | null)?.value ?? 0;
   }
 
+  createRoom(room: string, visibility: Visibility, owner: string | null, members: string[]) {
+    return this.retrying(() =>
+      this.db.transaction(() => {
+        if (this.lastIds.has(room) || this.db.query("SELECT 1 FROM rooms WHERE name = ?").get(room)) return false;
+        const last = this.readLastId(room); // the floor: ids of a dropped room are never handed out again
+        this.db.query("INSERT INTO rooms (name, last_id, visibility, owner) VALUES (?, ?, ?, ?)").run(room, last, visibility, owner);
+        for (const user of members) this.db.query("INSERT INTO members (room, user_id, role) VALUES (?, ?, 'member')").run(room, user);
+        this.roomCount++;
+        this.lastIds.set(room, last);
+        return true;
+      })(),
+    );
+  }
+
   /** Committed ids only (lastIds may be ahead, for a batch being written). */
   lastId(room: string) {
     return this.retrying(() => this.readLastId(room));
@@ -1046,8 +1121,9 @@ class SqliteStore implements Store {
   dropRoom(room: string) {
     return this.retrying(() =>
       this.db.transaction(() => {
+        // a room someone made (an owner, private, dm) stays: only rooms a join made are dropped when empty
         const dropped = this.db.query(`DELETE FROM rooms WHERE name = ?1 AND NOT EXISTS (SELECT 1 FROM messages WHERE room = ?1)
-          RETURNING last_id`).get(room) as { last_id: number } | null;
+          AND visibility = 'public' AND owner IS NULL RETURNING last_id`).get(room) as { last_id: number } | null;
         if (!dropped) return false;
         this.db.query(`INSERT INTO counters (name, value) VALUES ('room_floor', ?)
           ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)`).run(dropped.last_id);
@@ -1113,8 +1189,23 @@ export function startCheckpointer(file: string, { intervalMs = CHECKPOINT_MS, re
 class PostgresStore implements Store {
   private listing: Promise<{ name: string; lastId: number }[]> | null = null; // concurrent room lists share one query
   readonly accounts: Accounts;
+  readonly access: RoomAccess;
   private constructor(private readonly sql: SQL) {
-    this.accounts = new Accounts((text, params = []) => sql.unsafe(text, params as never[]));
+    const query: Query = (text, params = []) => sql.unsafe(text, params as never[]);
+    this.accounts = new Accounts(query);
+    this.access = new RoomAccess(query);
+  }
+
+  createRoom(room: string, visibility: Visibility, owner: string | null, members: string[]) {
+    return this.sql.begin(async (tx) => {
+      const [made] = await tx`INSERT INTO rooms (name, last_id, visibility, owner)
+        VALUES (${room}, coalesce((SELECT value FROM counters WHERE name = 'room_floor'), 0), ${visibility}, ${owner})
+        ON CONFLICT (name) DO NOTHING RETURNING name`;
+      if (!made) return false;
+      await tx`UPDATE counters SET value = value + 1 WHERE name = 'rooms'`;
+      for (const user of members) await tx`INSERT INTO members (room, user_id, role) VALUES (${room}, ${user}, 'member')`;
+      return true;
+    });
   }
 
   static async open(url: string, options: StoreOptions): Promise<PostgresStore> {
@@ -1144,6 +1235,8 @@ class PostgresStore implements Store {
       v1 = await tx`SELECT sid, user_id, name, created, used FROM sessions`;
       await tx.unsafe("DROP TABLE sessions");
     }
+    await tx.unsafe("ALTER TABLE IF EXISTS rooms ADD COLUMN IF NOT EXISTS visibility TEXT NOT NULL DEFAULT 'public'");
+    await tx.unsafe("ALTER TABLE IF EXISTS rooms ADD COLUMN IF NOT EXISTS owner TEXT");
     for (const ddl of schema("postgres", options)) await tx.unsafe(ddl);
     const { users, sessions } = migrateSessions(v1);
     for (let i = 0; i < users.length; i += PG_ROWS_PER_INSERT) await tx`INSERT INTO users ${tx(users.slice(i, i + PG_ROWS_PER_INSERT))}`;
@@ -1304,7 +1397,8 @@ class PostgresStore implements Store {
 
   dropRoom(room: string) {
     return this.sql.begin(async (tx) => {
-      const [dropped] = await tx`DELETE FROM rooms WHERE name = ${room} AND NOT EXISTS (SELECT 1 FROM messages WHERE room = ${room}) RETURNING last_id`;
+      const [dropped] = await tx`DELETE FROM rooms WHERE name = ${room} AND NOT EXISTS (SELECT 1 FROM messages WHERE room = ${room})
+        AND visibility = 'public' AND owner IS NULL RETURNING last_id`;
       if (!dropped) return false;
       await tx`INSERT INTO counters (name, value) VALUES ('room_floor', ${dropped.last_id})
         ON CONFLICT (name) DO UPDATE SET value = greatest(counters.value, excluded.value)`;
@@ -1404,6 +1498,133 @@ export class Accounts {
 
   async pruneFailures(before: number) {
     await this.q("DELETE FROM login_failures WHERE at < $1", [before]);
+  }
+}
+
+export type Role = "owner" | "moderator" | "member";
+const RANK = { member: 0, moderator: 1, owner: 2, admin: 3 } as const;
+
+/** A room's rules: who is in it, who moderates it, who is banned or muted. Nodes cache them per loaded room. */
+export class RoomRules {
+  constructor(
+    readonly name: string,
+    readonly exists: boolean,
+    readonly visibility: Visibility,
+    readonly owner: string | null,
+    readonly roles: Map<string, "moderator" | "member">, // the rows of `members`; the owner has one too
+    readonly bans: Map<string, number | null>,
+    readonly mutes: Map<string, number>,
+  ) {}
+
+  role(userId: string): Role | undefined {
+    return userId === this.owner ? "owner" : this.roles.get(userId);
+  }
+
+  /** admin > owner > moderator > member (anyone, in a public room). */
+  rank(userId: string, admin: boolean): number {
+    return admin ? RANK.admin : RANK[this.role(userId) ?? "member"];
+  }
+
+  /** Whether the user may know the room: join it, read it, list its members. A dm: its two users only. */
+  mayRead(userId: string, admin: boolean): boolean {
+    if (this.visibility === "public") return true;
+    if (this.visibility === "dm") return this.roles.has(userId);
+    return this.role(userId) !== undefined || admin;
+  }
+
+  /** The end of the user's ban here (null: until lifted), or undefined when not banned. */
+  bannedUntil(userId: string, now = Date.now()): number | null | undefined {
+    const until = this.bans.get(userId);
+    return until === undefined || (until !== null && until <= now) ? undefined : until;
+  }
+
+  mutedUntil(userId: string, now = Date.now()): number | undefined {
+    const until = this.mutes.get(userId);
+    return until !== undefined && until > now ? until : undefined;
+  }
+
+  /** Why the user may not join, or undefined. */
+  refuseJoin(userId: string, admin: boolean): string | undefined {
+    if (!this.mayRead(userId, admin)) return "you are not a member";
+    if (this.bannedUntil(userId) !== undefined && !admin) return "you are banned from it";
+  }
+}
+
+/** What rooms' rules need of the store: plain statements, written once for both engines. */
+export class RoomAccess {
+  constructor(private readonly q: Query) {}
+
+  async rules(room: string): Promise<RoomRules> {
+    const now = Date.now();
+    const [[row], members, bans, mutes] = await Promise.all([
+      this.q("SELECT visibility, owner FROM rooms WHERE name = $1", [room]),
+      this.q("SELECT user_id, role FROM members WHERE room = $1", [room]),
+      this.q("SELECT user_id, until FROM bans WHERE room = $1 AND (until IS NULL OR until > $2)", [room, now]),
+      this.q("SELECT user_id, until FROM mutes WHERE room = $1 AND until > $2", [room, now]),
+    ]);
+    // a name nobody made yet is a public room (made by its first message), but dm names are only made by POST /api/dms
+    const visibility = (row?.visibility ?? (room.startsWith(DM_PREFIX) ? "dm" : "public")) as Visibility;
+    return new RoomRules(
+      room, !!row, visibility, row?.owner ?? null,
+      new Map(members.map((r) => [r.user_id, r.role])),
+      new Map(bans.map((r) => [r.user_id, r.until === null ? null : Number(r.until)])),
+      new Map(mutes.map((r) => [r.user_id, Number(r.until)])),
+    );
+  }
+
+  async setRole(room: string, userId: string, role: "moderator" | "member" | null) {
+    if (role === null) await this.q("DELETE FROM members WHERE room = $1 AND user_id = $2", [room, userId]);
+    else await this.q("INSERT INTO members (room, user_id, role) VALUES ($1, $2, $3) ON CONFLICT (room, user_id) DO UPDATE SET role = excluded.role", [room, userId, role]);
+  }
+
+  async ban(room: string, userId: string, until: number | null | undefined) {
+    if (until === undefined) await this.q("DELETE FROM bans WHERE room = $1 AND user_id = $2", [room, userId]);
+    else await this.q("INSERT INTO bans (room, user_id, until) VALUES ($1, $2, $3) ON CONFLICT (room, user_id) DO UPDATE SET until = excluded.until", [room, userId, until]);
+  }
+
+  async mute(room: string, userId: string, until: number | undefined) {
+    if (until === undefined) await this.q("DELETE FROM mutes WHERE room = $1 AND user_id = $2", [room, userId]);
+    else await this.q("INSERT INTO mutes (room, user_id, until) VALUES ($1, $2, $3) ON CONFLICT (room, user_id) DO UPDATE SET until = excluded.until", [room, userId, until]);
+  }
+
+  async record(room: string, action: AuditAction, user: User, by: User, until?: number | null) {
+    await this.q("INSERT INTO audit (room, at, action, user_id, user_name, by_id, by_name, until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+      [room, Date.now(), action, user.id, user.name, by.id, by.name, until ?? null]);
+  }
+
+  /** The room's moderation actions, newest first. */
+  async audit(room: string, limit: number) {
+    const rows = await this.q("SELECT at, action, user_id, user_name, by_id, by_name, until FROM audit WHERE room = $1 ORDER BY at DESC LIMIT $2", [room, limit]);
+    return rows.map((r) => ({
+      action: r.action as AuditAction, user: { id: r.user_id, name: r.user_name }, by: { id: r.by_id, name: r.by_name }, at: Number(r.at),
+      ...(r.until != null ? { until: Number(r.until) } : {}),
+    }));
+  }
+
+  /** Members with their current names and roles (the owner first). */
+  async members(room: string, owner: string | null): Promise<(User & { role: Role })[]> {
+    const rows = await this.q("SELECT m.user_id, m.role, u.name FROM members m JOIN users u ON u.id = m.user_id WHERE m.room = $1 ORDER BY u.name LIMIT 1000", [room]);
+    const list = rows.map((r) => ({ id: r.user_id as string, name: r.name as string, role: (r.user_id === owner ? "owner" : r.role) as Role }));
+    return list.sort((a, b) => RANK[b.role] - RANK[a.role]);
+  }
+
+  /** The private and dm rooms a user is in, busiest first (with the other user of a dm). */
+  async roomsOf(userId: string, limit: number) {
+    const rows = await this.q(`SELECT r.name, r.visibility, r.last_id,
+        (SELECT u.id || ' ' || u.name FROM members o JOIN users u ON u.id = o.user_id WHERE o.room = r.name AND o.user_id <> $1 LIMIT 1) AS other
+      FROM members m JOIN rooms r ON r.name = m.room WHERE m.user_id = $1 AND r.visibility <> 'public' ORDER BY r.last_id DESC LIMIT $2`, [userId, limit]);
+    return rows.map((r) => {
+      const space = r.other ? String(r.other).indexOf(" ") : -1;
+      const other = space < 0 ? undefined : { id: String(r.other).slice(0, space), name: String(r.other).slice(space + 1) };
+      return { name: r.name as string, visibility: r.visibility as Visibility, lastId: Number(r.last_id), ...(r.visibility === "dm" && other ? { with: other } : {}) };
+    });
+  }
+
+  /** The visibility of each named room that has a row. */
+  async visibilities(rooms: string[]): Promise<Map<string, Visibility>> {
+    if (!rooms.length) return new Map();
+    const rows = await this.q(`SELECT name, visibility FROM rooms WHERE name IN (${rooms.map((_, i) => `$${i + 1}`).join(", ")})`, rooms);
+    return new Map(rows.map((r) => [r.name, r.visibility]));
   }
 }
 
@@ -1873,7 +2094,7 @@ export class Connections {
   }
 
   /** Applies a change of access to this node's sockets of the user. */
-  apply(event: AccessEvent) {
+  apply(event: Exclude<AccessEvent, { what: "room" }>) {
     const user = this.users.get(event.user);
     if (!user) return;
     if (event.what === "account") {
@@ -1941,6 +2162,8 @@ export class Room {
   private presenceTimer: Timer | null = null;
   /** the last id delivered here; ids are 1, 2, 3… without gaps */
   lastId = 0;
+  /** who may join, who moderates, who is banned or muted: read with the room, re-read when a node changes them */
+  rules!: RoomRules;
   private recent: Entry[] = []; // the newest messages, enough for any join or recovery
   private held: Entry[] = [];
   private settled: Promise<void>; // the load or catch-up under way
@@ -1959,6 +2182,7 @@ export class Room {
       await fanout.subscribe(this.name);
       for (const user of await fanout.members(this.name)) this.setMember(user);
       this.published = new Map(this.members); // nobody here has been told anything yet: a joiner gets the list
+      this.rules = await store.access.rules(this.name);
       // before the tail: a message stored between the two reads is in the tail; the tail is empty once all expired
       const stored = await store.lastId(this.name);
       this.recent = (await store.tail(this.name, this.registry.keep)).map(entryOf);
@@ -1975,6 +2199,16 @@ export class Room {
   }
 
   /** Resolves once the room is live (true), or failed to load (false). */
+  /** Reads the rules again (another node, or an HTTP request here, changed them). */
+  async reloadRules() {
+    if (!(await this.ready())) return;
+    try {
+      this.rules = await this.registry.units.store.access.rules(this.name);
+    } catch (error) {
+      this.registry.units.logger.error("load rules", error, { room: this.name });
+    }
+  }
+
   async ready(): Promise<boolean> {
     while (this.state === "loading" || this.state === "catching-up") await this.settled;
     return this.state === "live";
@@ -2425,6 +2659,9 @@ export class Chat {
     const joined = data.rooms.includes(name);
     if (data.closed || (!joined && !data.joining?.includes(name))) return; // closed or left meanwhile
     if (!live) return this.abandonJoin(ws, room, "unavailable", `Cannot join ${name}: history is unavailable, try again`);
+    // nothing of a room someone may not join is sent: no history, no presence, no member names
+    const refusal = joined ? undefined : room.rules.refuseJoin(data.user.id, data.user.admin);
+    if (refusal) return this.abandonJoin(ws, room, "forbidden", `Cannot join ${name}: ${refusal}`);
     // from here on nothing awaits: history up to lastId, then live messages after it, exactly
     if (!joined) {
       const page = room.history(since);
@@ -2510,6 +2747,8 @@ export class Chat {
     }
     if (!ws.data.rooms.includes(msg.room)) return sendError(ws, "not_joined", `Cannot say in ${msg.room}: join it first`, { ref });
     if (this.readOnly(ws)) return sendError(ws, "forbidden", "Guests may read but not write here: sign up or log in", { ref });
+    const muted = this.muted(ws, msg.room);
+    if (muted) return sendError(ws, "forbidden", muted.message, { ref, room: msg.room, retryAfterMs: muted.retryAfterMs });
     const wait = this.sayLimits.take(ws.data.user.id);
     if (wait) {
       this.units.metrics.rateLimited++;
@@ -2528,10 +2767,53 @@ export class Chat {
   typing(ws: ChatSocket, name: string) {
     if (!ws.data.rooms.includes(name)) return sendError(ws, "not_joined", `Cannot type in ${name}: join it first`);
     if (this.readOnly(ws)) return sendError(ws, "forbidden", "Guests may read but not write here: sign up or log in");
+    const muted = this.muted(ws, name);
+    if (muted) return sendError(ws, "forbidden", muted.message, { room: name, retryAfterMs: muted.retryAfterMs });
     if (!this.typingThrottle.allow(ws.data.user.id, name)) return;
     const frame = JSON.stringify({ type: "typing", room: name, user: userOf(ws) } satisfies ServerMessage);
     this.units.rooms.get(name)!.broadcast(frame, ws);
     this.units.fanout.publishTyping(name, frame);
+  }
+
+  /** Applies a change of access to this node's sockets. */
+  access(event: AccessEvent) {
+    if (event.what === "room") void this.roomChanged(event).catch((error) => this.units.logger.error("room change", error));
+    else this.units.connections.apply(event);
+  }
+
+  /** Applies a change made here, and tells the other nodes. */
+  tell(event: AccessEvent) {
+    this.access(event);
+    this.units.fanout.publishAccess(event);
+  }
+
+  /** A mute in the room's rules as this node has them (a mute made elsewhere arrives within the fan-out's delay). */
+  private muted(ws: ChatSocket, name: string) {
+    const until = this.units.rooms.get(name)?.rules.mutedUntil(ws.data.user.id);
+    if (until === undefined) return;
+    const retryAfterMs = Math.max(1, until - Date.now());
+    return { message: `You are muted in ${name} for ${Math.ceil(retryAfterMs / 60_000)} more min`, retryAfterMs };
+  }
+
+  /** A room's rules changed (here or on another node): re-read them, then act on the change for this node's sockets. */
+  async roomChanged(event: Extract<AccessEvent, { what: "room" }>) {
+    const room = this.units.rooms.get(event.room);
+    await room?.reloadRules();
+    const { removed, invited, moderation, by } = event;
+    if (removed) {
+      const frame = JSON.stringify({ type: "removed", room: event.room, by, reason: removed.reason } satisfies ServerMessage);
+      for (const ws of this.units.connections.user(removed.user)?.sockets ?? []) {
+        const inRoom = ws.data.rooms.includes(event.room) || !!ws.data.joining?.includes(event.room);
+        if (!inRoom || ws.data.closed) continue;
+        this.leave(ws, event.room);
+        sendFrame(ws, frame);
+      }
+    }
+    if (invited) {
+      const frame = JSON.stringify({ type: "invited", room: event.room, by } satisfies ServerMessage);
+      for (const ws of this.units.connections.user(invited)?.sockets ?? []) if (!ws.data.closed) sendFrame(ws, frame);
+    }
+    if (moderation && room) room.broadcast(JSON.stringify({ type: "moderation", room: event.room, ...moderation, by } satisfies ServerMessage));
   }
 
   /** GUESTS=read: a guest's socket reads and writes nothing. */
@@ -2584,12 +2866,17 @@ export class Chat {
     return { ok: false, code: "rate_limited", message: `Too much history sent to this address: try again in ${wait} ms`, retryAfterMs: wait };
   }
 
-  /** GET /api/rooms: busiest first, at most ROOM_LIST_LIMIT, from the stored rooms with the highest last ids and
-   * the loaded rooms with the most members (each list kept at that size): O(ROOM_LIST_LIMIT). */
-  async listRooms() {
+  /** GET /api/rooms: the public rooms, busiest first, at most ROOM_LIST_LIMIT, from the stored rooms with the highest
+   * last ids and the loaded rooms with the most members (each list kept at that size): O(ROOM_LIST_LIMIT); then the
+   * caller's own private and dm rooms (at most ROOM_LIST_LIMIT more). */
+  async listRooms(caller: string | undefined) {
     const { store, rooms } = this.units;
-    const list = new Map((await store.rooms(ROOM_LIST_LIMIT)).map((r) => [r.name, { name: r.name, online: 0, lastId: r.lastId }]));
-    for (const room of rooms.busiest()) if (!list.has(room.name)) list.set(room.name, { name: room.name, online: 0, lastId: 0 });
+    type Listed = { name: string; online: number; lastId: number; visibility: Visibility; with?: User };
+    const list = new Map<string, Listed>((await store.rooms(ROOM_LIST_LIMIT)).map((r) => [r.name, { name: r.name, online: 0, lastId: r.lastId, visibility: "public" }]));
+    for (const room of rooms.busiest()) if (!list.has(room.name)) list.set(room.name, { name: room.name, online: 0, lastId: 0, visibility: "public" });
+    for (const [name, visibility] of await store.access.visibilities([...list.keys()])) if (visibility !== "public") list.delete(name);
+    const own = caller ? await store.access.roomsOf(caller, ROOM_LIST_LIMIT) : [];
+    for (const r of own) list.set(r.name, { online: 0, ...r });
     for (const entry of list.values()) {
       const room = rooms.get(entry.name);
       if (!room) continue;
@@ -2599,7 +2886,19 @@ export class Chat {
     const elsewhere = [...list.keys()].filter((name) => !this.units.rooms.get(name));
     const online = await this.units.fanout.online(elsewhere);
     elsewhere.forEach((name, i) => (list.get(name)!.online = online[i]));
-    return [...list.values()].sort((a, b) => b.online - a.online || b.lastId - a.lastId).slice(0, ROOM_LIST_LIMIT);
+    const byActivity = (a: Listed, b: Listed) => b.online - a.online || b.lastId - a.lastId;
+    const open = [...list.values()].filter((r) => r.visibility === "public").sort(byActivity).slice(0, ROOM_LIST_LIMIT);
+    return [...open, ...[...list.values()].filter((r) => r.visibility !== "public").sort(byActivity)];
+  }
+
+  /** Whether a new room of this name may be stored (MAX_ROOMS). */
+  mayStore(name: string): Promise<boolean> {
+    return this.units.retention.admit(name);
+  }
+
+  /** Whether anyone is in a room, on any node (a room nobody has written to yet has no row, but exists). */
+  async occupied(name: string): Promise<boolean> {
+    return (this.units.rooms.get(name)?.members.size ?? 0) > 0 || (await this.units.fanout.online([name]))[0] > 0;
   }
 
   /** What this node does with news from the fan-out. */
@@ -2613,7 +2912,7 @@ export class Chat {
         else room?.removeMember(user);
       },
       renamed: (user, previous) => this.renamed(user, previous),
-      access: (event) => this.units.connections.apply(event),
+      access: (event) => this.access(event),
       reconnected: () => void this.resync().catch((error) => this.units.logger.error("resync", error)),
     };
   }
@@ -2630,6 +2929,7 @@ export class Chat {
       for (const user of now.values()) room.addMember(user);
       for (const user of [...room.members.values()]) if (!now.has(user.id)) room.removeMember(user);
       await room.refresh();
+      await room.reloadRules();
     }
   }
 
@@ -2811,14 +3111,13 @@ class Auth {
     private readonly store: Store,
     private readonly sessions: Sessions,
     private readonly connections: Connections,
-    private readonly fanout: Fanout,
+    private readonly chat: Chat,
     private readonly metrics: Metrics,
     private readonly maxSessionsPerUser: number,
   ) {}
 
   private tell(event: AccessEvent) {
-    this.connections.apply(event);
-    this.fanout.publishAccess(event);
+    this.chat.tell(event);
   }
 
   private closeSessions(user: string, handles: string[] | null, code: 4001 | 4003 = 4001) {
@@ -2908,7 +3207,163 @@ class Auth {
   }
 }
 
-type AppUnits = { config: Config; store: Store; sessions: Sessions; auth: Auth; chat: Chat; connections: Connections; fanout: Fanout; rooms: Rooms; metrics: Metrics; logger: Logger; lifecycle: { shuttingDown: boolean } };
+const mayModerate = (actor: number, target: number) => actor >= RANK.moderator && actor > target;
+
+/** A room as a request sees it: its rules (read fresh from the store), the caller and the caller's rank there. */
+type RoomContext = { rules: RoomRules; by: User; admin: boolean; rank: number };
+
+/**
+ * Rooms people make and run: private rooms, dms, members, moderators, bans, mutes and the audit log. Every rule is
+ * checked against the store, not a node's cache; every change reaches every node's sockets through Chat.tell.
+ */
+class Moderation {
+  constructor(private readonly store: Store, private readonly chat: Chat, private readonly config: Config) {}
+
+  /** The room as the caller may see it: a private room or dm the caller is not in is 404, as if it did not exist. */
+  private async room(session: Session, name: string): Promise<Answer<RoomContext>> {
+    const [rules, me] = await Promise.all([this.store.access.rules(name), this.store.accounts.user(session.id)]);
+    const admin = !!me?.admin;
+    if (!rules.exists || !rules.mayRead(session.id, admin)) return deny(404, "not_found", "No such room");
+    return { ok: true, value: { rules, by: { id: session.id, name: me?.name ?? session.name }, admin, rank: rules.rank(session.id, admin) } };
+  }
+
+  private async user(id: string): Promise<User | undefined> {
+    const user = await this.store.accounts.user(id);
+    return user && { id: user.id, name: user.name };
+  }
+
+  async create(session: Session, name: string, visibility: "public" | "private"): Promise<Answer<{ name: string; visibility: Visibility; owner: User }>> {
+    if (visibility === "private" && !session.registered) return deny(403, "forbidden", "Guests cannot make private rooms: sign up first");
+    if (await this.chat.occupied(name)) return deny(409, "conflict", "A room of that name exists");
+    if (!(await this.chat.mayStore(name))) return deny(429, "limit_exceeded", `The server holds its most rooms (MAX_ROOMS=${this.config.maxRooms})`);
+    if (!(await this.store.createRoom(name, visibility, session.id, [session.id]))) return deny(409, "conflict", "A room of that name exists");
+    const owner = { id: session.id, name: session.name };
+    this.chat.tell({ what: "room", room: name, by: owner });
+    return { ok: true, value: { name, visibility, owner } };
+  }
+
+  /** The one dm room of two users, made on first use; its name is the same whoever asks. */
+  async dm(session: Session, userId: string): Promise<Answer<{ room: string }>> {
+    if (userId === session.id) return deny(400, "bad_request", "A direct message needs another user");
+    if (!session.registered && this.config.guests !== "write") return deny(403, "forbidden", "Guests cannot start direct messages here");
+    if (!(await this.user(userId))) return deny(404, "not_found", "No such user");
+    const pair = [session.id, userId].sort().join("\n");
+    const room = DM_PREFIX + createHash("sha256").update(pair).digest("hex").slice(0, 20);
+    if (await this.store.createRoom(room, "dm", null, [session.id, userId])) this.chat.tell({ what: "room", room, by: { id: session.id, name: session.name } });
+    return { ok: true, value: { room } };
+  }
+
+  async members(session: Session, name: string): Promise<Answer<(User & { role: Role })[]>> {
+    const ctx = await this.room(session, name);
+    if (!ctx.ok) return ctx;
+    return { ok: true, value: await this.store.access.members(name, ctx.value.rules.owner) };
+  }
+
+  async audit(session: Session, name: string): Promise<Answer<Awaited<ReturnType<RoomAccess["audit"]>>>> {
+    const ctx = await this.room(session, name);
+    if (!ctx.ok) return ctx;
+    if (ctx.value.rank < RANK.moderator) return deny(403, "forbidden", "Only the room's owner, its moderators and admins may read its audit log");
+    return { ok: true, value: await this.store.access.audit(name, AUDIT_LIMIT) };
+  }
+
+  /** Resolves room, caller and target, and checks the caller outranks the target (and, with `min`, has that rank). */
+  private async against(session: Session, name: string, userId: string, min: number = RANK.moderator): Promise<Answer<RoomContext & { target: User }>> {
+    const ctx = await this.room(session, name);
+    if (!ctx.ok) return ctx;
+    const { rules, rank, admin } = ctx.value;
+    if (rules.visibility === "dm") return deny(403, "forbidden", "Direct messages have no moderation");
+    if (rank < min) return deny(403, "forbidden", "You may not do that in this room");
+    const target = await this.user(userId);
+    if (!target) return deny(404, "not_found", "No such user");
+    if (!mayModerate(rank, rules.rank(userId, false)) || (userId === session.id && !admin)) return deny(403, "forbidden", "Nobody may moderate someone of their own or a higher rank");
+    return { ok: true, value: { ...ctx.value, target } };
+  }
+
+  async invite(session: Session, name: string, userId: string): Promise<Answer<null>> {
+    const ctx = await this.room(session, name);
+    if (!ctx.ok) return ctx;
+    const { rules, rank, by } = ctx.value;
+    if (rules.visibility !== "private") return deny(rules.visibility === "dm" ? 403 : 400, rules.visibility === "dm" ? "forbidden" : "bad_request", "Only private rooms have invitations");
+    if (rank < RANK.moderator) return deny(403, "forbidden", "Only the room's owner, its moderators and admins may invite");
+    const target = await this.user(userId);
+    if (!target) return deny(404, "not_found", "No such user");
+    if (!rules.roles.has(userId)) await this.store.access.setRole(name, userId, "member");
+    await this.store.access.record(name, "invite", target, by);
+    this.chat.tell({ what: "room", room: name, by, invited: userId });
+    return { ok: true, value: null };
+  }
+
+  /** Kick (public) or remove (private) someone; or leave a private room yourself. */
+  async remove(session: Session, name: string, userId: string): Promise<Answer<null>> {
+    if (userId === session.id) {
+      const ctx = await this.room(session, name);
+      if (!ctx.ok) return ctx;
+      const { rules, by } = ctx.value;
+      if (rules.owner === session.id || rules.visibility === "dm") return deny(403, "forbidden", "The owner cannot leave their room, nor anyone a direct message");
+      await this.store.access.setRole(name, userId, null);
+      this.chat.tell({ what: "room", room: name, by, removed: { user: userId, reason: "left" } });
+      return { ok: true, value: null };
+    }
+    const ctx = await this.against(session, name, userId);
+    if (!ctx.ok) return ctx;
+    const { rules, by, target } = ctx.value;
+    if (rules.visibility === "private") await this.store.access.setRole(name, userId, null);
+    await this.store.access.record(name, "kick", target, by);
+    this.chat.tell({ what: "room", room: name, by, removed: { user: userId, reason: "kicked" }, moderation: { action: "kick", user: target } });
+    return { ok: true, value: null };
+  }
+
+  async moderator(session: Session, name: string, userId: string, promote: boolean): Promise<Answer<null>> {
+    const ctx = await this.against(session, name, userId, RANK.owner);
+    if (!ctx.ok) return ctx;
+    const { rules, by, target } = ctx.value;
+    if (rules.visibility === "private" && !rules.roles.has(userId)) return deny(404, "not_found", "That user is not a member of this room");
+    await this.store.access.setRole(name, userId, promote ? "moderator" : "member");
+    const action = promote ? "promote" : "demote";
+    await this.store.access.record(name, action, target, by);
+    this.chat.tell({ what: "room", room: name, by, moderation: { action, user: target } });
+    return { ok: true, value: null };
+  }
+
+  async ban(session: Session, name: string, userId: string, minutes: number | undefined): Promise<Answer<null>> {
+    const ctx = await this.against(session, name, userId);
+    if (!ctx.ok) return ctx;
+    const { rules, by, target } = ctx.value;
+    const until = minutes === undefined ? null : Date.now() + minutes * 60_000;
+    await this.store.access.ban(name, userId, until);
+    if (rules.visibility === "private") await this.store.access.setRole(name, userId, null);
+    await this.store.access.record(name, "ban", target, by, until);
+    const moderation = { action: "ban" as const, user: target, ...(until ? { until } : {}) };
+    this.chat.tell({ what: "room", room: name, by, removed: { user: userId, reason: "banned" }, moderation });
+    return { ok: true, value: null };
+  }
+
+  async mute(session: Session, name: string, userId: string, minutes: number): Promise<Answer<null>> {
+    const ctx = await this.against(session, name, userId);
+    if (!ctx.ok) return ctx;
+    const { by, target } = ctx.value;
+    const until = Date.now() + minutes * 60_000;
+    await this.store.access.mute(name, userId, until);
+    await this.store.access.record(name, "mute", target, by, until);
+    this.chat.tell({ what: "room", room: name, by, moderation: { action: "mute", user: target, until } });
+    return { ok: true, value: null };
+  }
+
+  /** Lifts a ban or a mute. */
+  async lift(session: Session, name: string, userId: string, what: "ban" | "mute"): Promise<Answer<null>> {
+    const ctx = await this.against(session, name, userId);
+    if (!ctx.ok) return ctx;
+    const { by, target } = ctx.value;
+    if (what === "ban") await this.store.access.ban(name, userId, undefined);
+    else await this.store.access.mute(name, userId, undefined);
+    const action = what === "ban" ? "unban" : "unmute";
+    await this.store.access.record(name, action, target, by);
+    this.chat.tell({ what: "room", room: name, by, moderation: { action, user: target } });
+    return { ok: true, value: null };
+  }
+}
+
+type AppUnits = { config: Config; store: Store; sessions: Sessions; auth: Auth; moderation: Moderation; chat: Chat; connections: Connections; fanout: Fanout; rooms: Rooms; metrics: Metrics; logger: Logger; lifecycle: { shuttingDown: boolean } };
 
 function createApp(units: AppUnits): Hono<Env> {
   const app = new Hono<Env>();
@@ -3005,7 +3460,8 @@ const answer = <T,>(c: Context, result: Answer<T>, ok: (value: T) => Response) =
 /** The request's session, or the 401 to send. */
 const signedIn = (c: Context<Env>) => c.get("session") ?? httpError(c, 401, "unauthorized", "No session: GET /api/me first, or log in");
 
-function mountApi(app: Hono<Env>, { sessions, auth, chat }: AppUnits) {
+function mountApi(app: Hono<Env>, units: AppUnits) {
+  const { sessions, auth, chat } = units;
   app.use("/api/*", async (c, next) => {
     if (sessions.cookies.count(c) > 1) return httpError(c, 400, "bad_request", "The request has more than one session cookie: clear this site's cookies");
     c.set("session", await sessions.read(c));
@@ -3059,10 +3515,14 @@ function mountApi(app: Hono<Env>, { sessions, auth, chat }: AppUnits) {
       return answer(c, await auth.ban(session, c.req.param("userId"), banned), () => c.body(null, 204));
     });
   }
-  app.get("/api/rooms", async (c) => c.json(await chat.listRooms()));
+  app.get("/api/rooms", async (c) => c.json(await chat.listRooms(c.get("session")?.id)));
+  mountRooms(app, units);
   app.get("/api/rooms/:room/messages", async (c) => {
     const room = RoomName.safeParse(c.req.param("room"));
     if (!room.success) return httpError(c, 400, "bad_request", firstIssue(room.error));
+    const session = c.get("session");
+    // a private room or dm the caller is not in does not exist, as far as the caller can tell
+    if (!(await units.store.access.rules(room.data)).mayRead(session?.id ?? "", !!session?.admin)) return httpError(c, 404, "not_found", "No such room");
     const query = MessagesQuery.safeParse(c.req.query());
     if (!query.success) return httpError(c, 400, "bad_request", firstIssue(query.error));
     const { before = Number.MAX_SAFE_INTEGER, limit } = query.data;
@@ -3070,6 +3530,54 @@ function mountApi(app: Hono<Env>, { sessions, auth, chat }: AppUnits) {
     if (!result.ok) return httpError(c, 429, result.code, result.message, result.retryAfterMs);
     return c.body(result.body, 200, { "content-type": "application/json" });
   });
+}
+
+/** /api/rooms and /api/dms: making rooms, their members, moderators, bans, mutes and audit log (see Moderation). */
+function mountRooms(app: Hono<Env>, { moderation }: AppUnits) {
+  /** Runs `act` for a signed-in caller and a valid room name; 204 on success unless `ok` answers otherwise. */
+  const route = <T,>(act: (session: Session, room: string, c: Context<Env>) => Promise<Answer<T> | Response>, ok?: (c: Context, value: T) => Response) =>
+    async (c: Context<Env>) => {
+      const session = signedIn(c);
+      if (session instanceof Response) return session;
+      const room = RoomName.safeParse(c.req.param("room"));
+      if (!room.success) return httpError(c, 404, "not_found", "No such room");
+      const result = await act(session, room.data, c);
+      if (result instanceof Response) return result;
+      return answer(c, result, (value) => (ok ? ok(c, value) : c.body(null, 204)));
+    };
+  const user = (c: Context) => c.req.param("userId") ?? "";
+  app.post("/api/rooms", async (c) => {
+    const body = await readJson(c, CreateRoomBody, "body must be a JSON object {name, visibility}");
+    if (!body.ok) return body.answer;
+    const session = signedIn(c);
+    if (session instanceof Response) return session;
+    return answer(c, await moderation.create(session, body.value.name, body.value.visibility), (room) => c.json(room, 201));
+  });
+  app.post("/api/dms", async (c) => {
+    const body = await readJson(c, DmBody, "body must be a JSON object {user}");
+    if (!body.ok) return body.answer;
+    const session = signedIn(c);
+    if (session instanceof Response) return session;
+    return answer(c, await moderation.dm(session, body.value.user), (dm) => c.json(dm));
+  });
+  app.get("/api/rooms/:room/members", route((s, room) => moderation.members(s, room), (c, list) => c.json(list)));
+  app.get("/api/rooms/:room/audit", route((s, room) => moderation.audit(s, room), (c, list) => c.json(list)));
+  app.put("/api/rooms/:room/members/:userId", route((s, room, c) => moderation.invite(s, room, user(c))));
+  app.delete("/api/rooms/:room/members/:userId", route((s, room, c) => moderation.remove(s, room, user(c))));
+  app.put("/api/rooms/:room/moderators/:userId", route((s, room, c) => moderation.moderator(s, room, user(c), true)));
+  app.delete("/api/rooms/:room/moderators/:userId", route((s, room, c) => moderation.moderator(s, room, user(c), false)));
+  app.put("/api/rooms/:room/bans/:userId", route(async (s, room, c) => {
+    // the body is optional: no body (or {}) bans until lifted
+    const empty = !c.req.header("content-type") && !Number(c.req.header("content-length") ?? 0);
+    const body = empty ? { ok: true as const, value: {} } : await readJson(c, BanBody, "body must be a JSON object {minutes?}");
+    return body.ok ? moderation.ban(s, room, user(c), body.value.minutes) : body.answer;
+  }));
+  app.delete("/api/rooms/:room/bans/:userId", route((s, room, c) => moderation.lift(s, room, user(c), "ban")));
+  app.put("/api/rooms/:room/mutes/:userId", route(async (s, room, c) => {
+    const body = await readJson(c, MuteBody, "body must be a JSON object {minutes}");
+    return body.ok ? moderation.mute(s, room, user(c), body.value.minutes) : body.answer;
+  }));
+  app.delete("/api/rooms/:room/mutes/:userId", route((s, room, c) => moderation.lift(s, room, user(c), "mute")));
 }
 
 /** GET /chat: the upgrade, after the origin, session and connection limits are checked. */
@@ -3209,9 +3717,10 @@ export async function startServer(options: ServerOptions = {}) {
   const chat = new Chat(config, { store, fanout, rooms, connections, queue, retention, metrics, logger });
   fanout.listen(chat.fanoutEvents());
   const sessions = new Sessions(store, new Cookies(secret), config, metrics, logger);
-  const auth = new Auth(store, sessions, connections, fanout, metrics, config.maxSessionsPerUser);
+  const auth = new Auth(store, sessions, connections, chat, metrics, config.maxSessionsPerUser);
+  const moderation = new Moderation(store, chat, config);
   const lifecycle = { shuttingDown: false };
-  const units = { config, store, sessions, auth, chat, connections, fanout, rooms, metrics, logger, lifecycle };
+  const units = { config, store, sessions, auth, moderation, chat, connections, fanout, rooms, metrics, logger, lifecycle };
   const app = createApp(units);
   const server = Bun.serve<SocketData>({
     port: config.port,

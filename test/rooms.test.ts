@@ -30,8 +30,8 @@ describe("rooms", () => {
 
     const list = await roomsOf(chat.url);
     expect(list).toHaveLength(100);
-    expect(list[0]).toEqual({ name: "r250", online: 2, lastId: 1 });
-    expect(list[1]).toEqual({ name: "r7", online: 1, lastId: 4 });
+    expect(list[0]).toEqual({ name: "r250", online: 2, lastId: 1, visibility: "public" });
+    expect(list[1]).toEqual({ name: "r7", online: 1, lastId: 4, visibility: "public" });
     const order = list.map((r) => [-r.online, -r.lastId]);
     expect(order).toEqual(order.toSorted(([o1, l1], [o2, l2]) => o1 - o2 || l1 - l2));
 
@@ -54,8 +54,8 @@ describe("rooms", () => {
     await first.stop();
     await using second = await serve({ databaseUrl: url });
     expect(await roomsOf(second.url)).toEqual([
-      { name: "busy", online: 0, lastId: 3 },
-      { name: "quiet", online: 0, lastId: 1 },
+      { name: "busy", online: 0, lastId: 3, visibility: "public" },
+      { name: "quiet", online: 0, lastId: 1, visibility: "public" },
     ]);
   });
 
