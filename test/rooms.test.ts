@@ -43,7 +43,7 @@ describe("rooms", () => {
       return rooms.every((r) => r.online === 0) ? rooms : undefined;
     });
     expect(idle).toHaveLength(100);
-    expect(idle![0]).toEqual({ name: "r7", online: 0, lastId: 4 });
+    expect(idle![0]).toEqual({ name: "r7", online: 0, lastId: 4, visibility: "public" });
   });
 
   test("a restarted server lists the rooms with the most messages from the stored last ids", async () => {
