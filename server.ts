@@ -3251,7 +3251,8 @@ class Moderation {
     if (!(await this.user(userId))) return deny(404, "not_found", "No such user");
     const pair = [session.id, userId].sort().join("\n");
     const room = DM_PREFIX + createHash("sha256").update(pair).digest("hex").slice(0, 20);
-    if (await this.store.createRoom(room, "dm", null, [session.id, userId])) await this.chat.tell({ what: "room", room, by: { id: session.id, name: session.name } });
+    // the other user hears of a new dm as of an invitation
+    if (await this.store.createRoom(room, "dm", null, [session.id, userId])) await this.chat.tell({ what: "room", room, by: { id: session.id, name: session.name }, invited: userId });
     return { ok: true, value: { room } };
   }
 

@@ -77,10 +77,12 @@ describe("private rooms and direct messages", () => {
     await using chat = await serve();
     const api = apiOf(chat.url);
     const [ann, bob, eve] = [await newSession(chat.url), await newSession(chat.url), await newSession(chat.url)];
+    const bobFirst = await Client.connect(chat.url, bob);
     const started = await api("POST", "/api/dms", ann, { user: bob.id });
     expect(started.status).toBe(200);
     const { room } = (await started.json()) as { room: string };
     expect(room).toMatch(/^dm-[0-9a-f]{20}$/);
+    expect(await bobFirst.next((f) => f.type === "invited")).toEqual({ type: "invited", room, by: { id: ann.id, name: ann.name } });
     expect(await (await api("POST", "/api/dms", bob, { user: ann.id })).json()).toEqual({ room });
     expect((await api("POST", "/api/dms", ann, { user: ann.id })).status).toBe(400);
     expect((await api("POST", "/api/dms", ann, { user: "u-nobody" })).status).toBe(404);
