@@ -500,6 +500,68 @@ describe.skipIf(SKIP)("browser client", () => {
     expect(a.errors).toEqual([]);
   }, TEST_MS);
 
+  test("accounts: a guest chats and signs up keeping its name, logs in on a second device as the same user, and signs the first device out from there", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url, "/?backoff=50");
+    const name = (await a.name())!;
+    await say(a.page, "said as a guest");
+    // sign up: the guest's name becomes an account's
+    await a.page.locator("#signup-open").click();
+    await a.page.locator("#signup-password").fill("short");
+    await a.page.locator("#signup-password").press("Enter");
+    await a.page.locator("#signup-error", { hasText: "8 characters or more" }).waitFor();
+    await a.page.locator("#signup-password").fill("correct horse battery");
+    await a.page.locator("#signup-password").press("Enter");
+    await a.page.locator("#me-view", { hasText: `Signed in as ${name}` }).waitFor();
+    expect(await a.page.locator("#signup-dialog").isVisible()).toBe(false);
+    expect(await a.page.locator("#signup-open").isHidden()).toBe(true);
+    await say(a.page, "said after signing up"); // the socket stayed open
+
+    // a second device: a guest first, then logged in as the account
+    await using b = await open(chat.url, "/?backoff=50");
+    expect(await b.name()).not.toBe(name);
+    await shownText(b.page, "said as a guest").and(b.page.locator(":not(.own)")).waitFor();
+    await b.page.locator("#login-open").click();
+    await b.page.locator("#login-name").fill(name);
+    await b.page.locator("#login-password").fill("not the password");
+    await b.page.locator("#login-password").press("Enter");
+    await b.page.locator("#login-error", { hasText: "Wrong name or password" }).waitFor();
+    await b.page.locator("#login-password").fill("correct horse battery");
+    await b.page.locator("#login-password").press("Enter");
+    await b.page.locator("#me-view", { hasText: `Signed in as ${name}` }).waitFor();
+    await connected(b.page);
+    expect(await b.name()).toBe(name);
+    // the earlier messages are the account's own now
+    await shownText(b.page, "said as a guest").and(b.page.locator(".own")).waitFor();
+    await say(b.page, "said from the second device");
+    await shownText(a.page, "said from the second device").and(a.page.locator(".own")).waitFor();
+
+    // the sessions list: two, this one marked; signing the other out closes the first page's socket
+    await b.page.locator("#sessions-open").click();
+    const sessions = b.page.locator("#sessions-list > li");
+    await sessions.nth(1).waitFor();
+    expect(await sessions.count()).toBe(2);
+    expect(await sessions.filter({ hasText: "this device" }).count()).toBe(1);
+    await sessions.getByRole("button", { name: /^Sign out/ }).click();
+    await a.page.locator(".alert", { hasText: "You were signed out (on this or another device)" }).waitFor();
+    await until(async () => (await sessions.count()) === 1, WAIT_MS, "the sessions list to drop the first device");
+    await b.page.keyboard.press("Escape");
+    // the first page carries on as a fresh guest; the account's messages are not its own there now
+    await a.page.locator("#me-view", { hasText: /^You are / }).waitFor();
+    await connected(a.page);
+    expect(await a.name()).not.toBe(name);
+    await shownText(a.page, "said as a guest").and(a.page.locator(":not(.own)")).waitFor();
+    expect(await b.page.locator("#status").getAttribute("data-state")).toBe("connected");
+
+    // logging out makes the second device a guest too
+    await b.page.locator("#logout").click();
+    await b.page.locator("#me-view", { hasText: /^You are / }).waitFor();
+    await connected(b.page);
+    expect(await b.name()).not.toBe(name);
+    expect(await b.page.locator(".alert", { hasText: "signed out" }).count()).toBe(0); // its own doing: no notice
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
   test("at 360 px wide nothing overflows sideways and the composer stays in view", async () => {
     await using chat = await serve();
     await using a = await open(chat.url, "/", { viewport: { width: 360, height: 720 } });
