@@ -313,6 +313,30 @@ describe.skipIf(SKIP)("browser client", () => {
     expect(a.errors).toEqual([]);
   }, TEST_MS);
 
+  test("keyboard only: a user's menu opens from the Online list with Enter, its first action has the focus, and Escape gives the focus back", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await using b = await open(chat.url);
+    const bName = (await b.name())!;
+    await a.page.locator("#people .person-button", { hasText: bName }).waitFor();
+    await a.page.locator("#text").focus();
+    let tabs = 0;
+    while (!(await a.page.evaluate(() => document.activeElement?.classList.contains("person-button") ?? false))) {
+      if (++tabs > 10) throw new Error("Tab never reached the Online list");
+      await a.page.keyboard.press("Tab");
+    }
+    expect(await a.page.evaluate(() => document.activeElement?.matches(":focus-visible"))).toBe(true);
+    await a.page.keyboard.press("Enter");
+    await a.page.locator("#user-dialog[open]").waitFor();
+    expect(await a.page.evaluate(() => document.activeElement?.id)).toBe("user-message");
+    expect(await a.page.locator("#user-dialog").getAttribute("aria-labelledby")).toBe("user-title");
+    expect(await a.page.locator("#user-title").textContent()).toBe(bName);
+    await a.page.keyboard.press("Escape");
+    await a.page.locator("#user-dialog").waitFor({ state: "hidden" });
+    expect(await a.page.evaluate(() => document.activeElement?.textContent)).toBe(bName);
+    expect(a.errors).toEqual([]);
+  }, TEST_MS);
+
   test("a refused message shows its error on the message and can be retried", async () => {
     await using chat = await serve({ rateLimit: "2/2s" });
     await using a = await open(chat.url);
@@ -559,6 +583,147 @@ describe.skipIf(SKIP)("browser client", () => {
     await connected(b.page);
     expect(await b.name()).not.toBe(name);
     expect(await b.page.locator(".alert", { hasText: "signed out" }).count()).toBe(0); // its own doing: no notice
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
+  /** Signs the page's guest up with a password (keeping its name), through the Sign up dialog. */
+  async function signUp(page: Page, password = "correct horse battery") {
+    await page.locator("#signup-open").click();
+    await page.locator("#signup-password").fill(password);
+    await page.locator("#signup-password").press("Enter");
+    await page.locator("#me-view", { hasText: "Signed in as" }).waitFor();
+  }
+
+  /** A private room made through the New room dialog by a signed-up page, open and joined. */
+  async function createPrivate(page: Page, name: string) {
+    await page.locator("#create-open").click();
+    await page.locator("#create-name").fill(name);
+    await page.locator("#create-private").check();
+    await page.locator("#create-name").press("Enter");
+    await page.locator("#room-title", { hasText: `#${name}` }).waitFor();
+    await connected(page);
+  }
+
+  /** Opens a user's menu from the open room's Online list. */
+  async function menuOf(page: Page, name: string) {
+    await page.locator("#people .person-button", { hasText: name }).click();
+    await page.locator("#user-dialog[open]").waitFor();
+    return page.locator("#user-dialog");
+  }
+
+  test("private rooms: made from the New room dialog, an invitation from the Online list reaches the other page, which joins; a kick shows the removed notice", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await using b = await open(chat.url);
+    const [aName, bName] = [(await a.name())!, (await b.name())!];
+    // a guest cannot make a private room: the dialog says why
+    await b.page.locator("#create-open").click();
+    await b.page.locator("#create-name").fill("guestroom");
+    await b.page.locator("#create-private").check();
+    await b.page.locator("#create-name").press("Enter");
+    await b.page.locator("#create-error", { hasText: "sign up first" }).waitFor();
+    await b.page.keyboard.press("Escape");
+
+    await signUp(a.page);
+    await createPrivate(a.page, "secret");
+    expect(await a.page.locator('.room-link[href="#secret"] .room-kind').textContent()).toContain("(private)");
+    await a.page.locator("#settings-open").waitFor(); // the owner's settings button
+
+    await a.page.locator('.room-link[href="#general"]').click();
+    const menu = await menuOf(a.page, bName);
+    await menu.getByRole("button", { name: "Invite to #secret" }).click();
+    await a.page.locator("#user-dialog").waitFor({ state: "hidden" });
+    const invitation = b.page.locator(".alert", { hasText: `${aName} invited you to #secret` });
+    await invitation.waitFor();
+    await invitation.getByRole("button", { name: "Join" }).click();
+    await b.page.locator("#room-title", { hasText: "#secret" }).waitFor();
+    await connected(b.page);
+    await say(b.page, "b in the secret room");
+    await a.page.locator('.room-link[href="#secret"]').click();
+    await shownText(a.page, "b in the secret room").waitFor();
+
+    // the kick, from the author's name on the message
+    await shownText(a.page, "b in the secret room").locator(".author-button").click();
+    await a.page.locator("#user-dialog[open] #user-kick").click();
+    await b.page.locator(".alert", { hasText: `You were removed from #secret by ${aName} (kicked)` }).waitFor();
+    expect(await b.page.locator('.room-link[href="#secret"]').count()).toBe(0);
+    await a.page.locator(".log:not([hidden]) .system", { hasText: `${aName} removed ${bName}` }).waitFor();
+    // out of a private room means out: joining it by name is refused and says so
+    await b.page.evaluate(() => (location.hash = "#secret"));
+    await b.page.locator(".alert", { hasText: "You cannot join #secret" }).waitFor();
+    expect(await b.page.locator('.room-link[href="#secret"]').count()).toBe(0);
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
+  test("moderation: a mute shows in both pages and on the muted user's message; the settings panel lists members, mutes and the audit log, and lifts the mute; a ban removes", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await using b = await open(chat.url);
+    const [aName, bName] = [(await a.name())!, (await b.name())!];
+    await signUp(a.page);
+    await createPrivate(a.page, "club");
+    await a.page.locator('.room-link[href="#general"]').click();
+    await (await menuOf(a.page, bName)).getByRole("button", { name: "Invite to #club" }).click();
+    await b.page.locator(".alert", { hasText: "invited you to #club" }).getByRole("button", { name: "Join" }).click();
+    await connected(b.page);
+    await a.page.locator('.room-link[href="#club"]').click();
+    await a.page.locator("#people .person-button", { hasText: bName }).waitFor();
+
+    // mute for 5 minutes from the user's menu
+    const menu = await menuOf(a.page, bName);
+    await menu.getByLabel("Mute for minutes").fill("5");
+    await menu.getByRole("button", { name: "Mute" }).click();
+    await b.page.locator(".alert", { hasText: `${aName} muted you in #club for 5 min` }).waitFor();
+    await a.page.locator(".log:not([hidden]) .system", { hasText: `${aName} muted ${bName} for 5 min` }).waitFor();
+    await b.page.locator("#text").fill("can anyone hear me");
+    await b.page.locator("#text").press("Enter");
+    await shownText(b.page, "can anyone hear me").locator(".state-text", { hasText: "You are muted in #club for 5 more minutes" }).waitFor();
+
+    // the settings panel: members with roles, the mute in force, the audit log; unmute from there
+    await a.page.locator("#settings-open").click();
+    const panel = a.page.locator("#settings-dialog");
+    await panel.locator("#members-list li", { hasText: bName }).waitFor();
+    expect(await panel.locator("#members-list li", { hasText: aName }).textContent()).toContain("owner");
+    expect(await panel.locator("#members-list li", { hasText: bName }).textContent()).toContain("member");
+    await panel.locator("#audit-list li", { hasText: `${aName} muted ${bName}` }).waitFor();
+    await panel.locator("#mutes-list li", { hasText: bName }).getByRole("button", { name: /^Unmute/ }).click();
+    await b.page.locator(".alert", { hasText: `${aName} unmuted you in #club` }).waitFor();
+    await until(async () => (await panel.locator("#mutes-list li").count()) === 0, WAIT_MS, "the mutes list to empty");
+    await panel.locator("#members-list li", { hasText: bName }).getByRole("button", { name: /^Make moderator/ }).click();
+    await panel.locator("#members-list li", { hasText: bName }).filter({ hasText: "moderator" }).getByRole("button", { name: /^Remove moderator/ }).waitFor();
+    await panel.locator("#members-list li", { hasText: bName }).getByRole("button", { name: /^Remove moderator/ }).click();
+    await panel.locator("#members-list li", { hasText: bName }).getByRole("button", { name: /^Make moderator/ }).waitFor();
+    await a.page.keyboard.press("Escape");
+    await say(b.page, "heard again");
+
+    // a ban (until lifted) takes b out of the room
+    const again = await menuOf(a.page, bName);
+    await again.getByRole("button", { name: "Ban" }).click();
+    await b.page.locator(".alert", { hasText: `You were removed from #club by ${aName} (banned)` }).waitFor();
+    await a.page.locator("#settings-open").click();
+    await panel.locator("#bans-list li", { hasText: bName }).filter({ hasText: "until lifted" }).waitFor();
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
+  test("a direct message starts from a user's menu and shows as @name in both pages' room lists", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await using b = await open(chat.url);
+    const [aName, bName] = [(await a.name())!, (await b.name())!];
+    await (await menuOf(a.page, bName)).getByRole("button", { name: "Message" }).click();
+    await a.page.locator("#room-title", { hasText: `@${bName}` }).waitFor();
+    expect(new URL(a.page.url()).hash).toMatch(/^#dm-[0-9a-f]{20}$/);
+    await connected(a.page);
+    await say(a.page, "just between us");
+    expect(await a.page.locator('.room-link[data-kind="dm"] .room-name').textContent()).toBe(bName);
+    // the other page finds it in GET /api/rooms
+    await b.page.reload();
+    await connected(b.page);
+    const dm = b.page.locator('.room-link[data-kind="dm"]', { hasText: aName });
+    await dm.click();
+    await shownText(b.page, "just between us").waitFor();
+    expect(await b.page.locator("#room-title").textContent()).toBe(`@${aName}`);
+    expect(await b.page.locator("#settings-open").isHidden()).toBe(true); // dms have no moderation
     expect([...a.errors, ...b.errors]).toEqual([]);
   }, TEST_MS);
 
