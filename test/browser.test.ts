@@ -705,6 +705,40 @@ describe.skipIf(SKIP)("browser client", () => {
     expect([...a.errors, ...b.errors]).toEqual([]);
   }, TEST_MS);
 
+  test("the settings panel invites by name anyone online in the page's rooms, and says so for a name it cannot find", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await using b = await open(chat.url);
+    const [aName, bName] = [(await a.name())!, (await b.name())!];
+    await signUp(a.page);
+    await createPrivate(a.page, "backroom");
+    await a.page.locator("#settings-open").click();
+    await a.page.locator("#invite-name").fill("nobody-here");
+    await a.page.locator("#invite-name").press("Enter");
+    await a.page.locator("#settings-error", { hasText: "No one named “nobody-here” is online in your rooms" }).waitFor();
+    await a.page.locator("#invite-name").fill(bName.toUpperCase()); // names match ignoring case
+    await a.page.locator("#invite-name").press("Enter");
+    await b.page.locator(".alert", { hasText: `${aName} invited you to #backroom` }).waitFor();
+    await a.page.locator("#members-list li", { hasText: bName }).waitFor();
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
+  test("an instance ban closes the page's socket with 4003: it says the account is banned and does not reconnect", async () => {
+    await using chat = await serve();
+    const admin = await newSession(chat.url);
+    const made = await fetch(`${chat.url}/api/me/password`, { method: "POST", headers: { cookie: admin.cookie, "content-type": "application/json" }, body: JSON.stringify({ password: "correct horse battery" }) });
+    expect(((await made.json()) as { admin: boolean }).admin).toBe(true);
+    const cookie = made.headers.get("set-cookie")!.split(";")[0]!;
+    await using b = await open(chat.url, "/?backoff=50");
+    const id = await b.page.evaluate(async () => ((await (await fetch("/api/me")).json()) as { id: string }).id);
+    expect((await fetch(`${chat.url}/api/users/${id}/ban`, { method: "PUT", headers: { cookie } })).status).toBe(204);
+    await b.page.locator(".alert", { hasText: "This account is banned" }).waitFor();
+    await b.page.locator('#status[data-state="stopped"]', { hasText: "Disconnected" }).waitFor();
+    expect(await b.page.locator("#retry-now").isHidden()).toBe(true);
+    expect(await b.page.locator("#text").isDisabled()).toBe(true);
+    expect(b.errors).toEqual([]);
+  }, TEST_MS);
+
   test("a direct message starts from a user's menu and shows as @name in both pages' room lists", async () => {
     await using chat = await serve();
     await using a = await open(chat.url);
