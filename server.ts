@@ -2776,15 +2776,15 @@ export class Chat {
   }
 
   /** Applies a change of access to this node's sockets. */
-  access(event: AccessEvent) {
-    if (event.what === "room") void this.roomChanged(event).catch((error) => this.units.logger.error("room change", error));
-    else this.units.connections.apply(event);
+  async access(event: AccessEvent) {
+    if (event.what !== "room") return this.units.connections.apply(event);
+    await this.roomChanged(event).catch((error) => this.units.logger.error("room change", error));
   }
 
-  /** Applies a change made here, and tells the other nodes. */
-  tell(event: AccessEvent) {
-    this.access(event);
+  /** Tells the other nodes of a change made here, and applies it here before the request is answered. */
+  tell(event: AccessEvent): Promise<void> {
     this.units.fanout.publishAccess(event);
+    return this.access(event);
   }
 
   /** A mute in the room's rules as this node has them (a mute made elsewhere arrives within the fan-out's delay). */
@@ -2912,7 +2912,7 @@ export class Chat {
         else room?.removeMember(user);
       },
       renamed: (user, previous) => this.renamed(user, previous),
-      access: (event) => this.access(event),
+      access: (event) => void this.access(event),
       reconnected: () => void this.resync().catch((error) => this.units.logger.error("resync", error)),
     };
   }
@@ -3238,7 +3238,7 @@ class Moderation {
     if (!(await this.chat.mayStore(name))) return deny(429, "limit_exceeded", `The server holds its most rooms (MAX_ROOMS=${this.config.maxRooms})`);
     if (!(await this.store.createRoom(name, visibility, session.id, [session.id]))) return deny(409, "conflict", "A room of that name exists");
     const owner = { id: session.id, name: session.name };
-    this.chat.tell({ what: "room", room: name, by: owner });
+    await this.chat.tell({ what: "room", room: name, by: owner });
     return { ok: true, value: { name, visibility, owner } };
   }
 
@@ -3249,7 +3249,7 @@ class Moderation {
     if (!(await this.user(userId))) return deny(404, "not_found", "No such user");
     const pair = [session.id, userId].sort().join("\n");
     const room = DM_PREFIX + createHash("sha256").update(pair).digest("hex").slice(0, 20);
-    if (await this.store.createRoom(room, "dm", null, [session.id, userId])) this.chat.tell({ what: "room", room, by: { id: session.id, name: session.name } });
+    if (await this.store.createRoom(room, "dm", null, [session.id, userId])) await this.chat.tell({ what: "room", room, by: { id: session.id, name: session.name } });
     return { ok: true, value: { room } };
   }
 
@@ -3273,10 +3273,10 @@ class Moderation {
     const { rules, rank, admin } = ctx.value;
     if (rules.visibility === "dm") return deny(403, "forbidden", "Direct messages have no moderation");
     if (rank < min) return deny(403, "forbidden", "You may not do that in this room");
-    const target = await this.user(userId);
-    if (!target) return deny(404, "not_found", "No such user");
-    if (!mayModerate(rank, rules.rank(userId, false)) || (userId === session.id && !admin)) return deny(403, "forbidden", "Nobody may moderate someone of their own or a higher rank");
-    return { ok: true, value: { ...ctx.value, target } };
+    const account = await this.store.accounts.user(userId);
+    if (!account) return deny(404, "not_found", "No such user");
+    if (!mayModerate(rank, rules.rank(userId, account.admin)) || (userId === session.id && !admin)) return deny(403, "forbidden", "Nobody may moderate someone of their own or a higher rank");
+    return { ok: true, value: { ...ctx.value, target: { id: account.id, name: account.name } } };
   }
 
   async invite(session: Session, name: string, userId: string): Promise<Answer<null>> {
@@ -3289,7 +3289,7 @@ class Moderation {
     if (!target) return deny(404, "not_found", "No such user");
     if (!rules.roles.has(userId)) await this.store.access.setRole(name, userId, "member");
     await this.store.access.record(name, "invite", target, by);
-    this.chat.tell({ what: "room", room: name, by, invited: userId });
+    await this.chat.tell({ what: "room", room: name, by, invited: userId });
     return { ok: true, value: null };
   }
 
@@ -3301,7 +3301,7 @@ class Moderation {
       const { rules, by } = ctx.value;
       if (rules.owner === session.id || rules.visibility === "dm") return deny(403, "forbidden", "The owner cannot leave their room, nor anyone a direct message");
       await this.store.access.setRole(name, userId, null);
-      this.chat.tell({ what: "room", room: name, by, removed: { user: userId, reason: "left" } });
+      await this.chat.tell({ what: "room", room: name, by, removed: { user: userId, reason: "left" } });
       return { ok: true, value: null };
     }
     const ctx = await this.against(session, name, userId);
@@ -3309,7 +3309,7 @@ class Moderation {
     const { rules, by, target } = ctx.value;
     if (rules.visibility === "private") await this.store.access.setRole(name, userId, null);
     await this.store.access.record(name, "kick", target, by);
-    this.chat.tell({ what: "room", room: name, by, removed: { user: userId, reason: "kicked" }, moderation: { action: "kick", user: target } });
+    await this.chat.tell({ what: "room", room: name, by, removed: { user: userId, reason: "kicked" }, moderation: { action: "kick", user: target } });
     return { ok: true, value: null };
   }
 
@@ -3321,7 +3321,7 @@ class Moderation {
     await this.store.access.setRole(name, userId, promote ? "moderator" : "member");
     const action = promote ? "promote" : "demote";
     await this.store.access.record(name, action, target, by);
-    this.chat.tell({ what: "room", room: name, by, moderation: { action, user: target } });
+    await this.chat.tell({ what: "room", room: name, by, moderation: { action, user: target } });
     return { ok: true, value: null };
   }
 
@@ -3334,7 +3334,7 @@ class Moderation {
     if (rules.visibility === "private") await this.store.access.setRole(name, userId, null);
     await this.store.access.record(name, "ban", target, by, until);
     const moderation = { action: "ban" as const, user: target, ...(until ? { until } : {}) };
-    this.chat.tell({ what: "room", room: name, by, removed: { user: userId, reason: "banned" }, moderation });
+    await this.chat.tell({ what: "room", room: name, by, removed: { user: userId, reason: "banned" }, moderation });
     return { ok: true, value: null };
   }
 
@@ -3345,7 +3345,7 @@ class Moderation {
     const until = Date.now() + minutes * 60_000;
     await this.store.access.mute(name, userId, until);
     await this.store.access.record(name, "mute", target, by, until);
-    this.chat.tell({ what: "room", room: name, by, moderation: { action: "mute", user: target, until } });
+    await this.chat.tell({ what: "room", room: name, by, moderation: { action: "mute", user: target, until } });
     return { ok: true, value: null };
   }
 
@@ -3358,7 +3358,7 @@ class Moderation {
     else await this.store.access.mute(name, userId, undefined);
     const action = what === "ban" ? "unban" : "unmute";
     await this.store.access.record(name, action, target, by);
-    this.chat.tell({ what: "room", room: name, by, moderation: { action, user: target } });
+    await this.chat.tell({ what: "room", room: name, by, moderation: { action, user: target } });
     return { ok: true, value: null };
   }
 }
@@ -3568,7 +3568,7 @@ function mountRooms(app: Hono<Env>, { moderation }: AppUnits) {
   app.delete("/api/rooms/:room/moderators/:userId", route((s, room, c) => moderation.moderator(s, room, user(c), false)));
   app.put("/api/rooms/:room/bans/:userId", route(async (s, room, c) => {
     // the body is optional: no body (or {}) bans until lifted
-    const empty = !c.req.header("content-type") && !Number(c.req.header("content-length") ?? 0);
+    const empty = !(await c.req.text()).trim(); // Hono keeps the body for readJson
     const body = empty ? { ok: true as const, value: {} } : await readJson(c, BanBody, "body must be a JSON object {minutes?}");
     return body.ok ? moderation.ban(s, room, user(c), body.value.minutes) : body.answer;
   }));

@@ -54,8 +54,8 @@ describeWithServices("cluster", (services) => {
     // a room only node b has loaded is listed by node c, from Postgres, with its count from Redis
     await cb.join("side");
     await cb.say("side", "only here");
-    const listed = (await (await fetch(`${c.url}/api/rooms`)).json()) as { name: string; online: number; lastId: number }[];
-    expect(listed.find((r) => r.name === "side")).toEqual({ name: "side", online: 1, lastId: 1 });
+    const listed = (await (await fetch(`${c.url}/api/rooms`)).json()) as { name: string; online: number; lastId: number; visibility: string }[];
+    expect(listed.find((r) => r.name === "side")).toEqual({ name: "side", online: 1, lastId: 1, visibility: "public" });
     const metrics = await (await fetch(`${a.url}/metrics`)).text();
     expect(metrics).toContain('\nchat_node_info{node="lobby-a",cluster="1"} 1\n');
     expect(metrics).toContain("chat_redis_connected 1");

@@ -47,7 +47,7 @@ describe.skipIf(!!skip)("one node on Postgres", () => {
     const a = await Client.connect(chat.url, alice);
     expect((await a.join("room")).history.messages.map((m) => m.id)).toEqual([1, 2, 3]);
     expect((await a.say("room", "after the restart")).id).toBe(4);
-    expect(await (await fetch(`${chat.url}/api/rooms`)).json()).toEqual([{ name: "room", online: 1, lastId: 4 }]);
+    expect(await (await fetch(`${chat.url}/api/rooms`)).json()).toEqual([{ name: "room", online: 1, lastId: 4, visibility: "public" }]);
   }, 30_000);
 
   test("with the database down: a room that cannot load answers unavailable naming it, renames answer unavailable, and both work once it is back", async () => {

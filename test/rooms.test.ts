@@ -4,7 +4,7 @@ import { openStore } from "../server.ts";
 import { Client, newSession, putName, serve, until } from "./helpers.ts";
 import { describeWithServices } from "./services.ts";
 
-type Listed = { name: string; online: number; lastId: number };
+type Listed = { name: string; online: number; lastId: number; visibility?: string };
 const roomsOf = async (url: string) => (await (await fetch(`${url}/api/rooms`)).json()) as Listed[];
 const LOOSE = { rateLimit: "10000/1s", joinLimit: "10000/1s", maxRoomsPerConnection: 500 };
 const OLD = Date.now() - 3 * 24 * 3600_000;
@@ -43,7 +43,7 @@ describe("rooms", () => {
       return rooms.every((r) => r.online === 0) ? rooms : undefined;
     });
     expect(idle).toHaveLength(100);
-    expect(idle![0]).toEqual({ name: "r7", online: 0, lastId: 4 });
+    expect(idle![0]).toEqual({ name: "r7", online: 0, lastId: 4, visibility: "public" });
   });
 
   test("a restarted server lists the rooms with the most messages from the stored last ids", async () => {
