@@ -723,6 +723,44 @@ describe.skipIf(SKIP)("browser client", () => {
     expect([...a.errors, ...b.errors]).toEqual([]);
   }, TEST_MS);
 
+  test("GUESTS=read: a guest's message is refused on the message and in one notice; after signing up, its retry is sent", async () => {
+    await using chat = await serve({ guests: "read" });
+    await using a = await open(chat.url);
+    await a.page.locator("#text").fill("a guest tries");
+    await a.page.locator("#text").press("Enter");
+    const refused = shownText(a.page, "a guest tries");
+    await refused.locator(".state-text", { hasText: "Guests may read but not write here" }).waitFor();
+    await a.page.locator(".alert", { hasText: "Guests may read but not write here" }).waitFor();
+    await signUp(a.page);
+    await refused.locator(".retry").click();
+    await shownText(a.page, "a guest tries").and(a.page.locator("[data-id]")).waitFor();
+    expect(await a.page.locator(".alert").count()).toBe(1);
+    expect(a.errors).toEqual([]);
+  }, TEST_MS);
+
+  test("GUESTS=off: the page says why a guest cannot connect, and connects once it logs in", async () => {
+    await using chat = await serve({ guests: "off" });
+    const account = await newSession(chat.url);
+    const made = await fetch(`${chat.url}/api/me/password`, { method: "POST", headers: { cookie: account.cookie, "content-type": "application/json" }, body: JSON.stringify({ password: "correct horse battery" }) });
+    expect(made.status).toBe(200);
+    const context = await browser.newContext();
+    context.setDefaultTimeout(WAIT_MS);
+    try {
+      const page = await context.newPage();
+      await page.goto(`${chat.url}/?backoff=50`);
+      await page.locator(".alert", { hasText: "if this server is for accounts only, sign up or log in" }).waitFor();
+      await page.locator("#login-open").click();
+      await page.locator("#login-name").fill(account.name);
+      await page.locator("#login-password").fill("correct horse battery");
+      await page.locator("#login-password").press("Enter");
+      await page.locator("#me-view", { hasText: `Signed in as ${account.name}` }).waitFor();
+      await connected(page);
+      await say(page, "an account may chat");
+    } finally {
+      await context.close();
+    }
+  }, TEST_MS);
+
   test("an instance ban closes the page's socket with 4003: it says the account is banned and does not reconnect", async () => {
     await using chat = await serve();
     const admin = await newSession(chat.url);
