@@ -718,8 +718,24 @@ describe.skipIf(SKIP)("browser client", () => {
     await a.page.locator("#settings-error", { hasText: "No one named “nobody-here” is online in your rooms" }).waitFor();
     await a.page.locator("#invite-name").fill(bName.toUpperCase()); // names match ignoring case
     await a.page.locator("#invite-name").press("Enter");
-    await b.page.locator(".alert", { hasText: `${aName} invited you to #backroom` }).waitFor();
+    const invitation = b.page.locator(".alert", { hasText: `${aName} invited you to #backroom` });
+    await invitation.waitFor();
     await a.page.locator("#members-list li", { hasText: bName }).waitFor();
+    await a.page.keyboard.press("Escape");
+
+    // a member's Leave leaves a private room for good: gone from the members and, after a reload, from b's list
+    await invitation.getByRole("button", { name: "Join" }).click();
+    await b.page.locator("#room-title", { hasText: "#backroom" }).waitFor();
+    await connected(b.page);
+    expect(await b.page.locator("#settings-open").isHidden()).toBe(true); // a member does not moderate
+    await b.page.getByRole("button", { name: "Leave #backroom for good" }).click(); // once b's role is known
+    await b.page.locator("#room-title", { hasText: "#general" }).waitFor();
+    await a.page.locator("#settings-open").click();
+    await a.page.locator("#members-list li", { hasText: aName }).waitFor();
+    await until(async () => (await a.page.locator("#members-list li", { hasText: bName }).count()) === 0, WAIT_MS, "b to leave the members");
+    await b.page.reload();
+    await connected(b.page);
+    expect(await b.page.locator('.room-link[href="#backroom"]').count()).toBe(0);
     expect([...a.errors, ...b.errors]).toEqual([]);
   }, TEST_MS);
 
@@ -796,6 +812,12 @@ describe.skipIf(SKIP)("browser client", () => {
     await shownText(b.page, "just between us").waitFor();
     expect(await b.page.locator("#room-title").textContent()).toBe(`@${aName}`);
     expect(await b.page.locator("#settings-open").isHidden()).toBe(true); // dms have no moderation
+    // Leave closes a dm here, and it stays closed after a reload
+    await b.page.locator("#leave").click();
+    await b.page.locator("#room-title", { hasText: "#general" }).waitFor();
+    await b.page.reload();
+    await connected(b.page);
+    expect(await b.page.locator('.room-link[data-kind="dm"]').count()).toBe(0);
     expect([...a.errors, ...b.errors]).toEqual([]);
   }, TEST_MS);
 
