@@ -55,6 +55,7 @@ const WAL_REWIND_BYTES = 64 * 1024 * 1024; // past this the checkpointer rewinds
 const CHECKPOINT_MS = 100; // the checkpointer's interval (see startCheckpointer)
 const LAST_ID_FLUSH_MS = 1_000; // how often rooms' new last ids are written to their rows
 const LAST_ID_FLUSH_ROOMS = 1_000; // rows written by one flush
+const OPEN_BUSY_TIMEOUT_MS = 5_000; // while opening (before serving), a statement may wait this long for a lock
 const SQLITE_BUSY_ATTEMPTS = 2_000; // 1 ms apart: a statement that meets a lock retries for about 2 s
 // Postgres
 const PG_POOL = 8;
@@ -849,12 +850,13 @@ class SqliteStore implements Store {
     // NORMAL in WAL mode survives a process crash (kill -9); only an OS crash or power loss can drop the last commits
     this.db.run("PRAGMA synchronous = NORMAL");
     // never sleep on a lock inside the event loop: a busy statement is retried asynchronously (see retrying)
-    this.db.run("PRAGMA busy_timeout = 0");
+    this.db.run(`PRAGMA busy_timeout = ${OPEN_BUSY_TIMEOUT_MS}`); // opening may wait: a process still closing the file, or grant-admin
     this.db.run("PRAGMA wal_autocheckpoint = 0"); // the checkpointer thread does it, off the event loop
     this.db.transaction(() => {
       this.migrate(options);
       this.fillLastIds();
-    })();
+    }).immediate();
+    this.db.run("PRAGMA busy_timeout = 0");
     const insert = this.db.prepare("INSERT INTO messages (room, id, user_id, name, text, ts, ref) VALUES (?, ?, ?, ?, ?, ?, ?)");
     const insertRow = (r: Row) => void insert.run(r.room, r.id, r.user_id, r.name, r.text, r.ts, r.ref);
     const insertMany = this.db.transaction((rows: Row[]) => rows.forEach(insertRow));

@@ -213,24 +213,23 @@ describe("accounts", () => {
     expect(await upgradeStatus(chat.url, { cookie: alice.cookie })).toBe(101);
   });
 
-  test("grant-admin <name> makes an account an admin from the command line; a guest or unknown name exits 1", async () => {
+  test("grant-admin <name> makes an account an admin from the command line, while the server runs; a guest or unknown name exits 1", async () => {
     using tmp = tempDir();
     const databaseUrl = `sqlite://${tmp.dir}/chat.db`;
-    let bob: Session;
-    {
-      await using chat = await serve({ databaseUrl });
-      await account(chat.url, "Alice");
-      bob = await account(chat.url, "Bob");
-      await putName(chat.url, (await newSession(chat.url)).cookie, "Guest");
-    }
+    await using chat = await serve({ databaseUrl });
+    await account(chat.url, "Alice");
+    const bob = await account(chat.url, "Bob");
+    await putName(chat.url, (await newSession(chat.url)).cookie, "Guest");
     const run = (...args: string[]) => Bun.spawnSync([BUN, join(ROOT, "server.ts"), "grant-admin", ...args], { env: { ...process.env, DATABASE_URL: databaseUrl } });
     const granted = run("bob");
-    expect(granted.exitCode).toBe(0);
-    expect(granted.stdout.toString()).toContain("Bob");
+    expect({ code: granted.exitCode, out: granted.stdout.toString(), err: granted.stderr.toString() }).toMatchObject({ code: 0, out: expect.stringContaining("Bob") });
     expect(run("Guest").exitCode).toBe(1);
     expect(run("nobody").exitCode).toBe(1);
-    await using chat = await serve({ databaseUrl });
+    expect(run().exitCode).toBe(2);
     expect(((await (await fetch(`${chat.url}/api/me`, { headers: { cookie: bob.cookie } })).json()) as Me).admin).toBe(true);
+    // the new admin's rights hold at once
+    const carol = await account(chat.url, "Carol");
+    expect((await fetch(`${chat.url}/api/users/${carol.id}/ban`, { method: "PUT", headers: { cookie: bob.cookie } })).status).toBe(204);
   });
 });
 
