@@ -313,6 +313,30 @@ describe.skipIf(SKIP)("browser client", () => {
     expect(a.errors).toEqual([]);
   }, TEST_MS);
 
+  test("keyboard only: a user's menu opens from the Online list with Enter, its first action has the focus, and Escape gives the focus back", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await using b = await open(chat.url);
+    const bName = (await b.name())!;
+    await a.page.locator("#people .person-button", { hasText: bName }).waitFor();
+    await a.page.locator("#text").focus();
+    let tabs = 0;
+    while (!(await a.page.evaluate(() => document.activeElement?.classList.contains("person-button") ?? false))) {
+      if (++tabs > 10) throw new Error("Tab never reached the Online list");
+      await a.page.keyboard.press("Tab");
+    }
+    expect(await a.page.evaluate(() => document.activeElement?.matches(":focus-visible"))).toBe(true);
+    await a.page.keyboard.press("Enter");
+    await a.page.locator("#user-dialog[open]").waitFor();
+    expect(await a.page.evaluate(() => document.activeElement?.id)).toBe("user-message");
+    expect(await a.page.locator("#user-dialog").getAttribute("aria-labelledby")).toBe("user-title");
+    expect(await a.page.locator("#user-title").textContent()).toBe(bName);
+    await a.page.keyboard.press("Escape");
+    await a.page.locator("#user-dialog").waitFor({ state: "hidden" });
+    expect(await a.page.evaluate(() => document.activeElement?.textContent)).toBe(bName);
+    expect(a.errors).toEqual([]);
+  }, TEST_MS);
+
   test("a refused message shows its error on the message and can be retried", async () => {
     await using chat = await serve({ rateLimit: "2/2s" });
     await using a = await open(chat.url);
@@ -498,6 +522,303 @@ describe.skipIf(SKIP)("browser client", () => {
     expect(stored).toEqual(["echo lost", "say lost"]);
     bob.close();
     expect(a.errors).toEqual([]);
+  }, TEST_MS);
+
+  test("accounts: a guest chats and signs up keeping its name, logs in on a second device as the same user, and signs the first device out from there", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url, "/?backoff=50");
+    const name = (await a.name())!;
+    await say(a.page, "said as a guest");
+    // sign up: the guest's name becomes an account's
+    await a.page.locator("#signup-open").click();
+    await a.page.locator("#signup-password").fill("short");
+    await a.page.locator("#signup-password").press("Enter");
+    await a.page.locator("#signup-error", { hasText: "8 characters or more" }).waitFor();
+    await a.page.locator("#signup-password").fill("correct horse battery");
+    await a.page.locator("#signup-password").press("Enter");
+    await a.page.locator("#me-view", { hasText: `Signed in as ${name}` }).waitFor();
+    expect(await a.page.locator("#signup-dialog").isVisible()).toBe(false);
+    expect(await a.page.locator("#signup-open").isHidden()).toBe(true);
+    await say(a.page, "said after signing up"); // the socket stayed open
+
+    // a second device: a guest first, then logged in as the account
+    await using b = await open(chat.url, "/?backoff=50");
+    expect(await b.name()).not.toBe(name);
+    await shownText(b.page, "said as a guest").and(b.page.locator(":not(.own)")).waitFor();
+    await b.page.locator("#login-open").click();
+    await b.page.locator("#login-name").fill(name);
+    await b.page.locator("#login-password").fill("not the password");
+    await b.page.locator("#login-password").press("Enter");
+    await b.page.locator("#login-error", { hasText: "Wrong name or password" }).waitFor();
+    await b.page.locator("#login-password").fill("correct horse battery");
+    await b.page.locator("#login-password").press("Enter");
+    await b.page.locator("#me-view", { hasText: `Signed in as ${name}` }).waitFor();
+    await connected(b.page);
+    expect(await b.name()).toBe(name);
+    // the earlier messages are the account's own now
+    await shownText(b.page, "said as a guest").and(b.page.locator(".own")).waitFor();
+    await say(b.page, "said from the second device");
+    await shownText(a.page, "said from the second device").and(a.page.locator(".own")).waitFor();
+
+    // the sessions list: two, this one marked; signing the other out closes the first page's socket
+    await b.page.locator("#sessions-open").click();
+    const sessions = b.page.locator("#sessions-list > li");
+    await sessions.nth(1).waitFor();
+    expect(await sessions.count()).toBe(2);
+    expect(await sessions.filter({ hasText: "this device" }).count()).toBe(1);
+    await sessions.getByRole("button", { name: /^Sign out/ }).click();
+    await a.page.locator(".alert", { hasText: "You were signed out (on this or another device)" }).waitFor();
+    await until(async () => (await sessions.count()) === 1, WAIT_MS, "the sessions list to drop the first device");
+    await b.page.keyboard.press("Escape");
+    // the first page carries on as a fresh guest; the account's messages are not its own there now
+    await a.page.locator("#me-view", { hasText: /^You are / }).waitFor();
+    await connected(a.page);
+    expect(await a.name()).not.toBe(name);
+    await shownText(a.page, "said as a guest").and(a.page.locator(":not(.own)")).waitFor();
+    expect(await b.page.locator("#status").getAttribute("data-state")).toBe("connected");
+
+    // logging out makes the second device a guest too
+    await b.page.locator("#logout").click();
+    await b.page.locator("#me-view", { hasText: /^You are / }).waitFor();
+    await connected(b.page);
+    expect(await b.name()).not.toBe(name);
+    expect(await b.page.locator(".alert", { hasText: "signed out" }).count()).toBe(0); // its own doing: no notice
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
+  /** Signs the page's guest up with a password (keeping its name), through the Sign up dialog. */
+  async function signUp(page: Page, password = "correct horse battery") {
+    await page.locator("#signup-open").click();
+    await page.locator("#signup-password").fill(password);
+    await page.locator("#signup-password").press("Enter");
+    await page.locator("#me-view", { hasText: "Signed in as" }).waitFor();
+  }
+
+  /** A private room made through the New room dialog by a signed-up page, open and joined. */
+  async function createPrivate(page: Page, name: string) {
+    await page.locator("#create-open").click();
+    await page.locator("#create-name").fill(name);
+    await page.locator("#create-private").check();
+    await page.locator("#create-name").press("Enter");
+    await page.locator("#room-title", { hasText: `#${name}` }).waitFor();
+    await connected(page);
+  }
+
+  /** Opens a user's menu from the open room's Online list. */
+  async function menuOf(page: Page, name: string) {
+    await page.locator("#people .person-button", { hasText: name }).click();
+    await page.locator("#user-dialog[open]").waitFor();
+    return page.locator("#user-dialog");
+  }
+
+  test("private rooms: made from the New room dialog, an invitation from the Online list reaches the other page, which joins; a kick shows the removed notice", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await using b = await open(chat.url);
+    const [aName, bName] = [(await a.name())!, (await b.name())!];
+    // a guest cannot make a private room: the dialog says why
+    await b.page.locator("#create-open").click();
+    await b.page.locator("#create-name").fill("guestroom");
+    await b.page.locator("#create-private").check();
+    await b.page.locator("#create-name").press("Enter");
+    await b.page.locator("#create-error", { hasText: "sign up first" }).waitFor();
+    await b.page.keyboard.press("Escape");
+
+    await signUp(a.page);
+    await createPrivate(a.page, "secret");
+    expect(await a.page.locator('.room-link[href="#secret"] .room-kind').textContent()).toContain("(private)");
+    await a.page.locator("#settings-open").waitFor(); // the owner's settings button
+
+    await a.page.locator('.room-link[href="#general"]').click();
+    const menu = await menuOf(a.page, bName);
+    await menu.getByRole("button", { name: "Invite to #secret" }).click();
+    await a.page.locator("#user-dialog").waitFor({ state: "hidden" });
+    const invitation = b.page.locator(".alert", { hasText: `${aName} invited you to #secret` });
+    await invitation.waitFor();
+    await invitation.getByRole("button", { name: "Join" }).click();
+    await b.page.locator("#room-title", { hasText: "#secret" }).waitFor();
+    await connected(b.page);
+    await say(b.page, "b in the secret room");
+    await a.page.locator('.room-link[href="#secret"]').click();
+    await shownText(a.page, "b in the secret room").waitFor();
+
+    // the kick, from the author's name on the message
+    await shownText(a.page, "b in the secret room").locator(".author-button").click();
+    await a.page.locator("#user-dialog[open] #user-kick").click();
+    await b.page.locator(".alert", { hasText: `You were removed from #secret by ${aName} (kicked)` }).waitFor();
+    expect(await b.page.locator('.room-link[href="#secret"]').count()).toBe(0);
+    await a.page.locator(".log:not([hidden]) .system", { hasText: `${aName} removed ${bName}` }).waitFor();
+    // out of a private room means out: joining it by name is refused and says so
+    await b.page.evaluate(() => (location.hash = "#secret"));
+    await b.page.locator(".alert", { hasText: "You cannot join #secret" }).waitFor();
+    expect(await b.page.locator('.room-link[href="#secret"]').count()).toBe(0);
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
+  test("moderation: a mute shows in both pages and on the muted user's message; the settings panel lists members, mutes and the audit log, and lifts the mute; a ban removes", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await using b = await open(chat.url);
+    const [aName, bName] = [(await a.name())!, (await b.name())!];
+    await signUp(a.page);
+    await createPrivate(a.page, "club");
+    await a.page.locator('.room-link[href="#general"]').click();
+    await (await menuOf(a.page, bName)).getByRole("button", { name: "Invite to #club" }).click();
+    await b.page.locator(".alert", { hasText: "invited you to #club" }).getByRole("button", { name: "Join" }).click();
+    await connected(b.page);
+    await a.page.locator('.room-link[href="#club"]').click();
+    await a.page.locator("#people .person-button", { hasText: bName }).waitFor();
+
+    // mute for 5 minutes from the user's menu
+    const menu = await menuOf(a.page, bName);
+    await menu.getByLabel("Mute for minutes").fill("5");
+    await menu.getByRole("button", { name: "Mute" }).click();
+    await b.page.locator(".alert", { hasText: `${aName} muted you in #club for 5 min` }).waitFor();
+    await a.page.locator(".log:not([hidden]) .system", { hasText: `${aName} muted ${bName} for 5 min` }).waitFor();
+    await b.page.locator("#text").fill("can anyone hear me");
+    await b.page.locator("#text").press("Enter");
+    await shownText(b.page, "can anyone hear me").locator(".state-text", { hasText: "You are muted in #club for 5 more minutes" }).waitFor();
+
+    // the settings panel: members with roles, the mute in force, the audit log; unmute from there
+    await a.page.locator("#settings-open").click();
+    const panel = a.page.locator("#settings-dialog");
+    await panel.locator("#members-list li", { hasText: bName }).waitFor();
+    expect(await panel.locator("#members-list li", { hasText: aName }).textContent()).toContain("owner");
+    expect(await panel.locator("#members-list li", { hasText: bName }).textContent()).toContain("member");
+    await panel.locator("#audit-list li", { hasText: `${aName} muted ${bName}` }).waitFor();
+    await panel.locator("#mutes-list li", { hasText: bName }).getByRole("button", { name: /^Unmute/ }).click();
+    await b.page.locator(".alert", { hasText: `${aName} unmuted you in #club` }).waitFor();
+    await until(async () => (await panel.locator("#mutes-list li").count()) === 0, WAIT_MS, "the mutes list to empty");
+    await panel.locator("#members-list li", { hasText: bName }).getByRole("button", { name: /^Make moderator/ }).click();
+    await panel.locator("#members-list li", { hasText: bName }).filter({ hasText: "moderator" }).getByRole("button", { name: /^Remove moderator/ }).waitFor();
+    await panel.locator("#members-list li", { hasText: bName }).getByRole("button", { name: /^Remove moderator/ }).click();
+    await panel.locator("#members-list li", { hasText: bName }).getByRole("button", { name: /^Make moderator/ }).waitFor();
+    await a.page.keyboard.press("Escape");
+    await say(b.page, "heard again");
+
+    // a ban (until lifted) takes b out of the room
+    const again = await menuOf(a.page, bName);
+    await again.getByRole("button", { name: "Ban" }).click();
+    await b.page.locator(".alert", { hasText: `You were removed from #club by ${aName} (banned)` }).waitFor();
+    await a.page.locator("#settings-open").click();
+    await panel.locator("#bans-list li", { hasText: bName }).filter({ hasText: "until lifted" }).waitFor();
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
+  test("the settings panel invites by name anyone online in the page's rooms, and says so for a name it cannot find", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await using b = await open(chat.url);
+    const [aName, bName] = [(await a.name())!, (await b.name())!];
+    await signUp(a.page);
+    await createPrivate(a.page, "backroom");
+    await a.page.locator("#settings-open").click();
+    await a.page.locator("#invite-name").fill("nobody-here");
+    await a.page.locator("#invite-name").press("Enter");
+    await a.page.locator("#settings-error", { hasText: "No one named “nobody-here” is online in your rooms" }).waitFor();
+    await a.page.locator("#invite-name").fill(bName.toUpperCase()); // names match ignoring case
+    await a.page.locator("#invite-name").press("Enter");
+    const invitation = b.page.locator(".alert", { hasText: `${aName} invited you to #backroom` });
+    await invitation.waitFor();
+    await a.page.locator("#members-list li", { hasText: bName }).waitFor();
+    await a.page.keyboard.press("Escape");
+
+    // a member's Leave leaves a private room for good: gone from the members and, after a reload, from b's list
+    await invitation.getByRole("button", { name: "Join" }).click();
+    await b.page.locator("#room-title", { hasText: "#backroom" }).waitFor();
+    await connected(b.page);
+    expect(await b.page.locator("#settings-open").isHidden()).toBe(true); // a member does not moderate
+    await b.page.getByRole("button", { name: "Leave #backroom for good" }).click(); // once b's role is known
+    await b.page.locator("#room-title", { hasText: "#general" }).waitFor();
+    await a.page.locator("#settings-open").click();
+    await a.page.locator("#members-list li", { hasText: aName }).waitFor();
+    await until(async () => (await a.page.locator("#members-list li", { hasText: bName }).count()) === 0, WAIT_MS, "b to leave the members");
+    await b.page.reload();
+    await connected(b.page);
+    expect(await b.page.locator('.room-link[href="#backroom"]').count()).toBe(0);
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
+  test("GUESTS=read: a guest's message is refused on the message and in one notice; after signing up, its retry is sent", async () => {
+    await using chat = await serve({ guests: "read" });
+    await using a = await open(chat.url);
+    await a.page.locator("#text").fill("a guest tries");
+    await a.page.locator("#text").press("Enter");
+    const refused = shownText(a.page, "a guest tries");
+    await refused.locator(".state-text", { hasText: "Guests may read but not write here" }).waitFor();
+    await a.page.locator(".alert", { hasText: "Guests may read but not write here" }).waitFor();
+    await signUp(a.page);
+    await refused.locator(".retry").click();
+    await shownText(a.page, "a guest tries").and(a.page.locator("[data-id]")).waitFor();
+    expect(await a.page.locator(".alert").count()).toBe(1);
+    expect(a.errors).toEqual([]);
+  }, TEST_MS);
+
+  test("GUESTS=off: the page says why a guest cannot connect, and connects once it logs in", async () => {
+    await using chat = await serve({ guests: "off" });
+    const account = await newSession(chat.url);
+    const made = await fetch(`${chat.url}/api/me/password`, { method: "POST", headers: { cookie: account.cookie, "content-type": "application/json" }, body: JSON.stringify({ password: "correct horse battery" }) });
+    expect(made.status).toBe(200);
+    const context = await browser.newContext();
+    context.setDefaultTimeout(WAIT_MS);
+    try {
+      const page = await context.newPage();
+      await page.goto(`${chat.url}/?backoff=50`);
+      await page.locator(".alert", { hasText: "if this server is for accounts only, sign up or log in" }).waitFor();
+      await page.locator("#login-open").click();
+      await page.locator("#login-name").fill(account.name);
+      await page.locator("#login-password").fill("correct horse battery");
+      await page.locator("#login-password").press("Enter");
+      await page.locator("#me-view", { hasText: `Signed in as ${account.name}` }).waitFor();
+      await connected(page);
+      await say(page, "an account may chat");
+    } finally {
+      await context.close();
+    }
+  }, TEST_MS);
+
+  test("an instance ban closes the page's socket with 4003: it says the account is banned and does not reconnect", async () => {
+    await using chat = await serve();
+    const admin = await newSession(chat.url);
+    const made = await fetch(`${chat.url}/api/me/password`, { method: "POST", headers: { cookie: admin.cookie, "content-type": "application/json" }, body: JSON.stringify({ password: "correct horse battery" }) });
+    expect(((await made.json()) as { admin: boolean }).admin).toBe(true);
+    const cookie = made.headers.get("set-cookie")!.split(";")[0]!;
+    await using b = await open(chat.url, "/?backoff=50");
+    const id = await b.page.evaluate(async () => ((await (await fetch("/api/me")).json()) as { id: string }).id);
+    expect((await fetch(`${chat.url}/api/users/${id}/ban`, { method: "PUT", headers: { cookie } })).status).toBe(204);
+    await b.page.locator(".alert", { hasText: "This account is banned" }).waitFor();
+    await b.page.locator('#status[data-state="stopped"]', { hasText: "Disconnected" }).waitFor();
+    expect(await b.page.locator("#retry-now").isHidden()).toBe(true);
+    expect(await b.page.locator("#text").isDisabled()).toBe(true);
+    expect(b.errors).toEqual([]);
+  }, TEST_MS);
+
+  test("a direct message starts from a user's menu and shows as @name in both pages' room lists", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await using b = await open(chat.url);
+    const [aName, bName] = [(await a.name())!, (await b.name())!];
+    await (await menuOf(a.page, bName)).getByRole("button", { name: "Message" }).click();
+    await a.page.locator("#room-title", { hasText: `@${bName}` }).waitFor();
+    expect(new URL(a.page.url()).hash).toMatch(/^#dm-[0-9a-f]{20}$/);
+    await connected(a.page);
+    await say(a.page, "just between us");
+    expect(await a.page.locator('.room-link[data-kind="dm"] .room-name').textContent()).toBe(bName);
+    // the other page finds it in GET /api/rooms
+    await b.page.reload();
+    await connected(b.page);
+    const dm = b.page.locator('.room-link[data-kind="dm"]', { hasText: aName });
+    await dm.click();
+    await shownText(b.page, "just between us").waitFor();
+    expect(await b.page.locator("#room-title").textContent()).toBe(`@${aName}`);
+    expect(await b.page.locator("#settings-open").isHidden()).toBe(true); // dms have no moderation
+    // Leave closes a dm here, and it stays closed after a reload
+    await b.page.locator("#leave").click();
+    await b.page.locator("#room-title", { hasText: "#general" }).waitFor();
+    await b.page.reload();
+    await connected(b.page);
+    expect(await b.page.locator('.room-link[data-kind="dm"]').count()).toBe(0);
+    expect([...a.errors, ...b.errors]).toEqual([]);
   }, TEST_MS);
 
   test("at 360 px wide nothing overflows sideways and the composer stays in view", async () => {

@@ -24,6 +24,13 @@ async function rename(baseUrl: string, session: Session, name: string) {
   if (!res.ok) throw new Error(`Cannot rename to ${name}: ${res.status}`);
 }
 
+/** POSTs JSON as a session; the answer, or a throw naming what failed. */
+async function post(baseUrl: string, session: Session, path: string, body: unknown) {
+  const res = await fetch(`${baseUrl}${path}`, { method: "POST", headers: { cookie: session.cookie, "content-type": "application/json" }, body: JSON.stringify(body) });
+  if (!res.ok) throw new Error(`POST ${path}: ${res.status}`);
+  return res;
+}
+
 if (import.meta.main) {
   mkdirSync(OUT, { recursive: true });
   await using chat = await serve();
@@ -31,6 +38,10 @@ if (import.meta.main) {
   await rename(chat.url, ada, "Ada");
   await rename(chat.url, grace, "Grace");
   await rename(chat.url, linus, "Linus");
+  // Ada has an account (the page shows "Signed in as"), a private room and a dm with Grace
+  ada.cookie = (await post(chat.url, ada, "/api/me/password", { password: "correct horse battery" })).headers.get("set-cookie")!.split(";")[0]!;
+  await post(chat.url, ada, "/api/rooms", { name: "team", visibility: "private" });
+  await post(chat.url, ada, "/api/dms", { user: grace.id });
   const g = await Client.connect(chat.url, grace);
   const l = await Client.connect(chat.url, linus);
   for (const c of [g, l]) for (const room of ["general", "random", "design"]) await c.join(room);
