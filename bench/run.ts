@@ -146,6 +146,11 @@ async function startTarget(target: Target): Promise<Server> {
       HISTORY_BYTES_PER_ADDRESS: "100000000000/1s", // every bench client is on loopback
       MAX_CONNECTIONS: "100000",
       MAX_CONNECTIONS_PER_USER: "10000",
+      // the per-address limits too: the bench's clients are many users on one address
+      SESSIONS_PER_ADDRESS: "1000000/1s",
+      UPGRADES_PER_ADDRESS: "1000000/1s",
+      MAX_CONNECTIONS_PER_ADDRESS: "1000000",
+      RATE_LIMIT_PER_ADDRESS: "1000000/1s",
     });
     cmd = [process.execPath, ...SERVER_FLAGS, join(ROOT, "server.ts")];
   } else if (target === "raw-bun") {
