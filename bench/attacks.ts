@@ -3,7 +3,8 @@
 // attack, and the line per attack says what the attacker sent, what the server accepted or refused (its
 // /metrics), how the database grew, and the server's CPU. One JSON line per attack to results/attacks.jsonl.
 //
-//   bun bench/attacks.ts [--attack identities,history] [--duration S] [--baseline S] [--out FILE]
+//   bun bench/attacks.ts [--attack identities,history] [--duration S] [--baseline S] [--half-open N] [--out FILE]
+//   bun bench/attacks.ts --table     (the table of the latest line of each attack in --out)
 //
 // Addresses: attacker, bystander and crowd all connect from 127.0.0.1, so the server runs with
 // TRUSTED_PROXIES=127.0.0.1 and each names its client address in X-Forwarded-For, as a proxy would: the
@@ -345,13 +346,14 @@ const ATTACKS: Record<string, Attack> = {
     async run(ctx) {
       const sockets: { end(): void }[] = [];
       const partial = Buffer.from("GET / HTTP/1.1\r\n");
+      let ending = false; // from here on a close is ours
       for (let opened = 0; opened < ctx.halfOpen && !ctx.stopped(); opened += 500) {
         const batch = Math.min(500, ctx.halfOpen - opened);
         const results = await Promise.allSettled(Array.from({ length: batch }, () => {
           const { hostname, port } = new URL(ctx.url);
           return Bun.connect({
             hostname, port: Number(port),
-            socket: { data() {}, close() { bump(ctx.counts, "closed by server"); }, error() {} },
+            socket: { data() {}, close() { if (!ending) bump(ctx.counts, "closed by server"); }, error() {} },
           });
         }));
         for (const r of results) {
@@ -365,6 +367,7 @@ const ATTACKS: Record<string, Attack> = {
         }
       }
       await waitFor(ctx.stopped, 600_000);
+      ending = true;
       for (const s of sockets) s.end();
     },
   },
@@ -554,12 +557,16 @@ async function runAttack(name: string, options: { durationS: number; baselineS: 
       newcomerResult = await newcomer(url);
     });
     const { counts } = await nextEvent(attackerProc.lines, "done", 60_000);
+    // the rows the attack added: less the bystander's own stored says and the newcomer's session
+    const attackRows = { ...during.rowsGrowth };
+    attackRows.messages = (attackRows.messages ?? 0) - during.echo.echoed;
+    for (const table of ["users", "sessions"]) if (newcomerResult !== "GET /api/me 429") attackRows[table] = (attackRows[table] ?? 0) - 1;
     bystander.close();
     const result = {
       attack: name, what: attack.what, when: new Date().toISOString(), serverSha: createHash("sha1").update(await Bun.file(join(ROOT, "server.ts")).bytes()).digest("hex").slice(0, 12),
       addresses: { attacker: ATTACKER_IP, bystander: "192.0.2.10-25", crowd: "198.18.0.0/16", note: "TRUSTED_PROXIES=127.0.0.1, addresses in X-Forwarded-For" },
       attackerNice: 10, durationS: options.durationS, baselineS: options.baselineS,
-      attackerSetup: setup, attacker: counts, newcomer: newcomerResult,
+      attackerSetup: setup, attacker: counts, newcomer: newcomerResult, attackRows,
       p99Ratio: round(during.echo.p99Ms / baseline.echo.p99Ms, 2),
       baseline, during, dbBytes: dbBytes(file), rows: dbRows(file),
     };
@@ -575,12 +582,15 @@ async function runAttack(name: string, options: { durationS: number; baselineS: 
 type Result = Awaited<ReturnType<typeof runAttack>>;
 
 const mb = (bytes: number) => `${round(bytes / 2 ** 20, 1)} MB`;
-const list = (counts: Counts, top = 6) => Object.entries(counts).sort((a, b) => b[1] - a[1]).slice(0, top).map(([k, v]) => `${k} ${v.toLocaleString("en")}`).join(", ");
+const list = (counts: Counts, top = 6) => Object.entries(counts).filter(([, v]) => v !== 0).sort((a, b) => b[1] - a[1]).slice(0, top).map(([k, v]) => `${k} ${v.toLocaleString("en")}`).join(", ");
 
 function table(results: Result[]): string {
-  const head = "| attack | attacker sent / got | refused (/metrics) | db growth | bystander heard (1 socket) | echo p50 / p99 ms, without → during | p99 × | server CPU ms | newcomer |";
-  const rows = results.map((r) => `| ${r.attack} | ${list(r.attacker)} | ${list(r.during.refused)} | ${mb(r.during.dbBytesGrowth)}; ${list(r.during.rowsGrowth)} | ${list(r.during.echo.frames, 4)} | ${r.baseline.echo.p50Ms} / ${r.baseline.echo.p99Ms} → ${r.during.echo.p50Ms} / ${r.during.echo.p99Ms} (no echo ${r.during.echo.noEcho}) | ${r.p99Ratio} | ${r.baseline.serverCpuMs} → ${r.during.serverCpuMs} | ${r.newcomer} |`);
-  return [head, `|${"---|".repeat(9)}`, ...rows].join("\n");
+  const head = "| attack | attacker sent / got | refused (/metrics) | db growth (the attack's rows) | bystander heard (1 socket) | echo p50 / p99 ms, without → during | p99 × | server CPU ms | server fds max; probes p99 ms (failed) | newcomer | other load (cores) |";
+  const rows = results.map((r) => {
+    const p = r.during.probes;
+    return `| ${r.attack} | ${list(r.attacker)} | ${list(r.during.refused)} | ${mb(r.during.dbBytesGrowth)}; ${list(r.attackRows ?? {}) || "none"} | ${list(r.during.echo.frames, 4)} | ${r.baseline.echo.p50Ms} / ${r.baseline.echo.p99Ms} → ${r.during.echo.p50Ms} / ${r.during.echo.p99Ms} (no echo ${r.during.echo.noEcho}) | ${r.p99Ratio} | ${r.baseline.serverCpuMs} → ${r.during.serverCpuMs} | ${p.maxServerFds}; healthz ${p.healthz.p99Ms}, me ${p.me.p99Ms} (${p.failed}) | ${r.newcomer} | ${r.baseline.otherCores} / ${r.during.otherCores} |`;
+  });
+  return [head, `|${"---|".repeat(11)}`, ...rows].join("\n");
 }
 
 function arg(argv: string[], flag: string): string | undefined {
@@ -601,6 +611,12 @@ async function main(argv: string[]) {
   const names = (arg(argv, "--attack") ?? Object.keys(ATTACKS).join(",")).split(",");
   for (const name of names) if (!ATTACKS[name]) throw new Error(`unknown attack ${name}; known: ${Object.keys(ATTACKS).join(", ")}`);
   const out = arg(argv, "--out") ?? join(import.meta.dir, "results", "attacks.jsonl");
+  if (argv.includes("--table")) {
+    // the latest line of each attack in the file
+    const latest = new Map<string, Result>();
+    for (const line of readFileSync(out, "utf8").split("\n")) if (line) latest.set(JSON.parse(line).attack, JSON.parse(line));
+    return console.log(table(names.flatMap((name) => latest.get(name) ?? [])));
+  }
   mkdirSync(join(out, ".."), { recursive: true });
   console.log(`attacker ${ATTACKER_IP} and bystander 192.0.2.x told apart by X-Forwarded-For (TRUSTED_PROXIES=127.0.0.1); attacker under nice -n 10; half-open holds ${halfOpen} (ulimit -n ${fdLimit()})`);
   const results: Result[] = [];
