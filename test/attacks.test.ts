@@ -4,34 +4,11 @@
 // Session fixation and duplicate cookies: test/sessions.test.ts. Attacks whose defenses are on other branches:
 // test/attacks-pending.test.ts.
 import { describe, expect, test } from "bun:test";
-import type { Rate } from "../server.ts";
-import { Client, putName, serve, type Session } from "./helpers.ts";
+import { allowed, Client, DEFAULT_LIMITS, mintFrom, putName, serve, sessionFrom, type Session } from "./helpers.ts";
 import { storedHistory } from "./probes.ts";
 import { RawSocket } from "./raw.ts";
 
-/** The per-address limits at their defaults (helpers.serve lifts them), and X-Forwarded-For trusted from loopback. */
-export const DEFAULT_LIMITS = {
-  sessionsPerAddress: undefined, upgradesPerAddress: undefined, maxConnectionsPerAddress: undefined, rateLimitPerAddress: undefined, trustedProxies: "127.0.0.1",
-};
 const ATTACKER = "198.51.100.1";
-
-/** What a token bucket of `rate` lets through in `ms`: the full bucket, and what refilled meanwhile. */
-const allowed = (rate: Rate, ms: number) => rate.count + Math.ceil((ms * rate.count) / rate.perMs);
-
-/** A guest session minted from `ip`, or the status of the refusal. */
-export async function mintFrom(baseUrl: string, ip: string): Promise<Session | number> {
-  const res = await fetch(`${baseUrl}/api/me`, { headers: { "x-forwarded-for": ip } });
-  if (res.status !== 200) return (await res.arrayBuffer(), res.status);
-  const me = (await res.json()) as Omit<Session, "cookie">;
-  return { cookie: res.headers.get("set-cookie")!.split(";")[0], ...me };
-}
-
-/** A session from `ip` that must be granted. */
-export async function sessionFrom(baseUrl: string, ip: string): Promise<Session> {
-  const session = await mintFrom(baseUrl, ip);
-  if (typeof session === "number") throw new Error(`GET /api/me from ${ip} answered ${session}`);
-  return session;
-}
 
 /** Polls until `check` holds (bounded). */
 async function until(check: () => boolean, what: string, timeoutMs = 10_000) {
