@@ -16,7 +16,7 @@ import { appendFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFi
 import { createHash } from "node:crypto";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { cpuMs, quantile, spawnReady, watchOthers, type Child } from "./lib.ts";
+import { cpuMs, quantile, spawnReady, waitQuiet, watchOthers, type Child } from "./lib.ts";
 
 const ROOT = join(import.meta.dir, "..");
 const BUN = process.execPath;
@@ -342,31 +342,40 @@ const ATTACKS: Record<string, Attack> = {
   },
 
   "half-open": {
-    what: "raw TCP connections sending only `GET / HTTP/1.1\\r\\n`, held open",
+    what: "raw TCP connections sending only `GET / HTTP/1.1\\r\\n`, kept at N (one dropped by the server is opened again)",
     async run(ctx) {
-      const sockets: { end(): void }[] = [];
+      const sockets = new Set<{ end(): void }>();
       const partial = Buffer.from("GET / HTTP/1.1\r\n");
+      const { hostname, port } = new URL(ctx.url);
       let ending = false; // from here on a close is ours
-      for (let opened = 0; opened < ctx.halfOpen && !ctx.stopped(); opened += 500) {
-        const batch = Math.min(500, ctx.halfOpen - opened);
-        const results = await Promise.allSettled(Array.from({ length: batch }, () => {
-          const { hostname, port } = new URL(ctx.url);
-          return Bun.connect({
-            hostname, port: Number(port),
-            socket: { data() {}, close() { if (!ending) bump(ctx.counts, "closed by server"); }, error() {} },
-          });
-        }));
-        for (const r of results) {
+      const connect = () => Bun.connect({
+        hostname, port: Number(port),
+        socket: {
+          data() {},
+          close(s) {
+            sockets.delete(s);
+            if (!ending) bump(ctx.counts, "closed by server");
+          },
+          error() {},
+        },
+      });
+      while (!ctx.stopped()) {
+        const batch = Math.min(2000, ctx.halfOpen - sockets.size);
+        if (batch <= 0) {
+          await Bun.sleep(20);
+          continue;
+        }
+        for (const r of await Promise.allSettled(Array.from({ length: batch }, connect))) {
           if (r.status === "rejected") {
             bump(ctx.counts, "connect failed");
             continue;
           }
           r.value.write(partial);
-          sockets.push(r.value);
-          bump(ctx.counts, "connections held");
+          sockets.add(r.value);
+          bump(ctx.counts, "connections opened");
         }
+        ctx.counts["most held at once"] = Math.max(ctx.counts["most held at once"] ?? 0, sockets.size);
       }
-      await waitFor(ctx.stopped, 600_000);
       ending = true;
       for (const s of sockets) s.end();
     },
@@ -441,6 +450,7 @@ async function attacker(name: string, url: string, durationS: number, halfOpen: 
   setTimeout(() => (stopped = true), durationS * 1000);
   await attack.run(ctx, state);
   console.log(JSON.stringify({ event: "done", counts: ctx.counts }));
+  await reader.read(); // alive until the coordinator is done measuring (and kills it)
   process.exit(0);
 }
 
@@ -540,10 +550,11 @@ async function runAttack(name: string, options: { durationS: number; baselineS: 
       const probes = startProbes(url, pid, probeCookie);
       bystander.begin();
       await Promise.all([Bun.sleep(seconds * 1000), during?.()]);
-      const echo = await bystander.end();
       const cpu = cpuMs(pid) - cpu0;
+      const otherCores = round(others(), 2);
+      const echo = await bystander.end();
       return {
-        echo, probes: await probes(), serverCpuMs: Math.round(cpu), otherCores: round(others(), 2),
+        echo, probes: await probes(), serverCpuMs: Math.round(cpu), otherCores,
         refused: diff(await metrics(url), m0), dbBytesGrowth: dbBytes(file) - bytes, rowsGrowth: diff(dbRows(file), rows),
       };
     };
@@ -606,7 +617,7 @@ function fdLimit(): number {
 
 async function main(argv: string[]) {
   const durationS = Number(arg(argv, "--duration") ?? 5);
-  const halfOpen = Number(arg(argv, "--half-open") ?? Math.min(19_000, fdLimit() - 1000));
+  const halfOpen = Number(arg(argv, "--half-open") ?? Math.min(19_990, fdLimit() - 50));
   if (arg(argv, "--role") === "attacker") return attacker(arg(argv, "--attack")!, arg(argv, "--url")!, durationS, halfOpen);
   const names = (arg(argv, "--attack") ?? Object.keys(ATTACKS).join(",")).split(",");
   for (const name of names) if (!ATTACKS[name]) throw new Error(`unknown attack ${name}; known: ${Object.keys(ATTACKS).join(", ")}`);
@@ -622,6 +633,7 @@ async function main(argv: string[]) {
   const results: Result[] = [];
   for (const name of names) {
     console.log(`${name}: ${ATTACKS[name].what}`);
+    await waitQuiet(0.3, 20_000); // the machine may be shared: start when others are quiet (bounded)
     const result = await runAttack(name, { durationS, baselineS: Number(arg(argv, "--baseline") ?? 5), halfOpen });
     appendFileSync(out, `${JSON.stringify(result)}\n`);
     console.log(`  p99 ${result.baseline.echo.p99Ms} → ${result.during.echo.p99Ms} ms (×${result.p99Ratio}); attacker: ${list(result.attacker)}`);
