@@ -561,9 +561,10 @@ async function runAttack(name: string, options: { durationS: number; baselineS: 
 
     const baseline = await measure(options.baselineS);
     let newcomerResult = "";
-    attackerProc.proc.stdin.write("go\n");
-    attackerProc.proc.stdin.flush();
+    // "go" once the window has begun: the first second of an attack can be its worst
     const during = await measure(options.durationS, async () => {
+      attackerProc!.proc.stdin.write("go\n");
+      attackerProc!.proc.stdin.flush();
       await Bun.sleep(options.durationS * 900);
       newcomerResult = await newcomer(url);
     });
