@@ -317,7 +317,7 @@ const ATTACKS: Record<string, Attack> = {
   },
 
   history: {
-    what: `20 sockets × joins with since 0 of a room of ${BIG_ROOM.messages} × ${BIG_ROOM.chars} CJK characters, reconnecting when refused`,
+    what: `20 sockets × leave + join with since 0 of a room of ${BIG_ROOM.messages} × ${BIG_ROOM.chars} CJK characters, reconnecting when refused`,
     seed: "big",
     async setup(ctx) {
       return attackerSession(ctx);
@@ -332,6 +332,7 @@ const ATTACKS: Record<string, Attack> = {
         if (!ws) return void (await Bun.sleep(50));
         for (let j = 0; j < 100 && !ctx.stopped(); j++) {
           answer = Promise.withResolvers<string>();
+          if (j > 0) sendFrame(ctx, ws, { type: "leave", room: "big" }); // a server may send no history to a rejoin
           sendFrame(ctx, ws, { type: "join", room: "big", since: 0 });
           const kind = await Promise.race([answer.promise, Bun.sleep(5000).then(() => "timeout")]);
           if (kind !== "history") break; // refused: a new connection had a new budget on the old server

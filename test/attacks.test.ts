@@ -96,7 +96,8 @@ describe("attacks, defended", () => {
     await outsider.join("elsewhere");
 
     for (let i = 0; i < 12; i++) a.send({ type: "nick", name: `squat-${i}` });
-    const answers = await Promise.all(Array.from({ length: 12 }, () => a.next((f) => (f.type === "renamed" && f.user.id === attacker.id) || f.type === "error")));
+    const answers = [];
+    for (let i = 0; i < 12; i++) answers.push(await a.next((f) => (f.type === "renamed" && f.user.id === attacker.id) || f.type === "error"));
     const accepted = answers.filter((f) => f.type === "renamed").length;
     expect(accepted).toBe(chat.config.renameLimit.count);
     expect(answers.filter((f) => f.type === "error").every((f) => f.code === "rate_limited")).toBe(true);
