@@ -82,8 +82,15 @@ class Bystander {
       const ip = `192.0.2.${10 + i}`;
       const { cookie } = await mint(url, ip);
       if (!cookie) throw new Error(`the bystander got no session from ${url}`);
-      const ws = await openSocket(url, cookie, ip, (data) => b.onFrame(i, data));
-      for (const room of ["lobby", ...rooms]) ws.send(JSON.stringify({ type: "join", room }));
+      const joined = new Map<string, PromiseWithResolvers<void>>(["lobby", ...rooms].map((room) => [room, Promise.withResolvers<void>()]));
+      const ws = await openSocket(url, cookie, ip, (data) => {
+        // each join answers presence, or an error naming the room
+        const room = /^\{"type":"(?:presence|error)".*?"room":"([a-z0-9_-]+)"/.exec(data.slice(0, 400))?.[1];
+        if (room) (data.startsWith('{"type":"error"') ? joined.get(room)?.reject(new Error(`the bystander cannot join ${room}: ${data}`)) : joined.get(room)?.resolve());
+        b.onFrame(i, data);
+      });
+      for (const room of joined.keys()) ws.send(JSON.stringify({ type: "join", room }));
+      await Promise.all([...joined.values()].map((j) => j.promise));
       b.sockets.push(ws);
     }
     return b;
@@ -197,6 +204,9 @@ function seed(file: string, what: "rooms" | "big") {
   const now = Date.now();
   db.transaction(() => {
     if (what === "rooms") {
+      // lobby among them: past MAX_ROOMS (where a merged server may be) a new room is refused
+      room.run("lobby", 1);
+      message.run("lobby", 1, "the first message of lobby", now);
       for (let i = 0; i < SEEDED_ROOMS; i++) {
         room.run(`seeded-${i}`, 1);
         message.run(`seeded-${i}`, 1, `the one message of room ${i}`, now);
@@ -283,7 +293,7 @@ const ATTACKS: Record<string, Attack> = {
   },
 
   "rooms-list": {
-    what: `8 loops of GET /api/rooms with ${SEEDED_ROOMS.toLocaleString("en")} one-message rooms seeded`,
+    what: `8 loops of GET /api/rooms with ${SEEDED_ROOMS.toLocaleString("en")} one-message rooms seeded (more than MAX_ROOMS allows, to measure the read path)`,
     seed: "rooms",
     async run(ctx) {
       await loops(8, ctx, async () => {
