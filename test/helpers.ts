@@ -2,7 +2,7 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { ServerMessage, startServer, type ServerOptions } from "../server.ts";
+import { type Rate, ServerMessage, startServer, type ServerOptions } from "../server.ts";
 import { RawSocket } from "./raw.ts";
 import type { Services } from "./services.ts";
 
@@ -323,4 +323,27 @@ export async function until<T>(check: () => T | Promise<T>, timeoutMs = 5000, wh
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await Bun.sleep(20);
   }
+}
+
+/** The per-address limits at their defaults (serve() above lifts them), and X-Forwarded-For trusted from loopback. */
+export const DEFAULT_LIMITS = {
+  sessionsPerAddress: undefined, upgradesPerAddress: undefined, maxConnectionsPerAddress: undefined, rateLimitPerAddress: undefined, trustedProxies: "127.0.0.1",
+};
+
+/** What a token bucket of `rate` lets through in `ms`: the full bucket, and what refilled meanwhile. */
+export const allowed = (rate: Rate, ms: number) => rate.count + Math.ceil((ms * rate.count) / rate.perMs);
+
+/** A guest session minted from `ip`, or the status of the refusal. */
+export async function mintFrom(baseUrl: string, ip: string): Promise<Session | number> {
+  const res = await fetch(`${baseUrl}/api/me`, { headers: { "x-forwarded-for": ip } });
+  if (res.status !== 200) return (await res.arrayBuffer(), res.status);
+  const me = (await res.json()) as Omit<Session, "cookie">;
+  return { cookie: res.headers.get("set-cookie")!.split(";")[0], ...me };
+}
+
+/** A session from `ip` that must be granted. */
+export async function sessionFrom(baseUrl: string, ip: string): Promise<Session> {
+  const session = await mintFrom(baseUrl, ip);
+  if (typeof session === "number") throw new Error(`GET /api/me from ${ip} answered ${session}`);
+  return session;
 }
