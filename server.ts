@@ -149,6 +149,7 @@ const SETTINGS = {
   upgradesPerAddress: setting("UPGRADES_PER_ADDRESS", Rate, "120/60s", "WebSocket upgrades per client address"),
   maxConnectionsPerAddress: setting("MAX_CONNECTIONS_PER_ADDRESS", Int(1, 1_000_000), "200", "open sockets per client address"),
   rateLimitPerAddress: setting("RATE_LIMIT_PER_ADDRESS", Rate, "100/10s", "say frames per client address (all its users together)"),
+  renameLimitPerAddress: setting("RENAME_LIMIT_PER_ADDRESS", Rate, "10/60s", "renames per client address (all its users together)"),
   metricsPort: optional("METRICS_PORT", Int(0, 65535), "serve /metrics on this port only (on METRICS_HOST)"),
   metricsHost: setting("METRICS_HOST", z.string().min(1), "127.0.0.1", "address of METRICS_PORT"),
   metricsToken: optional("METRICS_TOKEN", z.string().min(16, "must be at least 16 characters"), "/metrics needs Authorization: Bearer <token>"),
@@ -1956,7 +1957,7 @@ export class Logger {
 }
 
 /** Why a request, upgrade or frame was refused, as /metrics labels them. */
-const REFUSALS = ["sessions_per_address", "upgrades_per_address", "connections_per_address", "connections_per_user", "connections_total", "say_per_address", "login_failures"] as const;
+const REFUSALS = ["sessions_per_address", "upgrades_per_address", "connections_per_address", "connections_per_user", "connections_total", "say_per_address", "renames_per_address", "login_failures"] as const;
 export type Refusal = (typeof REFUSALS)[number];
 
 /** This process's counters, exposed at /metrics. */
@@ -2624,6 +2625,7 @@ export class Chat {
   private readonly sayLimits: RateLimiter;
   private readonly addressSayLimits: RateLimiter; // all users of one address together
   private readonly renameLimits: RateLimiter;
+  private readonly addressRenameLimits: RateLimiter; // each rename goes to every socket sharing a room: costly in bulk
   private readonly joinLimits: RateLimiter; // per user, so a reconnect does not refill it
   private readonly addressBytes: RateLimiter; // history bytes per client address
   private readonly typingThrottle = new TypingThrottle();
@@ -2632,6 +2634,7 @@ export class Chat {
     this.sayLimits = new RateLimiter(config.rateLimit);
     this.addressSayLimits = new RateLimiter(config.rateLimitPerAddress);
     this.renameLimits = new RateLimiter(config.renameLimit);
+    this.addressRenameLimits = new RateLimiter(config.renameLimitPerAddress);
     this.joinLimits = new RateLimiter(config.joinLimit);
     this.addressBytes = new RateLimiter(config.historyBytesPerAddress);
   }
@@ -2824,11 +2827,17 @@ export class Chat {
   }
 
   /** Renames a user everywhere; for PUT /api/me and the nick frame. */
-  async rename(userId: string, name: string): Promise<Outcome> {
+  async rename(userId: string, name: string, address: string): Promise<Outcome> {
     const wait = this.renameLimits.take(userId);
     if (wait) {
       this.units.metrics.rateLimited++;
       return { ok: false, code: "rate_limited", message: `Too many renames: try again in ${wait} ms`, retryAfterMs: wait };
+    }
+    const addressWait = this.addressRenameLimits.take(address);
+    if (addressWait) {
+      this.units.metrics.rateLimited++;
+      this.units.metrics.refused.renames_per_address++;
+      return { ok: false, code: "rate_limited", message: `Too many renames from your address: try again in ${addressWait} ms`, retryAfterMs: addressWait };
     }
     const previous = await this.units.store.rename(userId, name);
     if (previous === undefined) return { ok: false, code: "name_taken", message: `Cannot rename: ${name} is taken` };
@@ -2943,6 +2952,7 @@ export class Chat {
     this.sayLimits.prune(before, here);
     this.addressSayLimits.prune(before, () => false); // a bucket idle for STALE_MS is full again anyway
     this.renameLimits.prune(before, here);
+    this.addressRenameLimits.prune(before, () => false);
     this.joinLimits.prune(before, here);
     this.addressBytes.prune(before, () => false);
   }
@@ -3479,7 +3489,7 @@ function mountApi(app: Hono<Env>, units: AppUnits) {
     if (!body.ok) return body.answer;
     const session = await sessionOrGuest(c, sessions);
     if (session instanceof Response) return session;
-    const result = await chat.rename(session.id, body.value.name);
+    const result = await chat.rename(session.id, body.value.name, c.get("address"));
     if (!result.ok) return httpError(c, result.code === "rate_limited" ? 429 : 409, result.code, result.message, result.retryAfterMs);
     return c.json(me({ ...session, name: body.value.name }));
   });
@@ -3634,7 +3644,7 @@ function socketHandlers({ config, chat, connections, metrics, logger }: { config
     leave: (ws, msg) => chat.leave(ws, msg.room),
     say: (ws, msg) => chat.say(ws, msg),
     typing: (ws, msg) => chat.typing(ws, msg.room),
-    nick: (ws, msg) => void chat.rename(ws.data.user.id, msg.name).then(
+    nick: (ws, msg) => void chat.rename(ws.data.user.id, msg.name, ws.data.address).then(
       (result) => {
         if (!result.ok && !ws.data.closed) sendError(ws, result.code, result.message, { retryAfterMs: result.retryAfterMs });
       },

@@ -68,9 +68,16 @@ describe("attacks, defended", () => {
 
   test("default-name squatting: with 20 users renamed to the names a counter would hand out next, new guests still get a name", async () => {
     await using chat = await serve(DEFAULT_LIMITS);
-    const squatters = await Promise.all(Array.from({ length: 20 }, (_, i) => sessionFrom(chat.url, `198.51.100.${1 + (i % 2)}`)));
+    // from 20 addresses, so neither SESSIONS_PER_ADDRESS nor RENAME_LIMIT_PER_ADDRESS stands in the way
+    const ips = Array.from({ length: 20 }, (_, i) => `198.51.100.${1 + i}`);
+    const squatters = await Promise.all(ips.map((ip) => sessionFrom(chat.url, ip)));
     const n = await chat.store.countUsers();
-    for (const [i, s] of squatters.entries()) expect((await putName(chat.url, s.cookie, `user${n + 1 + i}`)).status).toBe(200);
+    for (const [i, s] of squatters.entries()) {
+      const res = await fetch(`${chat.url}/api/me`, {
+        method: "PUT", headers: { cookie: s.cookie, "content-type": "application/json", "x-forwarded-for": ips[i] }, body: JSON.stringify({ name: `user${n + 1 + i}` }),
+      });
+      expect(res.status).toBe(200);
+    }
     const names = new Set(squatters.map((_, i) => `user${n + 1 + i}`));
     const fresh = await Promise.all(Array.from({ length: 20 }, (_, i) => sessionFrom(chat.url, `192.0.2.${1 + i}`)));
     for (const s of fresh) expect(names.has(s.name)).toBe(false);

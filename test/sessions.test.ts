@@ -215,6 +215,26 @@ describe("client addresses", () => {
     expect((await c.say("room", "elsewhere")).text).toBe("elsewhere");
     expect(await metric(chat.url, 'chat_refused_total{reason="say_per_address"}')).toBe(1);
   });
+
+  test("RENAME_LIMIT_PER_ADDRESS: an address's users share one rename budget, over HTTP and by frame", async () => {
+    await using chat = await serve({ renameLimitPerAddress: "3/60s", trustedProxies: "127.0.0.1" });
+    const from = { "x-forwarded-for": "9.9.9.9" };
+    const users = [await newSession(chat.url), await newSession(chat.url), await newSession(chat.url)];
+    const put = (cookie: string, name: string, headers = from) =>
+      fetch(`${chat.url}/api/me`, { method: "PUT", headers: { ...headers, cookie, "content-type": "application/json" }, body: JSON.stringify({ name }) });
+    expect((await put(users[0].cookie, "Ann")).status).toBe(200);
+    expect((await put(users[1].cookie, "Bob")).status).toBe(200);
+    const socket = await Client.connect(chat.url, users[2], from);
+    socket.send({ type: "nick", name: "Cy" });
+    expect(await socket.next((f) => f.type === "renamed")).toMatchObject({ user: { name: "Cy" } });
+    const refused = await put(users[0].cookie, "Anna");
+    expect(refused.status).toBe(429);
+    expect(Number(refused.headers.get("retry-after"))).toBeGreaterThan(0);
+    socket.send({ type: "nick", name: "Cyd" });
+    expect(await socket.next((f) => f.type === "error")).toMatchObject({ code: "rate_limited" });
+    expect(await metric(chat.url, 'chat_refused_total{reason="renames_per_address"}')).toBe(2);
+    expect((await put(users[0].cookie, "Anna", { "x-forwarded-for": "8.8.8.8" })).status).toBe(200);
+  });
 });
 
 describe("defaults", () => {
