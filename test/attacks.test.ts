@@ -4,7 +4,7 @@
 // Session fixation and duplicate cookies: test/sessions.test.ts. Attacks whose defenses are on other branches:
 // test/attacks-pending.test.ts.
 import { describe, expect, test } from "bun:test";
-import { allowed, Client, DEFAULT_LIMITS, mintFrom, putName, serve, sessionFrom, type Session } from "./helpers.ts";
+import { allowed, Client, DEFAULT_LIMITS, mintFrom, serve, sessionFrom, type Session } from "./helpers.ts";
 import { storedHistory } from "./probes.ts";
 import { RawSocket } from "./raw.ts";
 
