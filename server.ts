@@ -149,6 +149,7 @@ const SETTINGS = {
   upgradesPerAddress: setting("UPGRADES_PER_ADDRESS", Rate, "120/60s", "WebSocket upgrades per client address"),
   maxConnectionsPerAddress: setting("MAX_CONNECTIONS_PER_ADDRESS", Int(1, 1_000_000), "200", "open sockets per client address"),
   rateLimitPerAddress: setting("RATE_LIMIT_PER_ADDRESS", Rate, "100/10s", "say frames per client address (all its users together)"),
+  requestsPerAddress: setting("REQUESTS_PER_ADDRESS", Rate, "600/60s", "/api requests per client address"),
   renameLimitPerAddress: setting("RENAME_LIMIT_PER_ADDRESS", Rate, "10/60s", "renames per client address (all its users together)"),
   metricsPort: optional("METRICS_PORT", Int(0, 65535), "serve /metrics on this port only (on METRICS_HOST)"),
   metricsHost: setting("METRICS_HOST", z.string().min(1), "127.0.0.1", "address of METRICS_PORT"),
@@ -1957,7 +1958,7 @@ export class Logger {
 }
 
 /** Why a request, upgrade or frame was refused, as /metrics labels them. */
-const REFUSALS = ["sessions_per_address", "upgrades_per_address", "connections_per_address", "connections_per_user", "connections_total", "say_per_address", "renames_per_address", "login_failures"] as const;
+const REFUSALS = ["sessions_per_address", "upgrades_per_address", "connections_per_address", "connections_per_user", "connections_total", "say_per_address", "renames_per_address", "requests_per_address", "login_failures"] as const;
 export type Refusal = (typeof REFUSALS)[number];
 
 /** This process's counters, exposed at /metrics. */
@@ -2855,8 +2856,9 @@ export class Chat {
     const local = this.units.connections.user(user.id);
     if (local) local.name = user.name;
     const recipients = new Set<ChatSocket>(local?.sockets);
+    const everyone = this.units.connections.count;
     for (const room of this.units.rooms.roomsOf(user.id)) {
-      if (!room.rename(user)) continue;
+      if (!room.rename(user) || recipients.size === everyone) continue; // once every socket is in, the rest only rename
       for (const ws of this.units.connections.socketsIn(room)) recipients.add(ws);
     }
     const frame = JSON.stringify({ type: "renamed", user, previous } satisfies ServerMessage);
@@ -3028,7 +3030,7 @@ export function defaultName(attempt = 0): string {
   return `${NAME_WORDS[0][a % NAME_WORDS[0].length]}-${NAME_WORDS[1][b % NAME_WORDS[1].length]}-${tail}`;
 }
 
-type SessionLimits = Pick<Config, "guestTtl" | "maxUnusedSessions" | "maxSessions" | "sessionsPerAddress" | "upgradesPerAddress">;
+type SessionLimits = Pick<Config, "guestTtl" | "maxUnusedSessions" | "maxSessions" | "sessionsPerAddress" | "upgradesPerAddress" | "requestsPerAddress">;
 
 /**
  * Sessions: a guest is made on the first GET or PUT /api/me without a session, with a sid the server picks (never
@@ -3038,10 +3040,19 @@ class Sessions {
   private createdSincePrune = 0;
   private readonly perAddress: RateLimiter;
   private readonly upgrades: RateLimiter;
+  private readonly requests: RateLimiter;
   private readonly touched = new Map<string, number>(); // sid → when its row was last marked seen
   constructor(private readonly store: Store, readonly cookies: Cookies, private readonly limits: SessionLimits, private readonly metrics: Metrics, private readonly logger: Logger) {
     this.perAddress = new RateLimiter(limits.sessionsPerAddress);
     this.upgrades = new RateLimiter(limits.upgradesPerAddress);
+    this.requests = new RateLimiter(limits.requestsPerAddress);
+  }
+
+  /** Takes an /api request of this address: 0, or the ms until one is allowed. */
+  request(address: string): number {
+    const wait = this.requests.take(address);
+    if (wait) this.metrics.refused.requests_per_address++;
+    return wait;
   }
 
   /** Takes an upgrade of this address: 0, or the ms until one is allowed. */
@@ -3106,6 +3117,7 @@ class Sessions {
   forgetStale(before: number) {
     this.perAddress.prune(before, () => false);
     this.upgrades.prune(before, () => false);
+    this.requests.prune(before, () => false);
   }
 }
 
@@ -3476,6 +3488,9 @@ const signedIn = (c: Context<Env>) => c.get("session") ?? httpError(c, 401, "una
 function mountApi(app: Hono<Env>, units: AppUnits) {
   const { sessions, auth, chat } = units;
   app.use("/api/*", async (c, next) => {
+    // before anything reads the store: a flood of requests from one address costs a token each
+    const wait = sessions.request(c.get("address"));
+    if (wait) return httpError(c, 429, "rate_limited", `Too many requests from your address: try again in ${wait} ms`, wait);
     if (sessions.cookies.count(c) > 1) return httpError(c, 400, "bad_request", "The request has more than one session cookie: clear this site's cookies");
     c.set("session", await sessions.read(c));
     await next();

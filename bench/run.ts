@@ -152,6 +152,7 @@ async function startTarget(target: Target): Promise<Server> {
       MAX_CONNECTIONS_PER_ADDRESS: "1000000",
       RATE_LIMIT_PER_ADDRESS: "1000000/1s",
       RENAME_LIMIT_PER_ADDRESS: "1000000/1s",
+      REQUESTS_PER_ADDRESS: "1000000/1s",
     });
     cmd = [process.execPath, ...SERVER_FLAGS, join(ROOT, "server.ts")];
   } else if (target === "raw-bun") {

@@ -17,10 +17,10 @@ export function tempDir(prefix = "chat-test-") {
 
 /** Every test client comes from 127.0.0.1: the per-address limits are lifted unless a test sets them. */
 export const ADDRESS_LIMITS_OFF = {
-  sessionsPerAddress: "1000000/1s", upgradesPerAddress: "1000000/1s", maxConnectionsPerAddress: "1000000", rateLimitPerAddress: "1000000/1s", renameLimitPerAddress: "1000000/1s",
+  sessionsPerAddress: "1000000/1s", upgradesPerAddress: "1000000/1s", maxConnectionsPerAddress: "1000000", rateLimitPerAddress: "1000000/1s", renameLimitPerAddress: "1000000/1s", requestsPerAddress: "1000000/1s",
 } as const;
 export const ADDRESS_LIMITS_OFF_ENV = {
-  SESSIONS_PER_ADDRESS: "1000000/1s", UPGRADES_PER_ADDRESS: "1000000/1s", MAX_CONNECTIONS_PER_ADDRESS: "1000000", RATE_LIMIT_PER_ADDRESS: "1000000/1s", RENAME_LIMIT_PER_ADDRESS: "1000000/1s",
+  SESSIONS_PER_ADDRESS: "1000000/1s", UPGRADES_PER_ADDRESS: "1000000/1s", MAX_CONNECTIONS_PER_ADDRESS: "1000000", RATE_LIMIT_PER_ADDRESS: "1000000/1s", RENAME_LIMIT_PER_ADDRESS: "1000000/1s", REQUESTS_PER_ADDRESS: "1000000/1s",
 };
 
 /**
@@ -327,7 +327,7 @@ export async function until<T>(check: () => T | Promise<T>, timeoutMs = 5000, wh
 
 /** The per-address limits at their defaults (serve() above lifts them), and X-Forwarded-For trusted from loopback. */
 export const DEFAULT_LIMITS = {
-  sessionsPerAddress: undefined, upgradesPerAddress: undefined, maxConnectionsPerAddress: undefined, rateLimitPerAddress: undefined, renameLimitPerAddress: undefined, trustedProxies: "127.0.0.1",
+  sessionsPerAddress: undefined, upgradesPerAddress: undefined, maxConnectionsPerAddress: undefined, rateLimitPerAddress: undefined, renameLimitPerAddress: undefined, requestsPerAddress: undefined, trustedProxies: "127.0.0.1",
 };
 
 /** What a token bucket of `rate` lets through in `ms`: the full bucket, and what refilled meanwhile. */

@@ -235,7 +235,25 @@ describe("client addresses", () => {
     expect(await metric(chat.url, 'chat_refused_total{reason="renames_per_address"}')).toBe(2);
     expect((await put(users[0].cookie, "Anna", { "x-forwarded-for": "8.8.8.8" })).status).toBe(200);
   });
+
+  test("REQUESTS_PER_ADDRESS: past it every /api request of that address gets 429 with Retry-After before anything is read; others are served", async () => {
+    await using chat = await serve({ requestsPerAddress: "5/60s", trustedProxies: "127.0.0.1" });
+    const from = (ip: string) => ({ "x-forwarded-for": ip });
+    const alice = await sessionAt(chat.url, "9.9.9.9");
+    const answers = [];
+    for (let i = 0; i < 6; i++) answers.push((await fetch(`${chat.url}/api/rooms`, { headers: { ...from("9.9.9.9"), cookie: alice } })).status);
+    expect(answers).toEqual([200, 200, 200, 200, 429, 429]); // the session's GET /api/me took the first
+    const refused = await fetch(`${chat.url}/api/me`, { headers: { ...from("9.9.9.9"), cookie: alice } });
+    expect(Number(refused.headers.get("retry-after"))).toBeGreaterThan(0);
+    expect((await fetch(`${chat.url}/api/rooms`, { headers: from("8.8.8.8") })).status).toBe(200);
+    expect((await fetch(`${chat.url}/healthz`, { headers: from("9.9.9.9") })).status).toBe(200); // not an /api route
+    expect(await metric(chat.url, 'chat_refused_total{reason="requests_per_address"}')).toBe(3);
+  });
 });
+
+async function sessionAt(baseUrl: string, ip: string): Promise<string> {
+  return (await fetch(`${baseUrl}/api/me`, { headers: { "x-forwarded-for": ip } })).headers.get("set-cookie")!.split(";")[0];
+}
 
 describe("defaults", () => {
   test("default names cannot run out: a squatted pool still yields a name, and none are numbered in order", () => {
