@@ -43,6 +43,7 @@ const LOGIN_WINDOW_MS = 15 * 60_000; // failed logins are counted over this wind
 const LOGIN_FAILURES = 10; // …and past this many, per name or per address, logins are refused
 const PASSWORD_HASH = { algorithm: "argon2id" } as const; // Bun's defaults: 64 MiB, 2 passes
 const ROOM_LIST_LIMIT = 100; // rooms in GET /api/rooms
+const FANOUT_CHUNK = 256; // sockets a paced fan-out (renames) writes to per event-loop turn
 const AUDIT_LIMIT = 200; // entries in GET /api/rooms/:room/audit
 const DAY_MS = 24 * 3600_000;
 const RETENTION_BATCH = 1_000; // messages one expiring transaction deletes
@@ -411,6 +412,19 @@ function send(ws: ChatSocket, msg: ServerMessage) {
 
 function sendError(ws: ChatSocket, code: ErrorCode, message: string, extra: ErrorExtra = {}) {
   send(ws, { type: "error", code, message, ...extra });
+}
+
+/** The newest messages whose frames fit in `bytes` (one always does), oldest first, joined for a JSON array. */
+function newestThatFit(messages: Message[], bytes: number): string {
+  const frames: string[] = [];
+  let size = 0;
+  for (let i = messages.length - 1; i >= 0; i--) {
+    const frame = JSON.stringify(messages[i]);
+    size += Buffer.byteLength(frame) + 1;
+    if (frames.length && size > bytes) break;
+    frames.push(frame);
+  }
+  return frames.reverse().join(",");
 }
 
 /** Describes the first zod issue as `path: message`; `what` names the whole input when it is not even an object. */
@@ -2630,6 +2644,7 @@ export class Chat {
   private readonly joinLimits: RateLimiter; // per user, so a reconnect does not refill it
   private readonly addressBytes: RateLimiter; // history bytes per client address
   private readonly typingThrottle = new TypingThrottle();
+  private readonly paced: { frame: string; sockets: ChatSocket[]; next: number }[] = []; // see pace
 
   constructor(private readonly config: Config, private readonly units: ChatUnits) {
     this.sayLimits = new RateLimiter(config.rateLimit);
@@ -2861,8 +2876,27 @@ export class Chat {
       if (!room.rename(user) || recipients.size === everyone) continue; // once every socket is in, the rest only rename
       for (const ws of this.units.connections.socketsIn(room)) recipients.add(ws);
     }
-    const frame = JSON.stringify({ type: "renamed", user, previous } satisfies ServerMessage);
-    for (const ws of recipients) if (!ws.data.closed) sendFrame(ws, frame);
+    this.pace(JSON.stringify({ type: "renamed", user, previous } satisfies ServerMessage), [...recipients]);
+  }
+
+  /** Sends a frame to many sockets, FANOUT_CHUNK per event-loop turn: a burst of renames to thousands of sockets
+   * would otherwise hold every other frame and request back until all are written. */
+  private pace(frame: string, sockets: ChatSocket[]) {
+    this.paced.push({ frame, sockets, next: 0 });
+    if (this.paced.length === 1) setImmediate(() => this.sendPaced());
+  }
+
+  private sendPaced() {
+    let budget = FANOUT_CHUNK;
+    while (budget > 0 && this.paced.length) {
+      const job = this.paced[0];
+      for (; job.next < job.sockets.length && budget > 0; job.next++, budget--) {
+        const ws = job.sockets[job.next];
+        if (!ws.data.closed) sendFrame(ws, job.frame);
+      }
+      if (job.next === job.sockets.length) this.paced.shift();
+    }
+    if (this.paced.length) setImmediate(() => this.sendPaced());
   }
 
   /** Scrollback for GET /api/rooms/:room/messages as its JSON body, charged to the address's history budget. */
@@ -2871,7 +2905,7 @@ export class Chat {
     // an empty budget costs no read; a full one pays any page (the size is known only after the read)
     let wait = budget.wait(1);
     if (!wait) {
-      const body = JSON.stringify({ messages: await this.units.store.before(room, page.before, page.limit) });
+      const body = `{"messages":[${newestThatFit(await this.units.store.before(room, page.before, page.limit), this.config.historyPageBytes)}]}`;
       wait = budget.take(performance.now(), Buffer.byteLength(body));
       if (!wait) return { ok: true, body };
     }
