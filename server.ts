@@ -43,6 +43,7 @@ const LOGIN_WINDOW_MS = 15 * 60_000; // failed logins are counted over this wind
 const LOGIN_FAILURES = 10; // …and past this many, per name or per address, logins are refused
 const PASSWORD_HASH = { algorithm: "argon2id" } as const; // Bun's defaults: 64 MiB, 2 passes
 const ROOM_LIST_LIMIT = 100; // rooms in GET /api/rooms
+const SCROLLBACK_CHUNK = 20; // messages a REST page reads at a time (see newestThatFit)
 const FANOUT_CHUNK = 256; // sockets a paced fan-out (renames) writes to per event-loop turn
 const AUDIT_LIMIT = 200; // entries in GET /api/rooms/:room/audit
 const DAY_MS = 24 * 3600_000;
@@ -412,19 +413,6 @@ function send(ws: ChatSocket, msg: ServerMessage) {
 
 function sendError(ws: ChatSocket, code: ErrorCode, message: string, extra: ErrorExtra = {}) {
   send(ws, { type: "error", code, message, ...extra });
-}
-
-/** The newest messages whose frames fit in `bytes` (one always does), oldest first, joined for a JSON array. */
-function newestThatFit(messages: Message[], bytes: number): string {
-  const frames: string[] = [];
-  let size = 0;
-  for (let i = messages.length - 1; i >= 0; i--) {
-    const frame = JSON.stringify(messages[i]);
-    size += Buffer.byteLength(frame) + 1;
-    if (frames.length && size > bytes) break;
-    frames.push(frame);
-  }
-  return frames.reverse().join(",");
 }
 
 /** Describes the first zod issue as `path: message`; `what` names the whole input when it is not even an object. */
@@ -2905,12 +2893,32 @@ export class Chat {
     // an empty budget costs no read; a full one pays any page (the size is known only after the read)
     let wait = budget.wait(1);
     if (!wait) {
-      const body = `{"messages":[${newestThatFit(await this.units.store.before(room, page.before, page.limit), this.config.historyPageBytes)}]}`;
+      const body = `{"messages":[${(await this.newestThatFit(room, page)).join(",")}]}`;
       wait = budget.take(performance.now(), Buffer.byteLength(body));
       if (!wait) return { ok: true, body };
     }
     this.units.metrics.rateLimited++;
     return { ok: false, code: "rate_limited", message: `Too much history sent to this address: try again in ${wait} ms`, retryAfterMs: wait };
+  }
+
+  /** The frames of the newest messages before `page.before` that fit in HISTORY_PAGE_BYTES (one always does), oldest
+   * first; read SCROLLBACK_CHUNK at a time, so long texts are not read past what fits. */
+  private async newestThatFit(room: string, page: { before: number; limit: number }): Promise<string[]> {
+    const frames: string[] = [];
+    let size = 0;
+    for (let before = page.before; frames.length < page.limit;) {
+      const want = Math.min(SCROLLBACK_CHUNK, page.limit - frames.length);
+      const chunk = await this.units.store.before(room, before, want);
+      for (let i = chunk.length - 1; i >= 0; i--) {
+        const frame = JSON.stringify(chunk[i]);
+        size += Buffer.byteLength(frame) + 1;
+        if (frames.length && size > this.config.historyPageBytes) return frames.reverse();
+        frames.push(frame);
+      }
+      if (chunk.length < want) break;
+      before = chunk[0].id;
+    }
+    return frames.reverse();
   }
 
   /** GET /api/rooms: the public rooms, busiest first, at most ROOM_LIST_LIMIT, from the stored rooms with the highest
