@@ -149,7 +149,8 @@ function onFrame(c: Client, b: Uint8Array, s: number, e: number, now: number) {
       return;
     }
     case 0x70: {
-      // presence: the end of a join
+      // presence (not presence_diff, which can arrive between a join's history and its presence): the end of a join
+      if (b[s + 17] !== 0x22) return void otherFrames++;
       const j = c.joins.shift();
       if (!j) return void otherFrames++;
       return j.resolve({ historyUs: j.historyUs, historyBytes: j.historyBytes, history: j.history });
@@ -404,6 +405,7 @@ async function history(a: { room: string; since?: number; reps: number; timeoutM
   const samples: number[] = [];
   let first: { messages: number; complete: boolean; firstId: number; lastId: number; contiguous: boolean; bytes: number } | null = null;
   const deadline = performance.now() + a.timeoutMs;
+  c.sendText(`{"type":"leave","room":"${a.room}"}`); // the connection joined its rooms when it opened
   for (let i = 0; i < a.reps && performance.now() < deadline; i++) {
     c.captureHistory = i === 0;
     const t0 = nowUs();
