@@ -2412,8 +2412,8 @@ export class Room {
 
   /**
    * Delivers held arrivals in seq order, reading what is missing from the store: the current state of each message
-   * whose latest change falls in the gap (a change superseded by a later one is covered by it). A gap the store
-   * cannot be read for in GAP_ATTEMPTS tries is skipped: its clients see the jump and ask for the page after it.
+   * whose latest change falls in the gap (a change superseded by a later one is covered by it). A gap the store has
+   * nothing for in GAP_ATTEMPTS reads is skipped: its clients see the jump and ask for the page after it.
    */
   private async deliverHeld() {
     let failures = 0;
@@ -2425,8 +2425,8 @@ export class Room {
       if (i === queue.length) continue;
       const rest = queue.slice(i);
       const missing = await this.read(this.lastId, rest[0].seq);
-      if (missing) {
-        if (missing.length) this.registry.units.metrics.gapsFilled++;
+      if (missing?.length) {
+        this.registry.units.metrics.gapsFilled++;
         for (const entry of missing) this.deliver(entry);
         this.lastId = rest[0].seq - 1; // the rest of the gap was superseded: its messages' states come later
       } else if (++failures >= GAP_ATTEMPTS) {
