@@ -47,6 +47,7 @@ const SCROLLBACK_CHUNK = 20; // messages a REST page reads at a time (see newest
 const FANOUT_CHUNK = 256; // sockets a paced fan-out (renames) writes to per event-loop turn
 const AUDIT_LIMIT = 200; // entries in GET /api/rooms/:room/audit
 const MY_ROOMS_LIMIT = 200; // rooms in GET /api/me/rooms, busiest first
+const USER_ROOMS_KEPT = 1_000; // rooms kept on a user's list; joining more drops the longest joined
 const UNREAD_LIMIT = 1_000; // unread messages counted per room (a bounded index range; the page shows "1000+")
 const MENTION_LIMIT = 20; // users one text can mention; also the `@`s of a text that are looked up
 const READ_RATE = { count: 30, perMs: 10_000 }; // `read` frames per user: each is a write and a fan-out event
@@ -1706,10 +1707,15 @@ export class Reading {
     return moved.length > 0;
   }
 
-  /** Adds a room to the user's rooms; one new to the list starts read up to `head` (what its join's history showed). */
+  /** Adds a room to the user's rooms; one new to the list starts read up to `head` (what its join's history showed).
+   * Past USER_ROOMS_KEPT the longest joined go, so the list costs a bounded read. */
   async join(userId: string, room: string, head: number) {
     const added = await this.q("INSERT INTO user_rooms (user_id, room, joined) VALUES ($1, $2, $3) ON CONFLICT (user_id, room) DO NOTHING RETURNING room", [userId, room, Date.now()]);
-    if (added.length) await this.markRead(userId, room, head);
+    if (!added.length) return;
+    await this.markRead(userId, room, head);
+    const dropped = await this.q(`DELETE FROM user_rooms WHERE user_id = $1 AND room IN
+      (SELECT room FROM user_rooms WHERE user_id = $1 ORDER BY joined DESC, room LIMIT 1000000 OFFSET $2) RETURNING room`, [userId, USER_ROOMS_KEPT]);
+    for (const r of dropped) await this.q("DELETE FROM read_state WHERE user_id = $1 AND room = $2", [userId, r.room]);
   }
 
   /** Takes a room off the user's rooms, with its read position. */
