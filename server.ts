@@ -43,6 +43,9 @@ const LOGIN_WINDOW_MS = 15 * 60_000; // failed logins are counted over this wind
 const LOGIN_FAILURES = 10; // …and past this many, per name or per address, logins are refused
 const PASSWORD_HASH = { algorithm: "argon2id" } as const; // Bun's defaults: 64 MiB, 2 passes
 const ROOM_LIST_LIMIT = 100; // rooms in GET /api/rooms
+const SEARCH_INDEX_MS = 100; // SQLite indexes new messages for search this often…
+const SEARCH_INDEX_BATCH = 1_000; // …this many at most (a few ms): under a flood search lags rather than delivery
+const SEARCH_CATCH_UP = 10_000; // a search first indexes up to this many messages still waiting
 const SCROLLBACK_CHUNK = 20; // messages a REST page reads at a time (see newestThatFit)
 const FANOUT_CHUNK = 256; // sockets a paced fan-out (renames) writes to per event-loop turn
 const AUDIT_LIMIT = 200; // entries in GET /api/rooms/:room/audit
@@ -899,10 +902,8 @@ function searchSchema(engine: "sqlite" | "postgres"): string[] {
     // unicode61: case folded, diacritics removed; a run of CJK characters is one word
     `CREATE VIRTUAL TABLE IF NOT EXISTS message_words USING fts5(text, scope, content = '', contentless_delete = 1,
       tokenize = 'unicode61 remove_diacritics 2')`,
-    `CREATE TRIGGER IF NOT EXISTS messages_search_insert AFTER INSERT ON messages BEGIN
-      INSERT INTO message_docs (room, id) VALUES (new.room, new.id);
-      INSERT INTO message_words (rowid, text, scope) VALUES (last_insert_rowid(), new.text, ${SEARCH_SCOPE_SQL("new.room")});
-    END`,
+    // new messages are indexed in batches (SqliteStore.indexNew): an FTS5 write per commit would cost 2.5× the insert
+    "DROP TRIGGER IF EXISTS messages_search_insert",
     // a contentless-delete table updates whole rows only
     `CREATE TRIGGER IF NOT EXISTS messages_search_update AFTER UPDATE OF text ON messages BEGIN
       UPDATE message_words SET text = new.text, scope = ${SEARCH_SCOPE_SQL("new.room")} WHERE rowid = ${doc};
@@ -1018,6 +1019,9 @@ function migrateSessions(rows: SessionRowV1[]) {
  * writer of the file, so it hands out message ids itself; a worker thread checkpoints the WAL.
  */
 class SqliteStore implements Store {
+  private unindexed: [room: string, id: number][] = []; // stored, not yet searchable (see indexNew)
+  private readonly indexRows: (rows: [string, number][]) => void;
+  private readonly indexer: Timer;
   private readonly query: Query = (sql, params = []) => this.retrying(() => this.db.query(sql.replace(/\$(\d+)/g, "?$1")).all(...(params as never[])));
   readonly accounts = new Accounts(this.query);
   readonly access = new RoomAccess(this.query);
@@ -1056,6 +1060,16 @@ class SqliteStore implements Store {
     this.writeLastIds = this.db.transaction((rooms: [string, number][]) => rooms.forEach(([room, id]) => setLast.run(id, room)));
     this.flusher = setInterval(() => void this.flushLastIds().catch(() => {}), LAST_ID_FLUSH_MS);
     this.flusher.unref();
+    const indexDoc = this.db.prepare("INSERT INTO message_docs (room, id) VALUES (?, ?) ON CONFLICT DO NOTHING RETURNING doc");
+    const indexWords = this.db.prepare(`INSERT INTO message_words (rowid, text, scope) SELECT ?, text, ${SEARCH_SCOPE_SQL("room")} FROM messages WHERE room = ? AND id = ?`);
+    this.indexRows = this.db.transaction((rows: [string, number][]) => {
+      for (const [room, id] of rows) {
+        const made = indexDoc.get(room, id) as { doc: number } | null;
+        if (made) indexWords.run(made.doc, room, id);
+      }
+    });
+    this.indexer = setInterval(() => void this.indexNew().catch(() => {}), SEARCH_INDEX_MS);
+    this.indexer.unref();
     const active = this.db.query("SELECT name, last_id FROM rooms ORDER BY last_id DESC LIMIT ?").all(ROOM_LIST_LIMIT) as { name: string; last_id: number }[];
     for (const r of active) this.leaders.offer(r.name, r.last_id);
     this.roomCount = (this.db.query("SELECT count(*) AS n FROM rooms").get() as { n: number }).n; // once, at start
@@ -1071,6 +1085,15 @@ class SqliteStore implements Store {
 
   /** Once per database: messages stored before the search index existed are indexed, in (room, id) order. */
   private fillSearch() {
+    // messages stored but not indexed when the last process stopped without closing: index them now
+    if (this.db.query("SELECT 1 FROM meta WHERE key = 'search_clean' AND value = '0'").get()) {
+      const before = (this.db.query("SELECT coalesce(max(doc), 0) AS doc FROM message_docs").get() as { doc: number }).doc;
+      this.db.run(`INSERT INTO message_docs (room, id) SELECT room, id FROM messages m
+        WHERE NOT EXISTS (SELECT 1 FROM message_docs d WHERE d.room = m.room AND d.id = m.id)`);
+      this.db.query(`INSERT INTO message_words (rowid, text, scope) SELECT d.doc, m.text, ${SEARCH_SCOPE_SQL("m.room")}
+        FROM message_docs d JOIN messages m ON m.room = d.room AND m.id = d.id WHERE d.doc > ?`).run(before);
+    }
+    this.db.run("INSERT INTO meta (key, value) VALUES ('search_clean', '0') ON CONFLICT (key) DO UPDATE SET value = '0'");
     if (this.db.query("SELECT 1 FROM meta WHERE key = 'search_filled'").get()) return;
     this.db.run("DELETE FROM message_words");
     this.db.run("DELETE FROM message_docs");
@@ -1239,6 +1262,7 @@ class SqliteStore implements Store {
     for (let i = 0; i < batch.length; i++) {
       this.leaders.offer(batch[i].room, ids[i]);
       this.dirty.set(batch[i].room, ids[i]);
+      this.unindexed.push([batch[i].room, ids[i]]);
     }
     return ids;
   }
@@ -1329,7 +1353,9 @@ class SqliteStore implements Store {
     );
   }
 
-  search(room: string, words: string[], before: number, limit: number) {
+  async search(room: string, words: string[], before: number, limit: number) {
+    // what is stored is searchable: a search first indexes what the batches have not (up to SEARCH_CATCH_UP)
+    for (let i = 0; i < SEARCH_CATCH_UP / SEARCH_INDEX_BATCH && this.unindexed.length; i++) await this.indexNew();
     return this.retrying(() => this.db.query(SQLITE_SEARCH).all(ftsQuery(room, words), room, before, limit).map(messageOfRow));
   }
 
@@ -1378,11 +1404,26 @@ class SqliteStore implements Store {
     this.dirty.clear();
   }
 
+  /** Indexes the messages stored since the last run, in one transaction (their current text: an edit meanwhile counts). */
+  private async indexNew() {
+    if (!this.unindexed.length) return;
+    const rows = this.unindexed.splice(0, SEARCH_INDEX_BATCH);
+    try {
+      await this.retrying(() => this.indexRows(rows));
+    } catch (error) {
+      this.unindexed.unshift(...rows);
+      throw error;
+    }
+  }
+
   async close() {
     clearInterval(this.flusher);
+    clearInterval(this.indexer);
     try {
       this.flushLastIdsNow();
-    } catch {} // a crash, too, leaves the room list's start a little stale
+      this.indexRows(this.unindexed);
+      this.db.run("UPDATE meta SET value = '1' WHERE key = 'search_clean'");
+    } catch {} // a crash, too, leaves the room list's start a little stale (and the index is caught up at the next open)
     this.checkpointer?.terminate();
     this.db.close();
   }

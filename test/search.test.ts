@@ -174,7 +174,7 @@ describe("search", () => {
     })();
     // the database as the release before search left it: no index, no triggers, no mark in meta
     const db = new Database(file);
-    for (const trigger of ["insert", "update", "delete"]) db.run(`DROP TRIGGER messages_search_${trigger}`);
+    for (const trigger of ["insert", "update", "delete"]) db.run(`DROP TRIGGER IF EXISTS messages_search_${trigger}`);
     db.run("DROP TABLE message_words");
     db.run("DROP TABLE message_docs");
     db.run("DELETE FROM meta WHERE key = 'search_filled'");
