@@ -3,7 +3,7 @@
 import { describe, expect, test } from "bun:test";
 import { Database } from "bun:sqlite";
 import { SQL } from "bun";
-import { Client, newSession, serve, type Session, tempDir } from "./helpers.ts";
+import { Client, newSession, serve, type Session, spawnServer, tempDir } from "./helpers.ts";
 import { describeWithServices } from "./services.ts";
 
 const json = { "content-type": "application/json" };
@@ -190,6 +190,28 @@ describe("search", () => {
       expect(await texts(chat.url, who, "general", "hello")).toEqual([`hello after opening ${open}`, ...said, "hello from v2"]);
       await client.close();
     }
+  });
+});
+
+describe("search after a crash", () => {
+  test("messages stored just before a kill -9, not yet indexed, are found after the restart", async () => {
+    using tmp = tempDir();
+    const env = { DATABASE_URL: `sqlite://${tmp.dir}/chat.db`, RATE_LIMIT: "1000/1s" };
+    let who: Session;
+    {
+      await using server = await spawnServer(env);
+      const said = await saying(server.url, "general", Array.from({ length: 50 }, (_, i) => `needle number ${i}`));
+      who = said.who;
+      server.proc.kill(9); // at once: the batch indexer (every 100 ms) has likely not seen the last ones
+      await server.proc.exited;
+    }
+    const db = new Database(`${tmp.dir}/chat.db`, { readonly: true });
+    const unclean = db.query("SELECT value FROM meta WHERE key = 'search_clean'").get();
+    db.close();
+    expect(unclean).toEqual({ value: "0" }); // the mark a process that did not close leaves
+    await using server = await spawnServer(env);
+    const found = await search(server.url, who, "general", { q: "needle", limit: "50" });
+    expect(found.texts!.length).toBe(50);
   });
 });
 
