@@ -6,7 +6,7 @@ import { SQL } from "bun";
 import { copyFileSync } from "node:fs";
 import { join } from "node:path";
 import { type ServerMessage } from "../server.ts";
-import { Client, newSession, ROOT, serve, type Session, spawnCluster, tempDir, usersInRoom } from "./helpers.ts";
+import { Client, newSession, ROOT, serve, type Session, spawnCluster, tempDir, until, usersInRoom } from "./helpers.ts";
 import { describeWithServices } from "./services.ts";
 import { storedHistory } from "./probes.ts";
 
@@ -119,6 +119,37 @@ describe("changes", () => {
     x.send({ type: "say", room: "hall", text: "re: nothing", ref: "r2", replyTo: 12345 });
     expect(((await x.next((f) => f.type === "message" && f.ref === "r2")) as Message).replyTo).toBeUndefined();
     expect(await change(o, { type: "delete", room: "hall", id: m.id })).toMatchObject({ type: "updated", message: { id: m.id, deleted: true } });
+  });
+});
+
+describe("mentions, unread and search, end to end", () => {
+  test("@name in a say or an edit becomes mentions, counted for the mentioned user; search follows edits and deletions at once", async () => {
+    await using chat = await serve();
+    const [ann, bob] = [await newSession(chat.url), await newSession(chat.url)];
+    for (const [s, name] of [[ann, "Ann"], [bob, "Bob Lee"]] as const) {
+      expect((await fetch(`${chat.url}/api/me`, { method: "PUT", headers: { cookie: s.cookie, "content-type": "application/json" }, body: JSON.stringify({ name }) })).status).toBe(200);
+    }
+    const [a, b] = [await Client.connect(chat.url, ann), await Client.connect(chat.url, bob)];
+    await a.join("room");
+    await b.join("room");
+    const hi = await a.say("room", "hi @bob lee, see the plan");
+    expect(hi.mentions).toEqual([bob.id]);
+    const plain = await a.say("room", "no mention here");
+    const edited = (await change(a, { type: "edit", room: "room", id: plain.id, text: "now @Bob Lee is named" })) as Updated;
+    expect(edited.message.mentions).toEqual([bob.id]);
+    const rooms = async (s: Session) => (await (await fetch(`${chat.url}/api/me/rooms`, { headers: { cookie: s.cookie } })).json()) as { name: string; unread: number; mentions: number }[];
+    expect((await rooms(bob)).find((r) => r.name === "room")).toMatchObject({ unread: 2, mentions: 2 });
+    expect((await rooms(ann)).find((r) => r.name === "room")).toMatchObject({ unread: 0, mentions: 0 }); // own messages
+    const found = async (q: string) => ((await (await fetch(`${chat.url}/api/rooms/room/search?q=${encodeURIComponent(q)}`, { headers: { cookie: bob.cookie } })).json()) as { messages: Message[] }).messages.map((m) => m.id);
+    expect(await found("plan")).toEqual([hi.id]);
+    await change(a, { type: "edit", room: "room", id: hi.id, text: "hi, see the schedule" });
+    expect(await found("plan")).toEqual([]);
+    expect(await found("schedule")).toEqual([hi.id]);
+    await change(a, { type: "delete", room: "room", id: hi.id });
+    expect(await found("schedule")).toEqual([]);
+    expect((await rooms(bob)).find((r) => r.name === "room")).toMatchObject({ unread: 1, mentions: 1 }); // the deleted one counts no more
+    b.send({ type: "read", room: "room", seq: edited.seq + 1 });
+    await until(async () => (await rooms(bob)).find((r) => r.name === "room")?.unread === 0, 5_000, "the read to count");
   });
 });
 
