@@ -159,7 +159,7 @@ describe("chat", () => {
     await using chat = await serve({ historyOnJoin: 3 });
     const a = await Client.connect(chat.url, await newSession(chat.url));
     const first = await a.join("room");
-    expect(first.history).toEqual({ type: "history", room: "room", messages: [], complete: true, more: false });
+    expect(first.history).toEqual({ type: "history", room: "room", seq: 0, messages: [], updates: [], complete: true, more: false });
     for (let i = 1; i <= 5; i++) await a.say("room", `m${i}`);
     const b = await Client.connect(chat.url, await newSession(chat.url));
     const { history } = await b.join("room");
@@ -192,7 +192,7 @@ describe("chat", () => {
 
     // nothing missed: an empty, complete history
     const again = await Client.connect(chat.url, alice);
-    expect((await again.join("room", 5)).history).toEqual({ type: "history", room: "room", messages: [], complete: true, more: false });
+    expect((await again.join("room", 5)).history).toEqual({ type: "history", room: "room", seq: 5, messages: [], updates: [], complete: true, more: false });
 
     // more missed than RECOVERY_LIMIT: the newest RECOVERY_LIMIT and complete: false
     for (let i = 0; i < 6; i++) await b.say("room", `more${i}`);

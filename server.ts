@@ -299,6 +299,13 @@ export const Name = z.string().trim().min(1, "name is empty").max(32, "name is l
 export const Text = z.string().min(1, "text is empty").superRefine(refuse(textProblem));
 export const Ref = z.string().superRefine(refuse(refProblem));
 export const MessageId = z.number().int().nonnegative();
+/** One emoji: a single grapheme cluster that is a pictograph (with its modifiers and joiners), at most 32 UTF-16 units. */
+export const Emoji = z.string().max(32, "emoji is longer than 32 characters").refine(isEmoji, "emoji must be one emoji");
+const GRAPHEMES = new Intl.Segmenter(undefined, { granularity: "grapheme" });
+function isEmoji(s: string): boolean {
+  const [first, second] = GRAPHEMES.segment(s);
+  return !!first && !second && /\p{Extended_Pictographic}|\p{Regional_Indicator}/u.test(s) && !/[\p{L}\p{N}\s]/u.test(s.replace(/[\u{1F1E6}-\u{1F1FF}#*0-9\u20E3\uFE0F]/gu, ""));
+}
 export const Visibility = z.enum(["public", "private", "dm"]);
 export type Visibility = z.infer<typeof Visibility>;
 const DM_PREFIX = "dm-"; // dm rooms' names: made by the server, never by a user
@@ -311,32 +318,47 @@ export const ClientMessage = z.discriminatedUnion("type", [
   z.strictObject({ type: z.literal("join"), room: RoomName, since: MessageId.optional() }),
   z.strictObject({ type: z.literal("history"), room: RoomName, after: MessageId }),
   z.strictObject({ type: z.literal("leave"), room: RoomName }),
-  z.strictObject({ type: z.literal("say"), room: RoomName, text: Text, ref: Ref.optional() }),
+  z.strictObject({ type: z.literal("say"), room: RoomName, text: Text, ref: Ref.optional(), replyTo: MessageId.optional() }),
+  z.strictObject({ type: z.literal("edit"), room: RoomName, id: MessageId, text: Text, ref: Ref.optional() }),
+  z.strictObject({ type: z.literal("delete"), room: RoomName, id: MessageId, ref: Ref.optional() }),
+  z.strictObject({ type: z.literal("react"), room: RoomName, id: MessageId, emoji: Emoji, on: z.boolean(), ref: Ref.optional() }),
   z.strictObject({ type: z.literal("typing"), room: RoomName }),
   z.strictObject({ type: z.literal("nick"), name: Name }),
 ]);
 export type ClientMessage = z.infer<typeof ClientMessage>;
 type Frame<T extends ClientMessage["type"]> = Extract<ClientMessage, { type: T }>;
 
+/** A message in its current state. `seq` is the room sequence number of its latest change (at creation: its id). */
 export const Message = z.strictObject({
   type: z.literal("message"),
   room: RoomName,
   id: MessageId,
+  seq: MessageId,
   user: User,
-  text: z.string(),
+  text: z.string(), // "" for a deleted message
   ts: z.number(),
   ref: Ref.optional(),
+  replyTo: MessageId.optional(),
+  mentions: z.array(z.string()).optional(), // user ids
+  editedAt: z.number().optional(),
+  deleted: z.literal(true).optional(), // a tombstone: id, author and ts stay
+  reactions: z.record(z.string(), z.array(z.string())).optional(), // emoji → user ids, in the order added
 });
 export type Message = z.infer<typeof Message>;
 
-export const ErrorCode = z.enum(["bad_request", "not_joined", "rate_limited", "name_taken", "limit_exceeded", "unavailable", "forbidden"]);
+export const ErrorCode = z.enum(["bad_request", "not_joined", "rate_limited", "name_taken", "limit_exceeded", "unavailable", "forbidden", "not_found"]);
 export type ErrorCode = z.infer<typeof ErrorCode>;
 
 export const ServerMessage = z.discriminatedUnion("type", [
   z.strictObject({ type: z.literal("welcome"), user: User, maxText: z.number().int() }),
-  z.strictObject({ type: z.literal("history"), room: RoomName, messages: z.array(Message), complete: z.boolean(), more: z.boolean() }),
+  // messages: new since `since` (or the newest), in their current state; updates: older ones that changed since `since`
+  z.strictObject({
+    type: z.literal("history"), room: RoomName, seq: MessageId, messages: z.array(Message), updates: z.array(Message), complete: z.boolean(), more: z.boolean(),
+  }),
   z.strictObject({ type: z.literal("presence"), room: RoomName, users: z.array(User) }),
   Message,
+  // an edit, a deletion or a reaction: the message's whole new state; `ref` only on the requesting socket's copy
+  z.strictObject({ type: z.literal("updated"), room: RoomName, seq: MessageId, message: Message, ref: Ref.optional() }),
   z.strictObject({ type: z.literal("presence_diff"), room: RoomName, joins: z.array(User), leaves: z.array(User) }),
   z.strictObject({ type: z.literal("renamed"), user: User, previous: z.string() }),
   z.strictObject({ type: z.literal("typing"), room: RoomName, user: User }),
@@ -380,24 +402,55 @@ export const MessagesQuery = z.strictObject({
   limit: z.coerce.number().int().min(1).max(100).default(50),
 });
 
-/** A message as stored and sent: the one place a Message is put together. */
-export function messageOf(m: { room: string; id: number; user: User; text: string; ts: number; ref?: string | null }): Message {
-  const message: Message = { type: "message", room: m.room, id: m.id, user: m.user, text: m.text, ts: m.ts };
+type MessageFields = {
+  room: string; id: number; seq?: number; user: User; text: string; ts: number; ref?: string | null; replyTo?: number | null;
+  mentions?: string[] | null; editedAt?: number | null; deleted?: boolean; reactions?: Record<string, string[]> | null;
+};
+/** A message as stored and sent: the one place a Message is put together (a tombstone keeps only id, author and ts). */
+export function messageOf(m: MessageFields): Message {
+  const message: Message = { type: "message", room: m.room, id: m.id, seq: m.seq ?? m.id, user: m.user, text: m.deleted ? "" : m.text, ts: m.ts };
   if (m.ref != null) message.ref = m.ref;
+  if (m.deleted) {
+    message.deleted = true;
+    if (m.editedAt != null) message.editedAt = m.editedAt;
+    return message;
+  }
+  if (m.replyTo != null) message.replyTo = m.replyTo;
+  if (m.mentions?.length) message.mentions = m.mentions;
+  if (m.editedAt != null) message.editedAt = m.editedAt;
+  if (m.reactions && Object.keys(m.reactions).length) message.reactions = m.reactions;
   return message;
 }
 
-/** A message as it goes on the wire: its id, and its frame serialized once for every recipient (and its UTF-8 size, once asked). */
-export type Entry = { id: number; frame: string; bytes?: number };
-const entryOf = (m: Message): Entry => ({ id: m.id, frame: JSON.stringify(m) });
-const bytesOf = (e: Entry) => (e.bytes ??= Buffer.byteLength(e.frame));
+/**
+ * A change of a room as it goes on the wire: its seq, its frame serialized once for every recipient (a new message,
+ * or an `updated` frame), the message's state after it, and (once asked) the sizes. `own`: the requester's copy, with
+ * its ref, sent instead of the broadcast to that socket.
+ */
+export type Entry = { seq: number; frame: string; state: Message; stateFrame?: string; bytes?: number; own?: { ws: ChatSocket; frame: string } };
+const entryOf = (m: Message): Entry => {
+  const frame = JSON.stringify(m);
+  return { seq: m.seq, frame, state: m, stateFrame: frame };
+};
+const updatedEntry = (m: Message): Entry => ({ seq: m.seq, frame: JSON.stringify({ type: "updated", room: m.room, seq: m.seq, message: m } satisfies ServerMessage), state: m });
+/** An entry from a frame another node published (a message or an updated frame). */
+function entryOfFrame(frame: string): Entry | undefined {
+  const parsed = JSON.parse(frame) as ServerMessage;
+  if (parsed.type === "message") return { seq: parsed.seq, frame, state: parsed, stateFrame: frame };
+  if (parsed.type === "updated") return { seq: parsed.seq, frame, state: parsed.message };
+}
+/** A stored message as a change: a message never changed is the message frame itself, a changed one an updated frame. */
+const entryOfStored = (m: Message): Entry => (m.seq === m.id ? entryOf(m) : updatedEntry(m));
+const stateFrameOf = (e: Entry) => (e.stateFrame ??= JSON.stringify(e.state));
+const bytesOf = (e: Entry) => (e.bytes ??= Buffer.byteLength(stateFrameOf(e)));
 
 /** A history frame and its size in bytes, what the history budget is charged. */
 type Page = { frame: string; bytes: number };
 
-/** The history frame from entries already serialized (Room.history and Room.page choose how many fit). */
-function historyFrame(room: string, entries: Entry[], flags: { complete: boolean; more: boolean }): Page {
-  const frame = `{"type":"history","room":${JSON.stringify(room)},"messages":[${entries.map((e) => e.frame).join(",")}],"complete":${flags.complete},"more":${flags.more}}`;
+/** The history frame from message states already serialized (Room.history and Room.page choose which). */
+function historyFrame(room: string, seq: number, messages: Entry[], updates: Entry[], flags: { complete: boolean; more: boolean }): Page {
+  const list = (entries: Entry[]) => entries.map(stateFrameOf).join(",");
+  const frame = `{"type":"history","room":${JSON.stringify(room)},"seq":${seq},"messages":[${list(messages)}],"updates":[${list(updates)}],"complete":${flags.complete},"more":${flags.more}}`;
   return { frame, bytes: Buffer.byteLength(frame) };
 }
 const HISTORY_OVERHEAD = 128; // the history frame's bytes around its messages (a 32-character room name included)
@@ -431,13 +484,16 @@ type Parsed<T> = { ok: true; value: T } | { ok: false; error: string; ref?: stri
  */
 function quickSay(v: any): Frame<"say"> | undefined {
   if (typeof v !== "object" || v === null || v.type !== "say") return;
-  for (const key in v) if (key !== "type" && key !== "room" && key !== "text" && key !== "ref") return;
-  const { room, text, ref } = v;
+  for (const key in v) if (key !== "type" && key !== "room" && key !== "text" && key !== "ref" && key !== "replyTo") return;
+  const { room, text, ref, replyTo } = v;
   if (typeof room !== "string" || !ROOM.test(room)) return;
   if (typeof text !== "string" || text.length === 0 || textProblem(text)) return;
-  if (ref === undefined) return { type: "say", room, text };
-  if (typeof ref !== "string" || refProblem(ref)) return;
-  return { type: "say", room, text, ref };
+  if (replyTo !== undefined && !(Number.isSafeInteger(replyTo) && replyTo >= 0)) return;
+  if (ref !== undefined && (typeof ref !== "string" || refProblem(ref))) return;
+  const say: Frame<"say"> = { type: "say", room, text };
+  if (ref !== undefined) say.ref = ref;
+  if (replyTo !== undefined) say.replyTo = replyTo;
+  return say;
 }
 
 /** Parses one client frame; never throws. */
@@ -655,7 +711,39 @@ export function clientAddress(peer: string, forwardedFor: string | undefined, tr
 export type Session = { sid: string; handle: string; id: string; name: string; registered: boolean; admin: boolean; used: boolean; seen: number };
 /** What the janitor may delete: see Store.pruneSessions. */
 export type PruneRules = { unusedBefore: number; keepUnused: number; guestsSeenBefore: number; keep: number };
-export type NewMessage = { room: string; user: User; text: string; ts: number; ref?: string };
+export type NewMessage = { room: string; user: User; text: string; ts: number; ref?: string; replyTo?: number; mentions?: string[] };
+/** A change of a stored message (an edit, a deletion, a reaction), by `user`; it takes the room's next seq. */
+export type Change =
+  | { kind: "edit"; room: string; id: number; user: string; text: string; mentions: string[] }
+  | { kind: "delete"; room: string; id: number; user: string; moderator: boolean }
+  | { kind: "react"; room: string; id: number; user: string; emoji: string; on: boolean };
+/** The message's state after a change (`changed: false`: the change changed nothing and took no seq), or a refusal. */
+export type Changed = { ok: true; message: Message; changed: boolean } | { ok: false; code: "not_found" | "forbidden" | "limit_exceeded"; message: string };
+const MAX_REACTIONS = 20; // distinct emoji on one message
+
+/** What a change makes of a message: its new state, or why not. The same rules on both engines. */
+function applyChange(m: Message, c: Change, seq: number, now: number): Changed {
+  if (m.deleted) return c.kind === "delete" ? { ok: true, message: m, changed: false } : { ok: false, code: "not_found", message: `Message ${c.id} was deleted` };
+  if (c.kind === "edit") {
+    if (m.user.id !== c.user) return { ok: false, code: "forbidden", message: "Only its author may edit a message" };
+    if (m.text === c.text) return { ok: true, message: m, changed: false };
+    return { ok: true, changed: true, message: { ...m, seq, text: c.text, editedAt: now, ...(c.mentions.length ? { mentions: c.mentions } : { mentions: undefined }) } };
+  }
+  if (c.kind === "delete") {
+    if (m.user.id !== c.user && !c.moderator) return { ok: false, code: "forbidden", message: "Only its author or the room's moderators may delete a message" };
+    return { ok: true, changed: true, message: messageOf({ room: m.room, id: m.id, seq, user: m.user, text: "", ts: m.ts, ref: m.ref, deleted: true }) };
+  }
+  const reactions = Object.fromEntries(Object.entries(m.reactions ?? {}).map(([e, users]) => [e, [...users]]));
+  const users = reactions[c.emoji] ?? [];
+  if (c.on === users.includes(c.user)) return { ok: true, message: m, changed: false }; // idempotent
+  if (c.on && !users.length && Object.keys(reactions).length >= MAX_REACTIONS) {
+    return { ok: false, code: "limit_exceeded", message: `At most ${MAX_REACTIONS} different emoji on a message` };
+  }
+  if (c.on) reactions[c.emoji] = [...users, c.user];
+  else if (users.length > 1) reactions[c.emoji] = users.filter((u) => u !== c.user);
+  else delete reactions[c.emoji];
+  return { ok: true, changed: true, message: messageOf({ ...m, seq, reactions }) };
+}
 
 export interface Store {
   /** Accounts, sessions by handle and login failures: the same SQL on both engines. */
@@ -681,6 +769,10 @@ export interface Store {
   countUsers(): Promise<number>;
   /** A small write, for /healthz: throws when the store cannot write. */
   probe(): Promise<void>;
+  /** One message in its current state. */
+  message(room: string, id: number): Promise<Message | undefined>;
+  /** Applies a change to a stored message, taking the room's next seq when it changes anything. */
+  change(c: Change): Promise<Changed>;
   /** Stores a batch atomically and returns the ids: gap-free per room, committed in id order. */
   append(batch: NewMessage[]): Promise<number[]>;
   /** The newest `limit` messages of a room, oldest first. */
@@ -712,7 +804,7 @@ export async function openStore(url: string, options: StoreOptions = {}): Promis
 }
 
 /** The schema's version, in meta: a database made by an older version is migrated when opened (see migrateSessions). */
-const SCHEMA_VERSION = 2;
+const SCHEMA_VERSION = 3;
 /** retention: messages get an index on ts, so expiring them is bounded (it costs every insert a second b-tree write) */
 export type StoreOptions = { retention?: boolean };
 
@@ -748,8 +840,11 @@ function schema(engine: "sqlite" | "postgres", { retention = false }: StoreOptio
     `CREATE TABLE IF NOT EXISTS audit (room TEXT NOT NULL, at BIGINT NOT NULL, action TEXT NOT NULL, user_id TEXT NOT NULL,
       user_name TEXT NOT NULL, by_id TEXT NOT NULL, by_name TEXT NOT NULL, until BIGINT)`,
     "CREATE INDEX IF NOT EXISTS audit_by_room ON audit (room, at)",
+    // seq: the room's sequence number of the message's latest change (a new message's is its id)
     `CREATE TABLE IF NOT EXISTS messages (room TEXT NOT NULL, id BIGINT NOT NULL, user_id TEXT NOT NULL, name TEXT NOT NULL,
-      text TEXT NOT NULL, ts BIGINT NOT NULL, ref TEXT, PRIMARY KEY (room, id))${engine === "sqlite" ? " WITHOUT ROWID" : ""}`,
+      text TEXT NOT NULL, ts BIGINT NOT NULL, ref TEXT, ${MESSAGE_COLUMNS_V3.join(", ")},
+      PRIMARY KEY (room, id))${engine === "sqlite" ? " WITHOUT ROWID" : ""}`,
+    "CREATE INDEX IF NOT EXISTS messages_by_seq ON messages (room, seq)",
     ...(retention ? ["CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts)"] : []),
   ];
 }
@@ -789,14 +884,27 @@ export class Leaders {
   }
 }
 
-/** A messages row as stored. */
-type Row = { room: string; id: number; user_id: string; name: string; text: string; ts: number; ref: string | null };
+/** A new messages row as stored (its seq is its id; the other columns of schema 3 start empty). */
+type Row = { room: string; id: number; seq: number; user_id: string; name: string; text: string; ts: number; ref: string | null; reply_to: number | null; mentions: string | null };
 const rowOf = (m: NewMessage, id: number): Row => ({
-  room: m.room, id, user_id: m.user.id, name: m.user.name, text: m.text, ts: m.ts, ref: m.ref ?? null,
+  room: m.room, id, seq: id, user_id: m.user.id, name: m.user.name, text: m.text, ts: m.ts, ref: m.ref ?? null,
+  reply_to: m.replyTo ?? null, mentions: m.mentions?.length ? JSON.stringify(m.mentions) : null,
 });
 // Postgres returns BIGINT and count(*) as strings: Number() on every such column
 const messageOfRow = (r: any): Message =>
-  messageOf({ room: r.room, id: Number(r.id), user: { id: r.user_id, name: r.name }, text: r.text, ts: Number(r.ts), ref: r.ref });
+  messageOf({
+    room: r.room, id: Number(r.id), seq: Number(r.seq ?? r.id), user: { id: r.user_id, name: r.name }, text: r.text, ts: Number(r.ts), ref: r.ref,
+    replyTo: r.reply_to == null ? null : Number(r.reply_to), mentions: r.mentions ? JSON.parse(r.mentions) : null,
+    editedAt: r.edited_at == null ? null : Number(r.edited_at), deleted: Number(r.deleted) === 1, reactions: r.reactions ? JSON.parse(r.reactions) : null,
+  });
+/** The columns a change writes, from the message's new state. */
+const changedColumns = (m: Message) => [
+  m.text, m.mentions ? JSON.stringify(m.mentions) : null, m.editedAt ?? null, m.deleted ? 1 : 0,
+  m.reactions ? JSON.stringify(m.reactions) : null, m.replyTo ?? null, m.seq,
+] as const;
+const CHANGE_SQL = "UPDATE messages SET text = $1, mentions = $2, edited_at = $3, deleted = $4, reactions = $5, reply_to = $6, seq = $7 WHERE room = $8 AND id = $9";
+/** Schema 2 → 3: messages take changes (each with the room's next seq) and remember their state. */
+const MESSAGE_COLUMNS_V3 = ["seq BIGINT", "reply_to BIGINT", "mentions TEXT", "edited_at BIGINT", "deleted INTEGER NOT NULL DEFAULT 0", "reactions TEXT"];
 const sessionOfRow = (sid: string, r: any): Session => ({
   sid, handle: r.handle, id: r.user_id, name: r.name, registered: r.password != null, admin: Number(r.admin) === 1, used: Number(r.used) === 1, seen: Number(r.seen),
 });
@@ -861,8 +969,8 @@ class SqliteStore implements Store {
       this.fillLastIds();
     }).immediate();
     this.db.run("PRAGMA busy_timeout = 0");
-    const insert = this.db.prepare("INSERT INTO messages (room, id, user_id, name, text, ts, ref) VALUES (?, ?, ?, ?, ?, ?, ?)");
-    const insertRow = (r: Row) => void insert.run(r.room, r.id, r.user_id, r.name, r.text, r.ts, r.ref);
+    const insert = this.db.prepare("INSERT INTO messages (room, id, seq, user_id, name, text, ts, ref, reply_to, mentions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+    const insertRow = (r: Row) => void insert.run(r.room, r.id, r.seq, r.user_id, r.name, r.text, r.ts, r.ref, r.reply_to, r.mentions);
     const insertMany = this.db.transaction((rows: Row[]) => rows.forEach(insertRow));
     this.insertRows = (rows) => (rows.length === 1 ? insertRow(rows[0]) : insertMany(rows)); // one row is its own transaction
     const setLast = this.db.prepare("UPDATE rooms SET last_id = max(last_id, ?) WHERE name = ?");
@@ -916,6 +1024,11 @@ class SqliteStore implements Store {
     if (roomColumns.length && !roomColumns.includes("visibility")) {
       this.db.run("ALTER TABLE rooms ADD COLUMN visibility TEXT NOT NULL DEFAULT 'public'");
       this.db.run("ALTER TABLE rooms ADD COLUMN owner TEXT");
+    }
+    const messageColumns = (this.db.query("PRAGMA table_info(messages)").all() as { name: string }[]).map((c) => c.name);
+    if (messageColumns.length && !messageColumns.includes("seq")) {
+      for (const column of MESSAGE_COLUMNS_V3) this.db.run(`ALTER TABLE messages ADD COLUMN ${column}`);
+      this.db.run("UPDATE messages SET seq = id");
     }
     schema("sqlite", options).forEach((ddl) => this.db.run(ddl));
     const { users, sessions } = migrateSessions(v1);
@@ -1040,6 +1153,31 @@ class SqliteStore implements Store {
     return ids;
   }
 
+  message(room: string, id: number) {
+    return this.retrying(() => {
+      const row = this.db.query("SELECT * FROM messages WHERE room = ? AND id = ?").get(room, id);
+      return row ? messageOfRow(row) : undefined;
+    });
+  }
+
+  async change(c: Change): Promise<Changed> {
+    if (!this.lastIds.has(c.room)) await this.retrying(() => this.openRoom(c.room));
+    // synchronous: nothing else on this connection runs between the read and the write
+    const result = await this.retrying(() => {
+      const row = this.db.query("SELECT * FROM messages WHERE room = ? AND id = ?").get(c.room, c.id);
+      if (!row) return { ok: false, code: "not_found", message: `No message ${c.id} in ${c.room}` } satisfies Changed;
+      const seq = this.lastIds.get(c.room)! + 1;
+      const changed = applyChange(messageOfRow(row), c, seq, Date.now());
+      if (!changed.ok || !changed.changed) return changed;
+      this.db.query(CHANGE_SQL.replace(/\$(\d+)/g, "?$1")).run(...changedColumns(changed.message), c.room, c.id);
+      this.lastIds.set(c.room, seq);
+      this.leaders.offer(c.room, seq);
+      this.dirty.set(c.room, seq);
+      return changed;
+    });
+    return result;
+  }
+
   /** Writes up to LAST_ID_FLUSH_ROOMS rooms' last ids, so one flush never holds the writer long. */
   private async flushLastIds() {
     const rooms = this.dirty.entries().take(LAST_ID_FLUSH_ROOMS).toArray();
@@ -1058,7 +1196,7 @@ class SqliteStore implements Store {
 
   /** The room's last committed id; for a room without a row, the floor (the highest id of any dropped room). */
   private readLastId(room: string): number {
-    const row = this.db.query(`SELECT max(last_id, coalesce((SELECT max(id) FROM messages WHERE room = ?1), 0)) AS last
+    const row = this.db.query(`SELECT max(last_id, coalesce((SELECT max(seq) FROM messages WHERE room = ?1), 0)) AS last
       FROM rooms WHERE name = ?1`).get(room) as { last: number } | null;
     if (row) return row.last;
     return (this.db.query("SELECT value FROM counters WHERE name = 'room_floor'").get() as { value: number } | null)?.value ?? 0;
@@ -1085,13 +1223,13 @@ class SqliteStore implements Store {
 
   tail(room: string, limit: number) {
     return this.retrying(() =>
-      this.db.query("SELECT * FROM messages WHERE room = ? ORDER BY id DESC LIMIT ?").all(room, limit).reverse().map(messageOfRow),
+      this.db.query("SELECT * FROM messages WHERE room = ? ORDER BY seq DESC LIMIT ?").all(room, limit).reverse().map(messageOfRow),
     );
   }
 
   between(room: string, after: number, before: number) {
     return this.retrying(() =>
-      this.db.query("SELECT * FROM messages WHERE room = ? AND id > ? AND id < ? ORDER BY id LIMIT ?").all(room, after, before, GAP_READ_LIMIT).map(messageOfRow),
+      this.db.query("SELECT * FROM messages WHERE room = ? AND seq > ? AND seq < ? ORDER BY seq LIMIT ?").all(room, after, before, GAP_READ_LIMIT).map(messageOfRow),
     );
   }
 
@@ -1243,6 +1381,8 @@ class PostgresStore implements Store {
     }
     await tx.unsafe("ALTER TABLE IF EXISTS rooms ADD COLUMN IF NOT EXISTS visibility TEXT NOT NULL DEFAULT 'public'");
     await tx.unsafe("ALTER TABLE IF EXISTS rooms ADD COLUMN IF NOT EXISTS owner TEXT");
+    for (const column of MESSAGE_COLUMNS_V3) await tx.unsafe(`ALTER TABLE IF EXISTS messages ADD COLUMN IF NOT EXISTS ${column}`);
+    await tx.unsafe("UPDATE messages SET seq = id WHERE seq IS NULL");
     for (const ddl of schema("postgres", options)) await tx.unsafe(ddl);
     const { users, sessions } = migrateSessions(v1);
     for (let i = 0; i < users.length; i += PG_ROWS_PER_INSERT) await tx`INSERT INTO users ${tx(users.slice(i, i + PG_ROWS_PER_INSERT))}`;
@@ -1351,13 +1491,33 @@ class PostgresStore implements Store {
     });
   }
 
+  async message(room: string, id: number) {
+    const [row] = await this.sql`SELECT * FROM messages WHERE room = ${room} AND id = ${id}`;
+    return row ? messageOfRow(row) : undefined;
+  }
+
+  /** The room's counter row is locked first (as append does), so changes and new messages take seqs in commit order. */
+  change(c: Change): Promise<Changed> {
+    return this.sql.begin(async (tx) => {
+      const [room] = await tx`SELECT last_id FROM rooms WHERE name = ${c.room} FOR UPDATE`;
+      const [row] = room ? await tx`SELECT * FROM messages WHERE room = ${c.room} AND id = ${c.id}` : [];
+      if (!row) return { ok: false, code: "not_found", message: `No message ${c.id} in ${c.room}` } satisfies Changed;
+      const seq = Number(room.last_id) + 1;
+      const changed = applyChange(messageOfRow(row), c, seq, Date.now());
+      if (!changed.ok || !changed.changed) return changed;
+      await tx`UPDATE rooms SET last_id = ${seq} WHERE name = ${c.room}`;
+      await tx.unsafe(CHANGE_SQL, [...changedColumns(changed.message), c.room, c.id]);
+      return changed;
+    });
+  }
+
   async tail(room: string, limit: number) {
-    const rows = await this.sql`SELECT * FROM messages WHERE room = ${room} ORDER BY id DESC LIMIT ${limit}`;
+    const rows = await this.sql`SELECT * FROM messages WHERE room = ${room} ORDER BY seq DESC LIMIT ${limit}`;
     return rows.reverse().map(messageOfRow) as Message[];
   }
 
   async between(room: string, after: number, before: number) {
-    const rows = await this.sql`SELECT * FROM messages WHERE room = ${room} AND id > ${after} AND id < ${before} ORDER BY id LIMIT ${GAP_READ_LIMIT}`;
+    const rows = await this.sql`SELECT * FROM messages WHERE room = ${room} AND seq > ${after} AND seq < ${before} ORDER BY seq LIMIT ${GAP_READ_LIMIT}`;
     return rows.map(messageOfRow) as Message[];
   }
 
@@ -1806,7 +1966,8 @@ class RedisFanout implements Fanout {
       case "message":
         this.received++;
         this.lagMs = Math.max(0, Date.now() - event.sentAt);
-        return on.message(room, { id: event.id, frame: event.frame });
+        // the frame is ours: a message or an updated frame, whose state the room keeps
+        return void (entryOfFrame(event.frame) && on.message(room, entryOfFrame(event.frame)!));
       case "typing":
         return event.node === this.node ? undefined : on.typing(room, event.frame);
       case "presence":
@@ -1910,7 +2071,7 @@ class RedisFanout implements Fanout {
   }
 
   publishMessage(room: string, entry: Entry) {
-    this.publish(ROOM_CHANNEL + room, FanoutCodec.encode({ kind: "message", id: entry.id, sentAt: Date.now() }, entry.frame));
+    this.publish(ROOM_CHANNEL + room, FanoutCodec.encode({ kind: "message", id: entry.seq, sentAt: Date.now() }, entry.frame));
   }
 
   publishTyping(room: string, frame: string) {
@@ -2166,11 +2327,13 @@ export class Room {
   private published = new Map<string, User>();
   private changed = new Set<string>(); // user ids whose presence changed since the last presence_diff
   private presenceTimer: Timer | null = null;
-  /** the last id delivered here; ids are 1, 2, 3… without gaps */
+  /** the room's head: the last seq delivered here. Every change (a message, an edit, a deletion, a reaction) takes
+   * the next one, cluster-wide, without gaps; a new message's id is its seq. */
   lastId = 0;
   /** who may join, who moderates, who is banned or muted: read with the room, re-read when a node changes them */
   rules!: RoomRules;
-  private recent: Entry[] = []; // the newest messages, enough for any join or recovery
+  private recent: Entry[] = []; // the newest changes in seq order, enough for any join or recovery
+  private coveredFrom = 0; // recent holds the latest state of every message changed after this seq
   private held: Entry[] = [];
   private settled: Promise<void>; // the load or catch-up under way
   private plainHistory: Page | null = null; // the history frame of a join without since, until the next message
@@ -2191,8 +2354,10 @@ export class Room {
       this.rules = await store.access.rules(this.name);
       // before the tail: a message stored between the two reads is in the tail; the tail is empty once all expired
       const stored = await store.lastId(this.name);
-      this.recent = (await store.tail(this.name, this.registry.keep)).map(entryOf);
-      this.lastId = Math.max(this.recent.at(-1)?.id ?? 0, stored);
+      const tail = await store.tail(this.name, this.registry.keep);
+      this.recent = tail.map(entryOfStored);
+      this.coveredFrom = tail.length === this.registry.keep ? tail[0].seq - 1 : 0;
+      this.lastId = Math.max(this.recent.at(-1)?.seq ?? 0, stored);
     } catch (error) {
       logger.error("load room", error, { room: this.name });
       this.state = "failed";
@@ -2220,12 +2385,12 @@ export class Room {
     return this.state === "live";
   }
 
-  /** A stored message, from this node or another: delivered in id order, exactly once. */
+  /** A stored change, from this node or another: delivered in seq order, exactly once. */
   receive(entry: Entry) {
     if (this.state !== "live") return void this.held.push(entry);
-    if (entry.id <= this.lastId) return;
-    if (entry.id === this.lastId + 1) return this.deliver(entry);
-    // a gap: ids commit in order, so the missing ones are in the store
+    if (entry.seq <= this.lastId) return;
+    if (entry.seq === this.lastId + 1) return this.deliver(entry);
+    // a gap: seqs commit in order, so what is missing is in the store
     this.held.push(entry);
     this.catchUp();
   }
@@ -2238,51 +2403,62 @@ export class Room {
   private catchUp(toNewest = false): Promise<void> {
     this.state = "catching-up";
     this.settled = (async () => {
-      if (toNewest) this.held.push(...(await this.read(this.lastId, Number.MAX_SAFE_INTEGER)));
+      if (toNewest) this.held.push(...((await this.read(this.lastId, Number.MAX_SAFE_INTEGER)) ?? []));
       await this.deliverHeld();
       this.state = "live";
     })();
     return this.settled;
   }
 
-  /** Delivers held arrivals in id order, reading missing ids from the store. A gap the store cannot fill in
-   * GAP_ATTEMPTS reads is skipped: its clients see the jump and rejoin with since. */
+  /**
+   * Delivers held arrivals in seq order, reading what is missing from the store: the current state of each message
+   * whose latest change falls in the gap (a change superseded by a later one is covered by it). A gap the store
+   * cannot be read for in GAP_ATTEMPTS tries is skipped: its clients see the jump and ask for the page after it.
+   */
   private async deliverHeld() {
     let failures = 0;
     while (this.held.length) {
-      const queue = this.held.sort((a, b) => a.id - b.id);
+      const queue = this.held.sort((a, b) => a.seq - b.seq);
       this.held = [];
       let i = 0;
-      for (; i < queue.length && queue[i].id <= this.lastId + 1; i++) if (queue[i].id === this.lastId + 1) this.deliver(queue[i]);
+      for (; i < queue.length && queue[i].seq <= this.lastId + 1; i++) if (queue[i].seq === this.lastId + 1) this.deliver(queue[i]);
       if (i === queue.length) continue;
       const rest = queue.slice(i);
-      const missing = await this.read(this.lastId, rest[0].id);
-      if (missing.length) this.registry.units.metrics.gapsFilled++;
-      else if (++failures >= GAP_ATTEMPTS) {
-        this.registry.units.logger.info("gap skipped", { room: this.name, from: this.lastId + 1, to: rest[0].id - 1 });
-        this.lastId = rest[0].id - 1;
+      const missing = await this.read(this.lastId, rest[0].seq);
+      if (missing) {
+        if (missing.length) this.registry.units.metrics.gapsFilled++;
+        for (const entry of missing) this.deliver(entry);
+        this.lastId = rest[0].seq - 1; // the rest of the gap was superseded: its messages' states come later
+      } else if (++failures >= GAP_ATTEMPTS) {
+        this.registry.units.logger.info("gap skipped", { room: this.name, from: this.lastId + 1, to: rest[0].seq - 1 });
+        this.lastId = rest[0].seq - 1;
       } else await Bun.sleep(GAP_RETRY_MS * failures);
-      this.held.push(...missing, ...rest);
+      this.held.push(...rest);
     }
   }
 
-  /** Stored messages with after < id < before; none when the store fails (logged). */
-  private async read(after: number, before: number): Promise<Entry[]> {
+  /** Stored changes with after < seq < before, as their messages' current states; undefined when the store fails (logged). */
+  private async read(after: number, before: number): Promise<Entry[] | undefined> {
     try {
-      return (await this.registry.units.store.between(this.name, after, before)).map(entryOf);
+      return (await this.registry.units.store.between(this.name, after, before)).map(entryOfStored);
     } catch (error) {
       this.registry.units.logger.error("read room", error, { room: this.name });
-      return [];
+      return undefined;
     }
   }
 
   private deliver(entry: Entry) {
     const { keep } = this.registry;
-    this.lastId = entry.id;
+    this.lastId = entry.seq;
     this.recent.push(entry);
-    if (this.recent.length >= keep * 2) this.recent = this.recent.slice(-keep);
+    if (this.recent.length >= keep * 2) {
+      this.coveredFrom = this.recent[this.recent.length - keep - 1].seq;
+      this.recent = this.recent.slice(-keep);
+    }
     this.plainHistory = null;
-    this.broadcast(entry.frame);
+    const own = entry.own && !entry.own.ws.data.closed && entry.own.ws.data.rooms.includes(this.name) ? entry.own : undefined;
+    this.broadcast(entry.frame, own?.ws);
+    if (own) sendFrame(own.ws, own.frame); // the requester's copy, with its ref
     this.registry.units.metrics.messagesPublished++;
   }
 
@@ -2298,41 +2474,56 @@ export class Room {
     for (const ws of connections.socketsIn(this)) ws.data.buffered = ws.getBufferedAmount();
   }
 
-  /** The history frame for a join, from the recent messages: exact and synchronous. With `since`, the oldest
-   * messages after it first (see page); without, the newest HISTORY_ON_JOIN that fit HISTORY_PAGE_BYTES. */
+  /** The history frame for a join, from the recent changes: exact and synchronous. With `since`, what changed after
+   * it (see page); without, the newest HISTORY_ON_JOIN messages, in their current state, that fit HISTORY_PAGE_BYTES. */
   history(since: number | undefined): Page {
     if (since !== undefined && since <= this.lastId) return this.page(since);
     if (since === undefined && this.plainHistory) return this.plainHistory;
     // a fresh join, or a client ahead of the server (its database was reset): the newest messages
-    const { recent, lastId } = this;
     const { historyOnJoin, historyPageBytes } = this.registry.limits;
-    const oldest = Math.max(0, recent.length - historyOnJoin);
-    let start = recent.length;
-    for (let bytes = HISTORY_OVERHEAD; start > oldest; start--) {
-      bytes += bytesOf(recent[start - 1]) + 1;
-      if (bytes > historyPageBytes && start < recent.length) break; // one message always fits
+    const latest = new Map<number, Entry>(); // message id → its latest change here
+    for (let i = this.recent.length - 1; i >= 0; i--) if (!latest.has(this.recent[i].state.id)) latest.set(this.recent[i].state.id, this.recent[i]);
+    const newest = [...latest.values()].sort((a, b) => b.state.id - a.state.id);
+    const shown: Entry[] = [];
+    for (let bytes = HISTORY_OVERHEAD, i = 0; i < Math.min(historyOnJoin, newest.length); i++) {
+      bytes += bytesOf(newest[i]) + 1;
+      if (bytes > historyPageBytes && shown.length) break; // one message always fits
+      shown.push(newest[i]);
     }
-    const firstId = start < recent.length ? recent[start].id : lastId + 1;
-    const page = historyFrame(this.name, recent.slice(start), { complete: since === undefined && firstId === 1, more: false });
+    const complete = since === undefined && this.coveredFrom === 0 && shown.length === newest.length;
+    const page = historyFrame(this.name, this.lastId, shown.reverse(), [], { complete, more: false });
     if (since === undefined) this.plainHistory = page;
     return page;
   }
 
-  /** Messages after `after` among the newest RECOVERY_LIMIT, oldest first, as many as fit HISTORY_PAGE_BYTES:
-   * complete when none between `after` and the first is missing, more when some after the last remain. */
+  /**
+   * What changed after `after`, among the last RECOVERY_LIMIT changes, as many as fit HISTORY_PAGE_BYTES: each changed
+   * message once, in its latest state within the page — `messages` for those made after `after`, `updates` for older
+   * ones. The frame's seq is the last change it covers; complete when nothing between `after` and its first is
+   * missing; more when later changes remain.
+   */
   page(after: number): Page {
-    const { recent } = this;
+    const { recent, lastId } = this;
     const { recoveryLimit, historyPageBytes } = this.registry.limits;
-    const oldest = Math.max(0, recent.length - recoveryLimit);
+    const from = Math.max(after, lastId - recoveryLimit, this.coveredFrom);
     let start = recent.length;
-    while (start > oldest && recent[start - 1].id > after) start--;
+    while (start > 0 && recent[start - 1].seq > from) start--;
+    const inPage = new Map<number, Entry>(); // message id → its latest change in the page
+    let bytes = HISTORY_OVERHEAD;
     let end = start;
-    for (let bytes = HISTORY_OVERHEAD; end < recent.length; end++) {
-      bytes += bytesOf(recent[end]) + 1;
-      if (bytes > historyPageBytes && end > start) break; // one message always fits
+    for (; end < recent.length; end++) {
+      const entry = recent[end];
+      const replaced = inPage.get(entry.state.id);
+      const grown = bytes + bytesOf(entry) + 1 - (replaced ? bytesOf(replaced) + 1 : 0);
+      if (grown > historyPageBytes && inPage.size) break; // one message always fits
+      inPage.set(entry.state.id, entry);
+      bytes = grown;
     }
-    const complete = start === recent.length || recent[start].id === after + 1;
-    return historyFrame(this.name, recent.slice(start, end), { complete, more: end < recent.length });
+    const seq = end > start ? recent[end - 1].seq : Math.max(from, after);
+    const changed = [...inPage.values()].sort((a, b) => a.state.id - b.state.id);
+    const made = changed.filter((e) => e.state.id > after);
+    const updates = changed.filter((e) => e.state.id <= after);
+    return historyFrame(this.name, seq, made, updates, { complete: from === after, more: seq < lastId });
   }
 
   /** Counts a joined socket of a user: true for the user's first here. */
@@ -2500,14 +2691,25 @@ export class Rooms {
 
 // ── The say queue: accepted messages are stored together, then delivered; nothing unstored is broadcast ──
 
-type Pending = NewMessage & { ws: ChatSocket };
+/** A new message, or a change of one, with the socket that asked. */
+type Pending = (NewMessage & { kind: "say"; ws: ChatSocket }) | (Change & { ws: ChatSocket; ref?: string });
+
+/** Who a text mentions (user ids); a resolver the store answers. */
+export type Mentions = (text: string) => Promise<string[]>;
 
 export class SayQueue {
   private pending: Pending[] = [];
   private flushing: Promise<void> | null = null;
   private scheduled = false;
 
-  constructor(private readonly store: Store, private readonly rooms: Rooms, private readonly fanout: Fanout, private readonly metrics: Metrics, private readonly logger: Logger) {}
+  constructor(
+    private readonly store: Store,
+    private readonly rooms: Rooms,
+    private readonly fanout: Fanout,
+    private readonly metrics: Metrics,
+    private readonly logger: Logger,
+    private readonly mentions: Mentions = async () => [],
+  ) {}
 
   push(message: Pending) {
     this.pending.push(message);
@@ -2538,28 +2740,58 @@ export class SayQueue {
     while (this.flushing || this.pending.length) await this.flush();
   }
 
+  /** In arrival order: runs of new messages are stored together; each change alone (it reads the message first). */
   private async run() {
     while (this.pending.length) {
       const batch = this.pending;
       this.pending = [];
-      let ids: number[];
-      try {
-        ids = await this.store.append(batch);
-      } catch (error) {
-        this.refuse(batch, error);
-        continue;
+      for (let i = 0; i < batch.length;) {
+        let j = i;
+        while (j < batch.length && batch[j].kind === "say") j++;
+        if (j > i) await this.storeSays(batch.slice(i, j) as Extract<Pending, { kind: "say" }>[]);
+        else await this.change(batch[j++] as Exclude<Pending, { kind: "say" }>);
+        i = j;
       }
-      this.deliver(batch, ids);
     }
   }
 
-  private deliver(batch: Pending[], ids: number[]) {
-    for (let i = 0; i < batch.length; i++) {
-      const { room, user, text, ts, ref } = batch[i];
-      const entry = entryOf(messageOf({ room, id: ids[i], user, text, ts, ref }));
+  private async storeSays(says: Extract<Pending, { kind: "say" }>[]) {
+    let ids: number[];
+    try {
+      for (const say of says) {
+        if (say.text.includes("@")) say.mentions = await this.mentions(say.text);
+        // a reply names a message of the room; one that is not there is dropped, not the reply
+        if (say.replyTo !== undefined && !(await this.store.message(say.room, say.replyTo))) say.replyTo = undefined;
+      }
+      ids = await this.store.append(says);
+    } catch (error) {
+      return this.refuse(says, error);
+    }
+    for (let i = 0; i < says.length; i++) {
+      const { room, user, text, ts, ref, replyTo, mentions } = says[i];
+      const entry = entryOf(messageOf({ room, id: ids[i], user, text, ts, ref, replyTo, mentions }));
       this.rooms.get(room)?.receive(entry);
       this.fanout.publishMessage(room, entry);
     }
+  }
+
+  /** An edit, deletion or reaction: stored with the room's next seq, then delivered as an updated frame (the
+   * requester's copy carries its ref); a refusal goes to the requester only. */
+  private async change(c: Exclude<Pending, { kind: "say" }>) {
+    const { ws, ref } = c;
+    let result: Changed;
+    try {
+      if (c.kind === "edit") c.mentions = c.text.includes("@") ? await this.mentions(c.text) : [];
+      result = await this.store.change(c);
+    } catch (error) {
+      return this.refuse([c], error);
+    }
+    if (!result.ok) return void (!ws.data.closed && sendError(ws, result.code, result.message, { ref, room: c.room }));
+    const own = JSON.stringify({ type: "updated", room: c.room, seq: result.message.seq, message: result.message, ref } satisfies ServerMessage);
+    if (!result.changed) return void (!ws.data.closed && sendFrame(ws, own)); // nothing changed: the state, to the requester
+    const entry: Entry = { ...updatedEntry(result.message), own: { ws, frame: own } };
+    this.rooms.get(c.room)?.receive(entry);
+    this.fanout.publishMessage(c.room, entry);
   }
 
   /** Nothing of the batch was stored: each sender still here hears so, for its ref. */
@@ -2567,7 +2799,7 @@ export class SayQueue {
     this.metrics.storeErrors++;
     this.logger.error("store messages", error, { messages: batch.length });
     for (const { ws, ref } of batch) {
-      if (!ws.data.closed) sendError(ws, "unavailable", "Cannot store the message: the database is unavailable, try again", { ref });
+      if (!ws.data.closed) sendError(ws, "unavailable", "Cannot store it: the database is unavailable, try again", { ref });
     }
   }
 }
@@ -2750,27 +2982,48 @@ export class Chat {
 
   say(ws: ChatSocket, msg: Frame<"say">) {
     const { ref } = msg;
-    if (msg.text.length > this.config.maxText) {
-      this.units.metrics.framesRejected++;
-      return sendError(ws, "bad_request", `text: longer than ${this.config.maxText} characters`, { ref });
+    const refused = this.refuseWrite(ws, msg.room, msg.text);
+    if (refused) return sendError(ws, refused.code, refused.message, { room: refused.room, retryAfterMs: refused.retryAfterMs, ref });
+    this.units.metrics.messagesReceived++;
+    this.units.queue.push({ kind: "say", ws, room: msg.room, user: userOf(ws), text: msg.text, ts: Date.now(), ref, replyTo: msg.replyTo });
+  }
+
+  /** Edit (the author), delete (the author, the room's moderators, admins) or react: stored with the room's next seq. */
+  change(ws: ChatSocket, msg: Frame<"edit"> | Frame<"delete"> | Frame<"react">) {
+    const { room, id, ref } = msg;
+    const refused = this.refuseWrite(ws, room, msg.type === "edit" ? msg.text : undefined);
+    if (refused) return sendError(ws, refused.code, refused.message, { room: refused.room, retryAfterMs: refused.retryAfterMs, ref });
+    const user = ws.data.user.id;
+    if (msg.type === "edit") this.units.queue.push({ kind: "edit", ws, ref, room, id, user, text: msg.text, mentions: [] });
+    else if (msg.type === "react") this.units.queue.push({ kind: "react", ws, ref, room, id, user, emoji: msg.emoji, on: msg.on });
+    else {
+      // the role as this node's copy of the rules has it now (a demotion elsewhere arrives with the fan-out)
+      const moderator = (this.units.rooms.get(room)?.rules.rank(user, ws.data.user.admin) ?? 0) >= RANK.moderator;
+      this.units.queue.push({ kind: "delete", ws, ref, room, id, user, moderator });
     }
-    if (!ws.data.rooms.includes(msg.room)) return sendError(ws, "not_joined", `Cannot say in ${msg.room}: join it first`, { ref });
-    if (this.readOnly(ws)) return sendError(ws, "forbidden", "Guests may read but not write here: sign up or log in", { ref });
-    const muted = this.muted(ws, msg.room);
-    if (muted) return sendError(ws, "forbidden", muted.message, { ref, room: msg.room, retryAfterMs: muted.retryAfterMs });
+  }
+
+  /** Why a write to a room is refused, or nothing: length, membership, guests, mutes, rate limits (a token taken). */
+  private refuseWrite(ws: ChatSocket, room: string, text: string | undefined): (ErrorExtra & { code: ErrorCode; message: string }) | undefined {
+    if (text !== undefined && text.length > this.config.maxText) {
+      this.units.metrics.framesRejected++;
+      return { code: "bad_request", message: `text: longer than ${this.config.maxText} characters` };
+    }
+    if (!ws.data.rooms.includes(room)) return { code: "not_joined", message: `Cannot write in ${room}: join it first` };
+    if (this.readOnly(ws)) return { code: "forbidden", message: "Guests may read but not write here: sign up or log in" };
+    const muted = this.muted(ws, room);
+    if (muted) return { code: "forbidden", message: muted.message, room, retryAfterMs: muted.retryAfterMs };
     const wait = this.sayLimits.take(ws.data.user.id);
     if (wait) {
       this.units.metrics.rateLimited++;
-      return sendError(ws, "rate_limited", `Slow down: try again in ${wait} ms`, { ref, retryAfterMs: wait });
+      return { code: "rate_limited", message: `Slow down: try again in ${wait} ms`, retryAfterMs: wait };
     }
     const addressWait = this.addressSayLimits.take(ws.data.address);
     if (addressWait) {
       this.units.metrics.rateLimited++;
       this.units.metrics.refused.say_per_address++;
-      return sendError(ws, "rate_limited", `Too many messages from your address: try again in ${addressWait} ms`, { ref, retryAfterMs: addressWait });
+      return { code: "rate_limited", message: `Too many messages from your address: try again in ${addressWait} ms`, retryAfterMs: addressWait };
     }
-    this.units.metrics.messagesReceived++;
-    this.units.queue.push({ ws, room: msg.room, user: userOf(ws), text: msg.text, ts: Date.now(), ref });
   }
 
   typing(ws: ChatSocket, name: string) {
@@ -3700,6 +3953,9 @@ function socketHandlers({ config, chat, connections, metrics, logger }: { config
     history: (ws, msg) => chat.page(ws, msg.room, msg.after),
     leave: (ws, msg) => chat.leave(ws, msg.room),
     say: (ws, msg) => chat.say(ws, msg),
+    edit: (ws, msg) => chat.change(ws, msg),
+    delete: (ws, msg) => chat.change(ws, msg),
+    react: (ws, msg) => chat.change(ws, msg),
     typing: (ws, msg) => chat.typing(ws, msg.room),
     nick: (ws, msg) => void chat.rename(ws.data.user.id, msg.name, ws.data.address).then(
       (result) => {
