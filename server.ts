@@ -46,6 +46,10 @@ const ROOM_LIST_LIMIT = 100; // rooms in GET /api/rooms
 const SCROLLBACK_CHUNK = 20; // messages a REST page reads at a time (see newestThatFit)
 const FANOUT_CHUNK = 256; // sockets a paced fan-out (renames) writes to per event-loop turn
 const AUDIT_LIMIT = 200; // entries in GET /api/rooms/:room/audit
+const MY_ROOMS_LIMIT = 200; // rooms in GET /api/me/rooms, busiest first
+const UNREAD_LIMIT = 1_000; // unread messages counted per room (a bounded index range; the page shows "1000+")
+const MENTION_LIMIT = 20; // users one text can mention; also the `@`s of a text that are looked up
+const READ_RATE = { count: 30, perMs: 10_000 }; // `read` frames per user: each is a write and a fan-out event
 const DAY_MS = 24 * 3600_000;
 const RETENTION_BATCH = 1_000; // messages one expiring transaction deletes
 const EMPTIED_KEPT = 100_000; // rooms left empty by retention, remembered until they can be dropped
@@ -324,6 +328,7 @@ export const ClientMessage = z.discriminatedUnion("type", [
   z.strictObject({ type: z.literal("react"), room: RoomName, id: MessageId, emoji: Emoji, on: z.boolean(), ref: Ref.optional() }),
   z.strictObject({ type: z.literal("typing"), room: RoomName }),
   z.strictObject({ type: z.literal("nick"), name: Name }),
+  z.strictObject({ type: z.literal("read"), room: RoomName, seq: MessageId }),
 ]);
 export type ClientMessage = z.infer<typeof ClientMessage>;
 type Frame<T extends ClientMessage["type"]> = Extract<ClientMessage, { type: T }>;
@@ -363,6 +368,8 @@ export const ServerMessage = z.discriminatedUnion("type", [
   z.strictObject({ type: z.literal("renamed"), user: User, previous: z.string() }),
   z.strictObject({ type: z.literal("typing"), room: RoomName, user: User }),
   z.strictObject({ type: z.literal("invited"), room: RoomName, by: User }),
+  // another socket of this user read the room up to seq (apply the highest seen)
+  z.strictObject({ type: z.literal("read"), room: RoomName, seq: MessageId }),
   // the socket is out of the room: kicked or banned by `by`, or it removed itself from a private room
   z.strictObject({ type: z.literal("removed"), room: RoomName, by: User, reason: z.enum(["kicked", "banned", "left"]) }),
   z.strictObject({
@@ -520,6 +527,8 @@ export const AccessEvent = z.discriminatedUnion("what", [
   // sessions revoked (handles) or every session of the user (null): their sockets close with `code`
   z.strictObject({ what: z.literal("close"), user: z.string(), handles: z.array(z.string()).nullable(), code: z.union([z.literal(4001), z.literal(4003)]) }),
   z.strictObject({ what: z.literal("account"), user: z.string(), registered: z.boolean(), admin: z.boolean() }),
+  // the user read a room up to seq on another node: every socket of the user on this node is told
+  z.strictObject({ what: z.literal("read"), user: z.string(), room: RoomName, seq: MessageId }),
   // a room's rules changed: every node re-reads them; then a user is out of it, or invited, and the room is told
   z.strictObject({
     what: z.literal("room"),
@@ -750,6 +759,8 @@ export interface Store {
   readonly accounts: Accounts;
   /** Rooms' rules: members, roles, bans, mutes and the audit log; the same SQL on both engines. */
   readonly access: RoomAccess;
+  /** Each user's rooms, read positions and mentions; the same SQL on both engines. */
+  readonly reading: Reading;
   /** Makes a room with an owner (and, for a dm, its two members): false when the name exists. */
   createRoom(room: string, visibility: Visibility, owner: string | null, members: string[]): Promise<boolean>;
   /** The cookie-signing secret shared by every process: `fresh`, unless one is stored already. */
@@ -846,7 +857,18 @@ function schema(engine: "sqlite" | "postgres", { retention = false }: StoreOptio
       PRIMARY KEY (room, id))${engine === "sqlite" ? " WITHOUT ROWID" : ""}`,
     "CREATE INDEX IF NOT EXISTS messages_by_seq ON messages (room, seq)",
     ...(retention ? ["CREATE INDEX IF NOT EXISTS messages_ts ON messages (ts)"] : []),
+    // seq: the room's sequence number the user has read up to (kept at its highest)
+    "CREATE TABLE IF NOT EXISTS read_state (user_id TEXT NOT NULL, room TEXT NOT NULL, seq BIGINT NOT NULL, PRIMARY KEY (user_id, room))",
+    // a user's rooms: joined and not left with a leave frame, so every device lists the same rooms
+    "CREATE TABLE IF NOT EXISTS user_rooms (user_id TEXT NOT NULL, room TEXT NOT NULL, joined BIGINT NOT NULL, PRIMARY KEY (user_id, room))",
   ];
+}
+
+/** messages.mentions and messages.deleted, which the unread counts read, for the columns `have` lacks.
+ * The lead's core adds these; keep one copy at merge. */
+function lifecycleColumns(have: string[]): string[] {
+  const wanted: [string, string][] = [["mentions", "TEXT"], ["deleted", "INTEGER NOT NULL DEFAULT 0"]];
+  return wanted.filter(([name]) => !have.includes(name)).map(([name, type]) => `ALTER TABLE messages ADD COLUMN ${name} ${type}`);
 }
 
 /** The oldest messages before a time (1st parameter), at most the 2nd parameter of them, deleted; the rooms they were in. */
@@ -944,6 +966,7 @@ class SqliteStore implements Store {
   private readonly query: Query = (sql, params = []) => this.retrying(() => this.db.query(sql.replace(/\$(\d+)/g, "?$1")).all(...(params as never[])));
   readonly accounts = new Accounts(this.query);
   readonly access = new RoomAccess(this.query);
+  readonly reading = new Reading(this.query);
   private readonly db: Database;
   private readonly checkpointer: Worker | null;
   private readonly insertRows: (rows: Row[]) => void;
@@ -1031,6 +1054,8 @@ class SqliteStore implements Store {
       this.db.run("UPDATE messages SET seq = id");
     }
     schema("sqlite", options).forEach((ddl) => this.db.run(ddl));
+    const messageColumns = (this.db.query("PRAGMA table_info(messages)").all() as { name: string }[]).map((c) => c.name);
+    lifecycleColumns(messageColumns).forEach((ddl) => this.db.run(ddl));
     const { users, sessions } = migrateSessions(v1);
     const user = this.db.prepare("INSERT INTO users (id, name, name_key, created, seen) VALUES (?, ?, ?, ?, ?)");
     for (const u of users) user.run(u.id, u.name, u.name_key, u.created, u.seen);
@@ -1334,10 +1359,12 @@ class PostgresStore implements Store {
   private listing: Promise<{ name: string; lastId: number }[]> | null = null; // concurrent room lists share one query
   readonly accounts: Accounts;
   readonly access: RoomAccess;
+  readonly reading: Reading;
   private constructor(private readonly sql: SQL) {
     const query: Query = (text, params = []) => sql.unsafe(text, params as never[]);
     this.accounts = new Accounts(query);
     this.access = new RoomAccess(query);
+    this.reading = new Reading(query);
   }
 
   createRoom(room: string, visibility: Visibility, owner: string | null, members: string[]) {
@@ -1384,6 +1411,8 @@ class PostgresStore implements Store {
     for (const column of MESSAGE_COLUMNS_V3) await tx.unsafe(`ALTER TABLE IF EXISTS messages ADD COLUMN IF NOT EXISTS ${column}`);
     await tx.unsafe("UPDATE messages SET seq = id WHERE seq IS NULL");
     for (const ddl of schema("postgres", options)) await tx.unsafe(ddl);
+    const messageColumns = await tx`SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = 'messages'`;
+    for (const ddl of lifecycleColumns(messageColumns.map((c: { column_name: string }) => c.column_name))) await tx.unsafe(ddl);
     const { users, sessions } = migrateSessions(v1);
     for (let i = 0; i < users.length; i += PG_ROWS_PER_INSERT) await tx`INSERT INTO users ${tx(users.slice(i, i + PG_ROWS_PER_INSERT))}`;
     for (let i = 0; i < sessions.length; i += PG_ROWS_PER_INSERT) await tx`INSERT INTO sessions ${tx(sessions.slice(i, i + PG_ROWS_PER_INSERT))}`;
@@ -1791,6 +1820,101 @@ export class RoomAccess {
     if (!rooms.length) return new Map();
     const rows = await this.q(`SELECT name, visibility FROM rooms WHERE name IN (${rooms.map((_, i) => `$${i + 1}`).join(", ")})`, rooms);
     return new Map(rows.map((r) => [r.name, r.visibility]));
+  }
+}
+
+/** A room in GET /api/me/rooms: its head, how far the user read, and what came after (capped at UNREAD_LIMIT). */
+export type MyRoom = { name: string; visibility: Visibility; seq: number; readSeq: number; unread: number; mentions: number };
+
+const WORD = /^[\p{L}\p{N}\p{M}_]$/u; // what a mention may not be glued to, before its `@` or after its name
+const isHighSurrogate = (code: number) => code >= 0xd800 && code <= 0xdbff;
+/** The code point that ends just before index `i` (a whole surrogate pair, not half). */
+const pointBefore = (s: string, i: number) => (i >= 2 && isHighSurrogate(s.charCodeAt(i - 2)) ? s.slice(i - 2, i) : s.slice(i - 1, i));
+const pointAt = (s: string, i: number) => String.fromCodePoint(s.codePointAt(i)!);
+
+/**
+ * The names each `@` of a text may start, longest first: for an `@` not glued to a word, every prefix of the next
+ * 32 characters (a name's longest) that is not followed by a word character. At most MENTION_LIMIT `@`s.
+ */
+export function mentionCandidates(text: string): string[][] {
+  const out: string[][] = [];
+  for (let at = text.indexOf("@"); at >= 0 && out.length < MENTION_LIMIT; at = text.indexOf("@", at + 1)) {
+    if (at > 0 && WORD.test(pointBefore(text, at))) continue; // mail@example.com
+    const start = at + 1;
+    if (start >= text.length || /\s/.test(text[start])) continue;
+    const names: string[] = [];
+    for (let end = Math.min(text.length, start + 32); end > start; end--) {
+      if (isHighSurrogate(text.charCodeAt(end - 1)) || /\s/.test(text[end - 1])) continue; // half a character, or a trailing space
+      if (end < text.length && WORD.test(pointAt(text, end))) continue; // "@Bob" is not in "@Bobby"
+      names.push(text.slice(start, end));
+    }
+    if (names.length) out.push(names);
+  }
+  return out;
+}
+
+const escapeLike = (s: string) => s.replace(/[\\%_]/g, "\\$&");
+
+/** Each user's rooms, how far the user read each, and who a text mentions: plain statements, written once for both engines. */
+export class Reading {
+  constructor(private readonly q: Query) {}
+
+  /** Stores that the user read a room up to `seq`, unless it had read further: whether the position moved. */
+  async markRead(userId: string, room: string, seq: number): Promise<boolean> {
+    const moved = await this.q(`INSERT INTO read_state (user_id, room, seq) VALUES ($1, $2, $3)
+      ON CONFLICT (user_id, room) DO UPDATE SET seq = excluded.seq WHERE excluded.seq > read_state.seq RETURNING seq`, [userId, room, seq]);
+    return moved.length > 0;
+  }
+
+  /** Adds a room to the user's rooms; one new to the list starts read up to `head` (what its join's history showed). */
+  async join(userId: string, room: string, head: number) {
+    const added = await this.q("INSERT INTO user_rooms (user_id, room, joined) VALUES ($1, $2, $3) ON CONFLICT (user_id, room) DO NOTHING RETURNING room", [userId, room, Date.now()]);
+    if (added.length) await this.markRead(userId, room, head);
+  }
+
+  /** Takes a room off the user's rooms, with its read position. */
+  async leave(userId: string, room: string) {
+    await this.q("DELETE FROM user_rooms WHERE user_id = $1 AND room = $2", [userId, room]);
+    await this.q("DELETE FROM read_state WHERE user_id = $1 AND room = $2", [userId, room]);
+  }
+
+  /**
+   * The user's rooms it may still read (a private room it was removed from is left out), busiest first, at most
+   * `limit`; unread: the newest UNREAD_LIMIT messages after the read position that are not the user's nor deleted
+   * (one range of the messages' primary key per room), and mentions: those of them that name the user.
+   */
+  async rooms(userId: string, admin: boolean, limit: number): Promise<MyRoom[]> {
+    const after = `FROM messages m WHERE m.room = ur.room AND m.id > coalesce(rs.seq, 0) AND m.user_id <> $1 AND m.deleted = 0 ORDER BY m.id DESC LIMIT $3`;
+    const rows = await this.q(`SELECT ur.room, ur.visibility, ur.last_id, coalesce(rs.seq, 0) AS read_seq,
+        (SELECT max(id) FROM messages WHERE room = ur.room) AS head,
+        (SELECT count(*) FROM (SELECT 1 AS one ${after}) u) AS unread,
+        (SELECT count(*) FROM (SELECT m.mentions ${after}) u WHERE u.mentions LIKE $4 ESCAPE '\\') AS mentions
+      FROM (SELECT u.room, r.visibility, r.last_id FROM user_rooms u LEFT JOIN rooms r ON r.name = u.room
+        WHERE u.user_id = $1 AND (r.visibility IS NULL OR r.visibility = 'public' OR ($2 = 1 AND r.visibility = 'private')
+          OR EXISTS (SELECT 1 FROM members mb WHERE mb.room = u.room AND mb.user_id = $1))
+        ORDER BY coalesce(r.last_id, 0) DESC, u.room LIMIT $5) ur
+      LEFT JOIN read_state rs ON rs.user_id = $1 AND rs.room = ur.room`,
+      [userId, admin ? 1 : 0, UNREAD_LIMIT, `%${escapeLike(JSON.stringify(userId))}%`, limit]);
+    const list = rows.map((r): MyRoom => ({
+      name: r.room, visibility: (r.visibility ?? "public") as Visibility, seq: Math.max(Number(r.last_id ?? 0), Number(r.head ?? 0)),
+      readSeq: Number(r.read_seq), unread: Number(r.unread), mentions: Number(r.mentions),
+    }));
+    return list.sort((a, b) => b.seq - a.seq || (a.name < b.name ? -1 : 1));
+  }
+
+  /** The users a text mentions with `@name` (by nameKey; the longest name wins), in order, at most MENTION_LIMIT. */
+  async resolveMentions(text: string): Promise<string[]> {
+    const candidates = mentionCandidates(text);
+    if (!candidates.length) return [];
+    const keys = [...new Set(candidates.flat().map(nameKey))];
+    const rows = await this.q(`SELECT id, name_key FROM users WHERE name_key IN (${keys.map((_, i) => `$${i + 1}`).join(", ")})`, keys);
+    const byKey = new Map(rows.map((r) => [r.name_key as string, r.id as string]));
+    const ids = new Set<string>();
+    for (const names of candidates) {
+      const found = names.map((name) => byKey.get(nameKey(name))).find((id) => id !== undefined);
+      if (found) ids.add(found);
+    }
+    return [...ids].slice(0, MENTION_LIMIT);
   }
 }
 
@@ -2261,7 +2385,7 @@ export class Connections {
   }
 
   /** Applies a change of access to this node's sockets of the user. */
-  apply(event: Exclude<AccessEvent, { what: "room" }>) {
+  apply(event: Exclude<AccessEvent, { what: "room" | "read" }>) {
     const user = this.users.get(event.user);
     if (!user) return;
     if (event.what === "account") {
@@ -2863,7 +2987,9 @@ export class Chat {
   private readonly addressRenameLimits: RateLimiter; // each rename goes to every socket sharing a room: costly in bulk
   private readonly joinLimits: RateLimiter; // per user, so a reconnect does not refill it
   private readonly addressBytes: RateLimiter; // history bytes per client address
+  private readonly readLimits = new RateLimiter(READ_RATE);
   private readonly typingThrottle = new TypingThrottle();
+  private readonly listWrites = new Map<string, Promise<void>>(); // per user and room: a pool may reorder joins and leaves
   private readonly paced: { frame: string; sockets: ChatSocket[]; next: number }[] = []; // see pace
 
   constructor(private readonly config: Config, private readonly units: ChatUnits) {
@@ -2910,6 +3036,8 @@ export class Chat {
       if (wait) return this.abandonJoin(ws, room, "rate_limited", `Cannot join ${name}: too much history sent, try again in ${wait} ms`, wait);
       sendFrame(ws, page.frame);
       this.enter(ws, room);
+      const { id } = data.user;
+      this.writeList(id, name, () => this.units.store.reading.join(id, name, room.lastId));
     }
     send(ws, { type: "presence", room: name, users: room.presenceList(userOf(ws)) });
   }
@@ -2980,6 +3108,51 @@ export class Chat {
     this.units.rooms.release(room);
   }
 
+  /** A leave frame: out of the room, and off the user's rooms on every device (a socket that closes leaves only). */
+  part(ws: ChatSocket, name: string) {
+    this.leave(ws, name);
+    const { id } = ws.data.user;
+    this.writeList(id, name, () => this.units.store.reading.leave(id, name));
+  }
+
+  /** Writes to the user's rooms one after another per room, in the order the frames came; a failure is logged. */
+  private writeList(userId: string, room: string, write: () => Promise<void>) {
+    const key = `${userId}\n${room}`;
+    const next = (this.listWrites.get(key) ?? Promise.resolve()).then(write).catch((error) => this.units.logger.error("user rooms", error, { room }));
+    this.listWrites.set(key, next);
+    void next.then(() => this.listWrites.get(key) === next && this.listWrites.delete(key));
+  }
+
+  /** A read frame: the user read a joined room up to `seq` (at most the room's head); its other sockets, on every node, hear it. */
+  read(ws: ChatSocket, name: string, seq: number) {
+    const room = ws.data.rooms.includes(name) ? this.units.rooms.get(name) : undefined;
+    if (!room) return sendError(ws, "not_joined", `Cannot mark ${name} read: join it first`, { room: name });
+    const user = ws.data.user.id;
+    const wait = this.readLimits.take(user);
+    if (wait) {
+      this.units.metrics.rateLimited++;
+      return sendError(ws, "rate_limited", `Too many read frames: try again in ${wait} ms`, { room: name, retryAfterMs: wait });
+    }
+    const event = { what: "read", user, room: name, seq: Math.min(seq, room.lastId) } as const;
+    this.units.store.reading.markRead(user, name, event.seq).then(
+      (moved) => {
+        if (!moved) return;
+        this.tellSockets(event, ws);
+        this.units.fanout.publishAccess(event);
+      },
+      (error) => {
+        this.units.logger.error("read", error, { room: name });
+        if (!ws.data.closed) sendError(ws, "unavailable", `Cannot store the read position in ${name} now`, { room: name });
+      },
+    );
+  }
+
+  /** Sends a read position to the user's sockets on this node, but `except` (the one that read). */
+  private tellSockets(event: Extract<AccessEvent, { what: "read" }>, except?: ChatSocket) {
+    const frame = JSON.stringify({ type: "read", room: event.room, seq: event.seq } satisfies ServerMessage);
+    for (const ws of this.units.connections.user(event.user)?.sockets ?? []) if (ws !== except && !ws.data.closed) sendFrame(ws, frame);
+  }
+
   say(ws: ChatSocket, msg: Frame<"say">) {
     const { ref } = msg;
     const refused = this.refuseWrite(ws, msg.room, msg.text);
@@ -3039,6 +3212,7 @@ export class Chat {
 
   /** Applies a change of access to this node's sockets. */
   async access(event: AccessEvent) {
+    if (event.what === "read") return this.tellSockets(event);
     if (event.what !== "room") return this.units.connections.apply(event);
     await this.roomChanged(event).catch((error) => this.units.logger.error("room change", error));
   }
@@ -3199,6 +3373,13 @@ export class Chat {
     return [...open, ...[...list.values()].filter((r) => r.visibility !== "public").sort(byActivity)];
   }
 
+  /** GET /api/me/rooms: the user's rooms, read positions and unread counts; a room loaded here has the freshest head. */
+  async myRooms(user: { id: string; admin: boolean }): Promise<MyRoom[]> {
+    const list = await this.units.store.reading.rooms(user.id, user.admin, MY_ROOMS_LIMIT);
+    for (const r of list) r.seq = Math.max(r.seq, this.units.rooms.get(r.name)?.lastId ?? 0);
+    return list;
+  }
+
   /** Whether a new room of this name may be stored (MAX_ROOMS). */
   mayStore(name: string): Promise<boolean> {
     return this.units.retention.admit(name);
@@ -3251,6 +3432,7 @@ export class Chat {
     this.renameLimits.prune(before, here);
     this.addressRenameLimits.prune(before, () => false);
     this.joinLimits.prune(before, here);
+    this.readLimits.prune(before, here);
     this.addressBytes.prune(before, () => false);
   }
 }
@@ -3826,6 +4008,10 @@ function mountApi(app: Hono<Env>, units: AppUnits) {
     const session = signedIn(c);
     return session instanceof Response ? session : c.json(await auth.sessionsOf(session));
   });
+  app.get("/api/me/rooms", async (c) => {
+    const session = signedIn(c);
+    return session instanceof Response ? session : c.json(await chat.myRooms(session));
+  });
   app.delete("/api/me/sessions/:id", async (c) => {
     const session = signedIn(c);
     if (session instanceof Response) return session;
@@ -3951,12 +4137,13 @@ function socketHandlers({ config, chat, connections, metrics, logger }: { config
   const handlers: FrameHandlers = {
     join: (ws, msg) => void chat.join(ws, msg.room, msg.since).catch((error) => logger.error("join", error, { room: msg.room })),
     history: (ws, msg) => chat.page(ws, msg.room, msg.after),
-    leave: (ws, msg) => chat.leave(ws, msg.room),
+    leave: (ws, msg) => chat.part(ws, msg.room), // the close handler leaves with chat.leave: the user's rooms stay
     say: (ws, msg) => chat.say(ws, msg),
     edit: (ws, msg) => chat.change(ws, msg),
     delete: (ws, msg) => chat.change(ws, msg),
     react: (ws, msg) => chat.change(ws, msg),
     typing: (ws, msg) => chat.typing(ws, msg.room),
+    read: (ws, msg) => chat.read(ws, msg.room, msg.seq),
     nick: (ws, msg) => void chat.rename(ws.data.user.id, msg.name, ws.data.address).then(
       (result) => {
         if (!result.ok && !ws.data.closed) sendError(ws, result.code, result.message, { retryAfterMs: result.retryAfterMs });
