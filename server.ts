@@ -1054,8 +1054,8 @@ class SqliteStore implements Store {
       this.db.run("UPDATE messages SET seq = id");
     }
     schema("sqlite", options).forEach((ddl) => this.db.run(ddl));
-    const messageColumns = (this.db.query("PRAGMA table_info(messages)").all() as { name: string }[]).map((c) => c.name);
-    lifecycleColumns(messageColumns).forEach((ddl) => this.db.run(ddl));
+    const columnsNow = (this.db.query("PRAGMA table_info(messages)").all() as { name: string }[]).map((c) => c.name);
+    lifecycleColumns(columnsNow).forEach((ddl) => this.db.run(ddl));
     const { users, sessions } = migrateSessions(v1);
     const user = this.db.prepare("INSERT INTO users (id, name, name_key, created, seen) VALUES (?, ?, ?, ?, ?)");
     for (const u of users) user.run(u.id, u.name, u.name_key, u.created, u.seen);
