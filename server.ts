@@ -308,7 +308,7 @@ export const Emoji = z.string().max(32, "emoji is longer than 32 characters").re
 const GRAPHEMES = new Intl.Segmenter(undefined, { granularity: "grapheme" });
 function isEmoji(s: string): boolean {
   const [first, second] = GRAPHEMES.segment(s);
-  return !!first && !second && /\p{Extended_Pictographic}|\p{Regional_Indicator}/u.test(s) && !/[\p{L}\p{N}\s]/u.test(s.replace(/[\u{1F1E6}-\u{1F1FF}#*0-9\u20E3\uFE0F]/gu, ""));
+  return !!first && !second && /\p{Extended_Pictographic}|\p{Regional_Indicator}|\u20E3/u.test(s) && !/[\p{L}\p{N}\s]/u.test(s.replace(/[\u{1F1E6}-\u{1F1FF}#*0-9\u20E3\uFE0F]/gu, ""));
 }
 export const Visibility = z.enum(["public", "private", "dm"]);
 export type Visibility = z.infer<typeof Visibility>;
@@ -1409,10 +1409,10 @@ class PostgresStore implements Store {
     await tx.unsafe("ALTER TABLE IF EXISTS rooms ADD COLUMN IF NOT EXISTS visibility TEXT NOT NULL DEFAULT 'public'");
     await tx.unsafe("ALTER TABLE IF EXISTS rooms ADD COLUMN IF NOT EXISTS owner TEXT");
     for (const column of MESSAGE_COLUMNS_V3) await tx.unsafe(`ALTER TABLE IF EXISTS messages ADD COLUMN IF NOT EXISTS ${column}`);
-    await tx.unsafe("UPDATE messages SET seq = id WHERE seq IS NULL");
     for (const ddl of schema("postgres", options)) await tx.unsafe(ddl);
     const messageColumns = await tx`SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = 'messages'`;
     for (const ddl of lifecycleColumns(messageColumns.map((c: { column_name: string }) => c.column_name))) await tx.unsafe(ddl);
+    await tx.unsafe("UPDATE messages SET seq = id WHERE seq IS NULL"); // schema 2's messages
     const { users, sessions } = migrateSessions(v1);
     for (let i = 0; i < users.length; i += PG_ROWS_PER_INSERT) await tx`INSERT INTO users ${tx(users.slice(i, i + PG_ROWS_PER_INSERT))}`;
     for (let i = 0; i < sessions.length; i += PG_ROWS_PER_INSERT) await tx`INSERT INTO sessions ${tx(sessions.slice(i, i + PG_ROWS_PER_INSERT))}`;

@@ -212,7 +212,7 @@ export class Client {
     const { history, presence } = await this.join(room, since);
     const pages = [history];
     while (pages.at(-1)!.more) {
-      this.send({ type: "history", room, after: pages.at(-1)!.messages.at(-1)!.id });
+      this.send({ type: "history", room, after: pages.at(-1)!.seq });
       pages.push(await this.next(isHistory, 10_000));
     }
     return { pages, messages: pages.flatMap((p) => p.messages), complete: history.complete, presence };

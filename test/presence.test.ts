@@ -146,7 +146,7 @@ describe("history pages and budgets", () => {
     let last = await c.next((f) => f.type === "history");
     let refused: Frame | undefined;
     while (!refused) {
-      c.send({ type: "history", room: "big", after: last.messages.at(-1)!.id });
+      c.send({ type: "history", room: "big", after: last.seq });
       const f = await c.next((f) => f.type === "history" || f.type === "error");
       if (f.type === "error") refused = f;
       else last = f;

@@ -52,7 +52,7 @@ export async function storedHistory(baseUrl: string, room: string, cookie: strin
     if (res.status !== 200) throw new Error(`GET messages answered ${res.status}`);
     const { messages } = (await res.json()) as { messages: Message[] };
     out.unshift(...messages);
-    if (messages.length < 100 || messages[0].id <= 1) return out;
+    if (!messages.length) return out; // a page may hold fewer than asked (HISTORY_PAGE_BYTES)
     before = messages[0].id;
   }
 }
