@@ -50,6 +50,9 @@ const MY_ROOMS_LIMIT = 200; // rooms in GET /api/me/rooms, busiest first
 const UNREAD_LIMIT = 1_000; // unread messages counted per room (a bounded index range; the page shows "1000+")
 const MENTION_LIMIT = 20; // users one text can mention; also the `@`s of a text that are looked up
 const READ_RATE = { count: 30, perMs: 10_000 }; // `read` frames per user: each is a write and a fan-out event
+const SEARCH_WORDS = 8; // words one search may ask for (each must match)
+const SEARCH_WORD_CHARS = 64; // longest search word, in UTF-16 code units
+const SEARCH_QUERY_CHARS = 1_024; // longest q of a search, before it is split into words
 const DAY_MS = 24 * 3600_000;
 const RETENTION_BATCH = 1_000; // messages one expiring transaction deletes
 const EMPTIED_KEPT = 100_000; // rooms left empty by retention, remembered until they can be dropped
@@ -143,7 +146,7 @@ const SETTINGS = {
   presenceIntervalMs: setting("PRESENCE_INTERVAL_MS", Int(1, 60_000), "100", "at most one presence_diff per room this often"),
   historyPageBytes: setting("HISTORY_PAGE_BYTES", Int(1024, 16 * 1024 * 1024), "131072", "largest history frame (one message always fits)"),
   historyBytes: setting("HISTORY_BYTES", Rate, "4194304/4s", "history bytes per connection, in <bytes>/<seconds>s"),
-  historyBytesPerAddress: setting("HISTORY_BYTES_PER_ADDRESS", Rate, "16777216/8s", "history and REST paging bytes per client address"),
+  historyBytesPerAddress: setting("HISTORY_BYTES_PER_ADDRESS", Rate, "16777216/8s", "history, REST paging and search bytes per client address"),
   maxConnections: setting("MAX_CONNECTIONS", Int(0, 1_000_000), "0", "open sockets per process (0: 3/4 of the open-file limit)"),
   maxConnectionsPerUser: setting("MAX_CONNECTIONS_PER_USER", Int(1, 10_000), "20", "open sockets per user"),
   maxRoomsPerConnection: setting("MAX_ROOMS_PER_CONNECTION", Int(1, 10_000), "50", "rooms one socket may join"),
@@ -407,6 +410,17 @@ export const LoginBody = z.strictObject({ name: z.string().min(1).max(256), pass
 export const MessagesQuery = z.strictObject({
   before: z.coerce.number().int().positive().optional(),
   limit: z.coerce.number().int().min(1).max(100).default(50),
+});
+/** Search words: runs of letters, digits and marks, as the engines' tokenizers cut text; anything else (quotes,
+ * operators, `*`, `-`) only separates words, so no query syntax of the user's ever reaches FTS5 or to_tsquery. */
+export const searchWords = (q: string): string[] => q.match(/[\p{L}\p{N}\p{M}]+/gu) ?? [];
+export const SearchQuery = z.strictObject({
+  q: z.string().max(SEARCH_QUERY_CHARS).transform(searchWords).pipe(
+    z.array(z.string().max(SEARCH_WORD_CHARS, `a word is longer than ${SEARCH_WORD_CHARS} characters`))
+      .min(1, "q has no letters or digits to search for").max(SEARCH_WORDS, `q has more than ${SEARCH_WORDS} words`),
+  ),
+  before: z.coerce.number().int().positive().optional(),
+  limit: z.coerce.number().int().min(1).max(50).default(20),
 });
 
 type MessageFields = {
@@ -792,6 +806,9 @@ export interface Store {
   between(room: string, after: number, before: number): Promise<Message[]>;
   /** Scrollback: up to `limit` messages before an id, oldest first. */
   before(room: string, before: number, limit: number): Promise<Message[]>;
+  /** The newest `limit` messages with id < before whose current text has every word (the last one as a prefix),
+   * newest first. The index follows every insert, update of text and delete of messages by itself (see searchSchema). */
+  search(room: string, words: string[], before: number, limit: number): Promise<Message[]>;
   /** The last id a room handed out (0 for a new room: its first id is then past the ids of any room dropped before). */
   lastId(room: string): Promise<number>;
   /** The rooms with the highest last ids (at most ROOM_LIST_LIMIT), without scanning the others. */
@@ -861,6 +878,7 @@ function schema(engine: "sqlite" | "postgres", { retention = false }: StoreOptio
     "CREATE TABLE IF NOT EXISTS read_state (user_id TEXT NOT NULL, room TEXT NOT NULL, seq BIGINT NOT NULL, PRIMARY KEY (user_id, room))",
     // a user's rooms: joined and not left with a leave frame, so every device lists the same rooms
     "CREATE TABLE IF NOT EXISTS user_rooms (user_id TEXT NOT NULL, room TEXT NOT NULL, joined BIGINT NOT NULL, PRIMARY KEY (user_id, room))",
+    ...searchSchema(engine),
   ];
 }
 
@@ -870,6 +888,49 @@ function lifecycleColumns(have: string[]): string[] {
   const wanted: [string, string][] = [["mentions", "TEXT"], ["deleted", "INTEGER NOT NULL DEFAULT 0"]];
   return wanted.filter(([name]) => !have.includes(name)).map(([name, type]) => `ALTER TABLE messages ADD COLUMN ${name} ${type}`);
 }
+
+/**
+ * The search index. Postgres: a GIN index of to_tsvector('simple', text). SQLite: messages is WITHOUT ROWID, so an
+ * FTS5 table cannot point at its rows: message_docs numbers each message (doc), and a contentless FTS5 table holds
+ * each doc's words (text; scope, one token naming the room, so a search reads only its room's matches). Triggers
+ * keep both in step with every insert, change of text (an edit; a deletion's '' matches nothing) and delete
+ * (retention), so no other code has to remember them. Docs are numbered in id order within a room.
+ */
+function searchSchema(engine: "sqlite" | "postgres"): string[] {
+  if (engine === "postgres") return ["CREATE INDEX IF NOT EXISTS messages_fts ON messages USING gin (to_tsvector('simple', text))"];
+  const doc = "(SELECT doc FROM message_docs WHERE room = old.room AND id = old.id)";
+  return [
+    "CREATE TABLE IF NOT EXISTS message_docs (doc INTEGER PRIMARY KEY, room TEXT NOT NULL, id BIGINT NOT NULL)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS message_docs_key ON message_docs (room, id)",
+    // unicode61: case folded, diacritics removed; a run of CJK characters is one word
+    `CREATE VIRTUAL TABLE IF NOT EXISTS message_words USING fts5(text, scope, content = '', contentless_delete = 1,
+      tokenize = 'unicode61 remove_diacritics 2')`,
+    `CREATE TRIGGER IF NOT EXISTS messages_search_insert AFTER INSERT ON messages BEGIN
+      INSERT INTO message_docs (room, id) VALUES (new.room, new.id);
+      INSERT INTO message_words (rowid, text, scope) VALUES (last_insert_rowid(), new.text, ${SEARCH_SCOPE_SQL("new.room")});
+    END`,
+    // a contentless-delete table updates whole rows only
+    `CREATE TRIGGER IF NOT EXISTS messages_search_update AFTER UPDATE OF text ON messages BEGIN
+      UPDATE message_words SET text = new.text, scope = ${SEARCH_SCOPE_SQL("new.room")} WHERE rowid = ${doc};
+    END`,
+    `CREATE TRIGGER IF NOT EXISTS messages_search_delete AFTER DELETE ON messages BEGIN
+      DELETE FROM message_words WHERE rowid = ${doc};
+      DELETE FROM message_docs WHERE room = old.room AND id = old.id;
+    END`,
+  ];
+}
+/** A room's scope token: 'r' and the hex of its name's UTF-8, one unicode61 token whatever the name (searchScope in JS). */
+const SEARCH_SCOPE_SQL = (room: string) => `'r' || lower(hex(${room}))`;
+const searchScope = (room: string) => `r${Buffer.from(room).toString("hex")}`;
+/** The FTS5 query: the room's scope and every word as a quoted string (never FTS5 syntax), the last one a prefix. */
+const ftsQuery = (room: string, words: string[]) =>
+  `scope : "${searchScope(room)}" AND text : (${words.map((w) => `"${w.replaceAll('"', '""')}"`).join(" ")}*)`;
+/** The to_tsquery text: the words (only letters, digits and marks: see searchWords) joined by &, the last a prefix. */
+const tsQuery = (words: string[]) => words.map((w) => `'${w.replaceAll("'", "''")}'`).join(" & ") + ":*";
+/** Newest doc first, below the doc of the room's first message at or after `before` (docs are in id order in a room). */
+const SQLITE_SEARCH = `SELECT m.* FROM message_words w JOIN message_docs d ON d.doc = w.rowid JOIN messages m ON m.room = d.room AND m.id = d.id
+  WHERE message_words MATCH ?1 AND w.rowid < coalesce((SELECT doc FROM message_docs WHERE room = ?2 AND id >= ?3 ORDER BY id LIMIT 1), 9223372036854775807)
+  ORDER BY w.rowid DESC LIMIT ?4`;
 
 /** The oldest messages before a time (1st parameter), at most the 2nd parameter of them, deleted; the rooms they were in. */
 const expireSql = (p: "?" | "$") => `DELETE FROM messages WHERE (room, id) IN (SELECT room, id FROM messages WHERE ts < ${p}1 ORDER BY ts LIMIT ${p}2) RETURNING room, id`;
@@ -990,6 +1051,7 @@ class SqliteStore implements Store {
     this.db.transaction(() => {
       this.migrate(options);
       this.fillLastIds();
+      this.fillSearch();
     }).immediate();
     this.db.run("PRAGMA busy_timeout = 0");
     const insert = this.db.prepare("INSERT INTO messages (room, id, seq, user_id, name, text, ts, ref, reply_to, mentions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
@@ -1011,6 +1073,17 @@ class SqliteStore implements Store {
     if (this.db.query("SELECT 1 FROM meta WHERE key = 'rooms_last_id'").get()) return;
     this.db.run("UPDATE rooms SET last_id = coalesce((SELECT max(id) FROM messages WHERE room = rooms.name), 0)");
     this.db.run("INSERT INTO meta (key, value) VALUES ('rooms_last_id', '1')");
+  }
+
+  /** Once per database: messages stored before the search index existed are indexed, in (room, id) order. */
+  private fillSearch() {
+    if (this.db.query("SELECT 1 FROM meta WHERE key = 'search_filled'").get()) return;
+    this.db.run("DELETE FROM message_words");
+    this.db.run("DELETE FROM message_docs");
+    this.db.run("INSERT INTO message_docs (room, id) SELECT room, id FROM messages ORDER BY room, id");
+    this.db.run(`INSERT INTO message_words (rowid, text, scope) SELECT d.doc, m.text, ${SEARCH_SCOPE_SQL("m.room")}
+      FROM message_docs d JOIN messages m ON m.room = d.room AND m.id = d.id`);
+    this.db.run("INSERT INTO meta (key, value) VALUES ('search_filled', '1')");
   }
 
   /** Runs a statement, retrying while another connection holds the lock (the checkpointer's WAL rewind, a backup). */
@@ -1262,6 +1335,10 @@ class SqliteStore implements Store {
     return this.retrying(() =>
       this.db.query("SELECT * FROM messages WHERE room = ? AND id < ? ORDER BY id DESC LIMIT ?").all(room, before, limit).reverse().map(messageOfRow),
     );
+  }
+
+  search(room: string, words: string[], before: number, limit: number) {
+    return this.retrying(() => this.db.query(SQLITE_SEARCH).all(ftsQuery(room, words), room, before, limit).map(messageOfRow));
   }
 
   async rooms(limit: number) {
@@ -1553,6 +1630,13 @@ class PostgresStore implements Store {
   async before(room: string, before: number, limit: number) {
     const rows = await this.sql`SELECT * FROM messages WHERE room = ${room} AND id < ${before} ORDER BY id DESC LIMIT ${limit}`;
     return rows.reverse().map(messageOfRow) as Message[];
+  }
+
+  /** The planner picks the GIN index (rare words) or the room's newest ids, each row checked (common words). */
+  async search(room: string, words: string[], before: number, limit: number) {
+    const rows = await this.sql`SELECT * FROM messages WHERE room = ${room} AND id < ${before}
+      AND to_tsvector('simple', text) @@ to_tsquery('simple', ${tsQuery(words)}) ORDER BY id DESC LIMIT ${limit}`;
+    return rows.map(messageOfRow) as Message[];
   }
 
   async lastId(room: string) {
@@ -3315,12 +3399,34 @@ export class Chat {
   }
 
   /** Scrollback for GET /api/rooms/:room/messages as its JSON body, charged to the address's history budget. */
-  async scrollback(address: string, room: string, page: { before: number; limit: number }): Promise<{ ok: true; body: string } | Extract<Outcome, { ok: false }>> {
+  scrollback(address: string, room: string, page: { before: number; limit: number }) {
+    return this.charged(address, async () => `{"messages":[${(await this.newestThatFit(room, page)).join(",")}]}`);
+  }
+
+  /** Search for GET /api/rooms/:room/search as its JSON body, newest first, as many as fit in HISTORY_PAGE_BYTES
+   * (one always does), charged to the address's history budget like scrollback. */
+  search(address: string, room: string, query: { words: string[]; before: number; limit: number }) {
+    return this.charged(address, async () => {
+      const found = await this.units.store.search(room, query.words, query.before, query.limit);
+      const frames: string[] = [];
+      let size = 0;
+      for (const m of found) {
+        const frame = JSON.stringify(m);
+        size += Buffer.byteLength(frame) + 1;
+        if (frames.length && size > this.config.historyPageBytes) break;
+        frames.push(frame);
+      }
+      return `{"messages":[${frames.join(",")}]}`;
+    });
+  }
+
+  /** A body read only when the address's history budget is not empty, then charged its size. */
+  private async charged(address: string, read: () => Promise<string>): Promise<{ ok: true; body: string } | Extract<Outcome, { ok: false }>> {
     const budget = this.addressBytes.bucket(address);
     // an empty budget costs no read; a full one pays any page (the size is known only after the read)
     let wait = budget.wait(1);
     if (!wait) {
-      const body = `{"messages":[${(await this.newestThatFit(room, page)).join(",")}]}`;
+      const body = await read();
       wait = budget.take(performance.now(), Buffer.byteLength(body));
       if (!wait) return { ok: true, body };
     }
@@ -4026,16 +4132,31 @@ function mountApi(app: Hono<Env>, units: AppUnits) {
   }
   app.get("/api/rooms", async (c) => c.json(await chat.listRooms(c.get("session")?.id)));
   mountRooms(app, units);
-  app.get("/api/rooms/:room/messages", async (c) => {
+  /** The room of a request, or its refusal: a private room or dm the caller is not in does not exist, as far as the caller can tell. */
+  const readable = async (c: Context): Promise<string | Response> => {
     const room = RoomName.safeParse(c.req.param("room"));
     if (!room.success) return httpError(c, 400, "bad_request", firstIssue(room.error));
     const session = c.get("session");
-    // a private room or dm the caller is not in does not exist, as far as the caller can tell
     if (!(await units.store.access.rules(room.data)).mayRead(session?.id ?? "", !!session?.admin)) return httpError(c, 404, "not_found", "No such room");
+    return room.data;
+  };
+  app.get("/api/rooms/:room/messages", async (c) => {
+    const room = await readable(c);
+    if (room instanceof Response) return room;
     const query = MessagesQuery.safeParse(c.req.query());
     if (!query.success) return httpError(c, 400, "bad_request", firstIssue(query.error));
     const { before = Number.MAX_SAFE_INTEGER, limit } = query.data;
-    const result = await chat.scrollback(c.get("address"), room.data, { before, limit });
+    const result = await chat.scrollback(c.get("address"), room, { before, limit });
+    if (!result.ok) return httpError(c, 429, result.code, result.message, result.retryAfterMs);
+    return c.body(result.body, 200, { "content-type": "application/json" });
+  });
+  app.get("/api/rooms/:room/search", async (c) => {
+    const room = await readable(c);
+    if (room instanceof Response) return room;
+    const query = SearchQuery.safeParse(c.req.query());
+    if (!query.success) return httpError(c, 400, "bad_request", firstIssue(query.error));
+    const { q: words, before = Number.MAX_SAFE_INTEGER, limit } = query.data;
+    const result = await chat.search(c.get("address"), room, { words, before, limit });
     if (!result.ok) return httpError(c, 429, result.code, result.message, result.retryAfterMs);
     return c.body(result.body, 200, { "content-type": "application/json" });
   });
