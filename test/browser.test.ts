@@ -1033,6 +1033,38 @@ describe.skipIf(SKIP)("browser client", () => {
     expect([...a1.errors, ...a2.errors]).toEqual([]);
   }, TEST_MS);
 
+  test("search: the room's search box finds messages by their words, newest first, and a result jumps to its message (loading older history)", async () => {
+    await using chat = await serve({ historyOnJoin: 5 });
+    const bob = await Client.connect(chat.url, await newSession(chat.url));
+    await bob.join("general");
+    const needle = await bob.say("general", "the quarterly numbers are in");
+    for (let i = 1; i <= 8; i++) await bob.say("general", `filler ${i}`);
+    await bob.say("general", "numbers again, later");
+    await using a = await open(chat.url);
+    const search = async (q: string) => {
+      await a.page.locator("#search-input").fill(q);
+      await a.page.locator("#search-input").press("Enter");
+    };
+    await search("numbers");
+    await a.page.locator("#search-status", { hasText: "2 messages in #general match “numbers”" }).waitFor();
+    expect(await a.page.locator("#search-results .hit-text").allTextContents()).toEqual(["numbers again, later", "the quarterly numbers are in"]);
+    await search("quarterly num"); // every word, the last one as a prefix
+    await a.page.locator("#search-status", { hasText: "1 message in #general matches “quarterly num”" }).waitFor();
+    expect(await byId(a.page, needle.id).count()).toBe(0); // older than the join's history
+    await a.page.locator("#search-results .hit").click();
+    await byId(a.page, needle.id).waitFor();
+    await a.page.waitForFunction((id) => document.activeElement?.getAttribute("data-id") === String(id), needle.id);
+    // an edit is reflected at once; Escape closes the results
+    bob.send({ type: "edit", room: "general", id: needle.id, text: "the yearly figures are in", ref: "e" });
+    await byId(a.page, needle.id).locator(".text", { hasText: "the yearly figures are in" }).waitFor();
+    await search("quarterly");
+    await a.page.locator("#search-status", { hasText: "No messages in #general match “quarterly”" }).waitFor();
+    await a.page.locator("#search-input").press("Escape");
+    expect(await a.page.locator("#search-panel").isHidden()).toBe(true);
+    bob.close();
+    expect(a.errors).toEqual([]);
+  }, TEST_MS);
+
   test("at 360 px wide nothing overflows sideways and the composer stays in view", async () => {
     await using chat = await serve();
     await using a = await open(chat.url, "/", { viewport: { width: 360, height: 720 } });
