@@ -1065,6 +1065,37 @@ describe.skipIf(SKIP)("browser client", () => {
     expect(a.errors).toEqual([]);
   }, TEST_MS);
 
+  test("keyboard only: Tab enters the log at the newest message, arrows move between messages, Tab reaches their buttons, Escape cancels a reply", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await say(a.page, "first");
+    await say(a.page, "second");
+    const focused = () => a.page.evaluate(() => {
+      const active = document.activeElement!;
+      return active.matches(".msg") ? `message ${active.querySelector(".text")!.textContent}` : active.textContent;
+    });
+    await a.page.locator("#scroller").focus();
+    await a.page.keyboard.press("Tab");
+    expect(await focused()).toBe("message second");
+    expect(await a.page.evaluate(() => document.activeElement?.matches(":focus-visible"))).toBe(true);
+    await a.page.keyboard.press("ArrowUp");
+    expect(await focused()).toBe("message first");
+    await a.page.keyboard.press("Tab");
+    expect(await focused()).toBe("Reply");
+    await a.page.keyboard.press("Enter");
+    await a.page.locator("#reply-bar", { hasText: "first" }).waitFor();
+    expect(await a.page.evaluate(() => document.activeElement?.id)).toBe("text");
+    await a.page.keyboard.press("Escape");
+    expect(await a.page.locator("#reply-bar").isHidden()).toBe(true);
+    // the log stays one tab stop: coming back, Tab lands on the message last focused
+    await a.page.locator("#scroller").focus();
+    await a.page.keyboard.press("Tab");
+    expect(await focused()).toBe("message first");
+    await a.page.keyboard.press("End");
+    expect(await focused()).toBe("message second");
+    expect(a.errors).toEqual([]);
+  }, TEST_MS);
+
   test("at 360 px wide nothing overflows sideways and the composer stays in view", async () => {
     await using chat = await serve();
     await using a = await open(chat.url, "/", { viewport: { width: 360, height: 720 } });
