@@ -47,6 +47,7 @@ const SCROLLBACK_CHUNK = 20; // messages a REST page reads at a time (see newest
 const FANOUT_CHUNK = 256; // sockets a paced fan-out (renames) writes to per event-loop turn
 const AUDIT_LIMIT = 200; // entries in GET /api/rooms/:room/audit
 const MY_ROOMS_LIMIT = 200; // rooms in GET /api/me/rooms, busiest first
+const USER_ROOMS_KEPT = 1_000; // rooms kept on a user's list; joining more drops the longest joined
 const UNREAD_LIMIT = 1_000; // unread messages counted per room (a bounded index range; the page shows "1000+")
 const MENTION_LIMIT = 20; // users one text can mention; also the `@`s of a text that are looked up
 const READ_RATE = { count: 30, perMs: 10_000 }; // `read` frames per user: each is a write and a fan-out event
@@ -882,13 +883,6 @@ function schema(engine: "sqlite" | "postgres", { retention = false }: StoreOptio
   ];
 }
 
-/** messages.mentions and messages.deleted, which the unread counts read, for the columns `have` lacks.
- * The lead's core adds these; keep one copy at merge. */
-function lifecycleColumns(have: string[]): string[] {
-  const wanted: [string, string][] = [["mentions", "TEXT"], ["deleted", "INTEGER NOT NULL DEFAULT 0"]];
-  return wanted.filter(([name]) => !have.includes(name)).map(([name, type]) => `ALTER TABLE messages ADD COLUMN ${name} ${type}`);
-}
-
 /**
  * The search index. Postgres: a GIN index of to_tsvector('simple', text). SQLite: messages is WITHOUT ROWID, so an
  * FTS5 table cannot point at its rows: message_docs numbers each message (doc), and a contentless FTS5 table holds
@@ -1127,8 +1121,6 @@ class SqliteStore implements Store {
       this.db.run("UPDATE messages SET seq = id");
     }
     schema("sqlite", options).forEach((ddl) => this.db.run(ddl));
-    const columnsNow = (this.db.query("PRAGMA table_info(messages)").all() as { name: string }[]).map((c) => c.name);
-    lifecycleColumns(columnsNow).forEach((ddl) => this.db.run(ddl));
     const { users, sessions } = migrateSessions(v1);
     const user = this.db.prepare("INSERT INTO users (id, name, name_key, created, seen) VALUES (?, ?, ?, ?, ?)");
     for (const u of users) user.run(u.id, u.name, u.name_key, u.created, u.seen);
@@ -1487,8 +1479,6 @@ class PostgresStore implements Store {
     await tx.unsafe("ALTER TABLE IF EXISTS rooms ADD COLUMN IF NOT EXISTS owner TEXT");
     for (const column of MESSAGE_COLUMNS_V3) await tx.unsafe(`ALTER TABLE IF EXISTS messages ADD COLUMN IF NOT EXISTS ${column}`);
     for (const ddl of schema("postgres", options)) await tx.unsafe(ddl);
-    const messageColumns = await tx`SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = 'messages'`;
-    for (const ddl of lifecycleColumns(messageColumns.map((c: { column_name: string }) => c.column_name))) await tx.unsafe(ddl);
     await tx.unsafe("UPDATE messages SET seq = id WHERE seq IS NULL"); // schema 2's messages
     const { users, sessions } = migrateSessions(v1);
     for (let i = 0; i < users.length; i += PG_ROWS_PER_INSERT) await tx`INSERT INTO users ${tx(users.slice(i, i + PG_ROWS_PER_INSERT))}`;
@@ -1950,10 +1940,15 @@ export class Reading {
     return moved.length > 0;
   }
 
-  /** Adds a room to the user's rooms; one new to the list starts read up to `head` (what its join's history showed). */
+  /** Adds a room to the user's rooms; one new to the list starts read up to `head` (what its join's history showed).
+   * Past USER_ROOMS_KEPT the longest joined go, so the list costs a bounded read. */
   async join(userId: string, room: string, head: number) {
     const added = await this.q("INSERT INTO user_rooms (user_id, room, joined) VALUES ($1, $2, $3) ON CONFLICT (user_id, room) DO NOTHING RETURNING room", [userId, room, Date.now()]);
-    if (added.length) await this.markRead(userId, room, head);
+    if (!added.length) return;
+    await this.markRead(userId, room, head);
+    const dropped = await this.q(`DELETE FROM user_rooms WHERE user_id = $1 AND room IN
+      (SELECT room FROM user_rooms WHERE user_id = $1 ORDER BY joined DESC, room LIMIT 1000000 OFFSET $2) RETURNING room`, [userId, USER_ROOMS_KEPT]);
+    for (const r of dropped) await this.q("DELETE FROM read_state WHERE user_id = $1 AND room = $2", [userId, r.room]);
   }
 
   /** Takes a room off the user's rooms, with its read position. */
@@ -1970,7 +1965,7 @@ export class Reading {
   async rooms(userId: string, admin: boolean, limit: number): Promise<MyRoom[]> {
     const after = `FROM messages m WHERE m.room = ur.room AND m.id > coalesce(rs.seq, 0) AND m.user_id <> $1 AND m.deleted = 0 ORDER BY m.id DESC LIMIT $3`;
     const rows = await this.q(`SELECT ur.room, ur.visibility, ur.last_id, coalesce(rs.seq, 0) AS read_seq,
-        (SELECT max(id) FROM messages WHERE room = ur.room) AS head,
+        (SELECT max(seq) FROM messages WHERE room = ur.room) AS head,
         (SELECT count(*) FROM (SELECT 1 AS one ${after}) u) AS unread,
         (SELECT count(*) FROM (SELECT m.mentions ${after}) u WHERE u.mentions LIKE $4 ESCAPE '\\') AS mentions
       FROM (SELECT u.room, r.visibility, r.last_id FROM user_rooms u LEFT JOIN rooms r ON r.name = u.room
@@ -2620,8 +2615,8 @@ export class Room {
 
   /**
    * Delivers held arrivals in seq order, reading what is missing from the store: the current state of each message
-   * whose latest change falls in the gap (a change superseded by a later one is covered by it). A gap the store
-   * cannot be read for in GAP_ATTEMPTS tries is skipped: its clients see the jump and ask for the page after it.
+   * whose latest change falls in the gap (a change superseded by a later one is covered by it). A gap the store has
+   * nothing for in GAP_ATTEMPTS reads is skipped: its clients see the jump and ask for the page after it.
    */
   private async deliverHeld() {
     let failures = 0;
@@ -2633,8 +2628,8 @@ export class Room {
       if (i === queue.length) continue;
       const rest = queue.slice(i);
       const missing = await this.read(this.lastId, rest[0].seq);
-      if (missing) {
-        if (missing.length) this.registry.units.metrics.gapsFilled++;
+      if (missing?.length) {
+        this.registry.units.metrics.gapsFilled++;
         for (const entry of missing) this.deliver(entry);
         this.lastId = rest[0].seq - 1; // the rest of the gap was superseded: its messages' states come later
       } else if (++failures >= GAP_ATTEMPTS) {
@@ -4346,7 +4341,7 @@ export async function startServer(options: ServerOptions = {}) {
   const topics = new Topics();
   const connections = new Connections(config, metrics);
   const rooms = new Rooms({ store, fanout, topics, connections, metrics, logger }, config);
-  const queue = new SayQueue(store, rooms, fanout, metrics, logger);
+  const queue = new SayQueue(store, rooms, fanout, metrics, logger, (text) => store.reading.resolveMentions(text));
   const retention = new Retention(config, { store, rooms, fanout });
   const chat = new Chat(config, { store, fanout, rooms, connections, queue, retention, metrics, logger });
   fanout.listen(chat.fanoutEvents());

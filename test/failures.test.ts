@@ -114,7 +114,7 @@ describe.skipIf(!!skip)("a cluster node filling gaps", () => {
 
   /** A message frame as another node would publish it. */
   const published = (room: string, id: number, text: string) => {
-    const frame = JSON.stringify({ type: "message", room, id, user: { id: "u-other", name: "other" }, text, ts: Date.now() });
+    const frame = JSON.stringify({ type: "message", room, id, seq: id, user: { id: "u-other", name: "other" }, text, ts: Date.now() });
     return FanoutCodec.encode({ kind: "message", id, sentAt: Date.now() }, frame);
   };
 
@@ -126,7 +126,7 @@ describe.skipIf(!!skip)("a cluster node filling gaps", () => {
     const first = await a.say("gap", "one");
     // another node stored id 2 and 3, and only the publish of 3 reaches this node
     await using sql = new SQL(databaseUrl);
-    await sql`INSERT INTO messages (room, id, user_id, name, text, ts) VALUES ('gap', 2, 'u-other', 'other', 'two', ${Date.now()})`;
+    await sql`INSERT INTO messages (room, id, seq, user_id, name, text, ts) VALUES ('gap', 2, 2, 'u-other', 'other', 'two', ${Date.now()})`;
     await sql`UPDATE rooms SET last_id = 3 WHERE name = 'gap'`;
     const publisher = new RedisClient(redis.url);
     await publisher.publish("chat:room:gap", published("gap", 3, "three"));

@@ -140,6 +140,15 @@ describe("read state", () => {
   });
 });
 
+describe("the user's rooms", () => {
+  test("a user's list keeps at most 1000 rooms: joining more drops the longest joined", async () => {
+    await using chat = await serve();
+    const ann = await newSession(chat.url);
+    for (let i = 0; i <= 1000; i++) await chat.store.reading.join(ann.id, `r${i}`, 0);
+    expect(await chat.store.reading.rooms(ann.id, false, 2000)).toHaveLength(1000);
+  });
+});
+
 describe("mentions", () => {
   test("@name resolves to current users by name key, word-bounded, the longest name first, each once", async () => {
     await using chat = await serve();

@@ -105,7 +105,7 @@ describe("sessions", () => {
     }
   });
 
-  test("a database made by schema version 1 is migrated: old cookies name the same users, with their names and messages", async () => {
+  test("a database made by schema version 1 is migrated (to the current one): old cookies name the same users, with their names and messages", async () => {
     using tmp = tempDir();
     const file = `${tmp.dir}/chat.db`;
     const v1 = new Database(file, { create: true });
@@ -138,7 +138,7 @@ describe("sessions", () => {
     expect((await putName(chat.url, bob.cookie, "ALICE")).status).toBe(409);
     const db = new Database(file, { readonly: true });
     try {
-      expect(db.query("SELECT value FROM meta WHERE key = 'schema_version'").get()).toEqual({ value: "2" });
+      expect(db.query("SELECT value FROM meta WHERE key = 'schema_version'").get()).toEqual({ value: "3" });
       // the sid itself is no longer stored anywhere
       expect(JSON.stringify(db.query("SELECT * FROM sessions").all())).not.toContain("old-sid-of-alice");
     } finally {
