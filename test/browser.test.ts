@@ -1096,6 +1096,39 @@ describe.skipIf(SKIP)("browser client", () => {
     expect(a.errors).toEqual([]);
   }, TEST_MS);
 
+  test("mentions: @ completes names from the room's presence; the message mentioning you is highlighted and counted in the room list", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await using b = await open(chat.url);
+    const bName = (await b.name())!;
+    await a.page.locator("#people .person-button", { hasText: bName }).waitFor();
+    await a.page.locator("#text").pressSequentially(`hi @${bName.slice(0, 3)}`);
+    const option = a.page.locator("#mention-list [role=option]", { hasText: bName });
+    await option.waitFor();
+    expect(await option.getAttribute("aria-selected")).toBe("true");
+    expect(await a.page.locator("#text").getAttribute("aria-expanded")).toBe("true");
+    await a.page.locator("#text").press("Enter"); // picks the name; a second Enter sends
+    expect(await a.page.locator("#text").inputValue()).toBe(`hi @${bName} `);
+    expect(await a.page.locator("#mention-list").isHidden()).toBe(true);
+    await a.page.locator("#text").pressSequentially("look");
+    await a.page.locator("#text").press("Enter");
+    const text = `hi @${bName} look`;
+    await shownText(b.page, text).and(b.page.locator(".mention")).waitFor();
+    await shownText(a.page, text).and(a.page.locator("[data-id]")).waitFor();
+    expect(await shownText(a.page, text).getAttribute("class")).not.toContain("mention"); // it mentions b, not a
+
+    // in another room, b's list counts the mention
+    await b.page.locator("#join-input").fill("random");
+    await b.page.locator("#join-input").press("Enter");
+    await b.page.locator("#room-title", { hasText: "#random" }).waitFor();
+    await connected(b.page);
+    await say(a.page, `@${bName} again`);
+    const general = b.page.locator('.room-link[href="#general"]');
+    await general.locator(".mention-count", { hasText: /^1$/ }).waitFor();
+    expect(await general.locator(".unread-count").textContent()).toBe("1");
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
   test("at 360 px wide nothing overflows sideways and the composer stays in view", async () => {
     await using chat = await serve();
     await using a = await open(chat.url, "/", { viewport: { width: 360, height: 720 } });
