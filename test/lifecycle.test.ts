@@ -2,6 +2,7 @@
 // client that was away, single node, across a restart and across nodes. Real servers, real sockets.
 import { Database } from "bun:sqlite";
 import { describe, expect, test } from "bun:test";
+import { SQL } from "bun";
 import { copyFileSync } from "node:fs";
 import { join } from "node:path";
 import { type ServerMessage } from "../server.ts";
@@ -263,5 +264,32 @@ describeWithServices("changes, cluster", (services) => {
     expect(fromA.message.reactions).toEqual(fromB.message.reactions);
     const stored = await storedHistory(a.url, "race", ann.cookie);
     expect(stored[0].reactions).toEqual(fromA.message.reactions);
+  }, 60_000);
+});
+
+describeWithServices("storage, Postgres", (services) => {
+  test("a Postgres database of schema 2 is upgraded in place too: messages keep their ids as seqs, and take changes after", async () => {
+    const databaseUrl = await services.pg.createDatabase();
+    {
+      // schema 2's messages and meta, as the previous release made them
+      await using sql = new SQL(databaseUrl);
+      await sql`CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)`;
+      await sql`INSERT INTO meta VALUES ('schema_version', '2')`;
+      await sql`CREATE TABLE rooms (name TEXT PRIMARY KEY, last_id BIGINT NOT NULL, visibility TEXT NOT NULL DEFAULT 'public', owner TEXT)`;
+      await sql`CREATE TABLE messages (room TEXT NOT NULL, id BIGINT NOT NULL, user_id TEXT NOT NULL, name TEXT NOT NULL, text TEXT NOT NULL, ts BIGINT NOT NULL, ref TEXT, PRIMARY KEY (room, id))`;
+      await sql`INSERT INTO rooms VALUES ('old', 2, 'public', NULL)`;
+      await sql`INSERT INTO messages VALUES ('old', 1, 'u1', 'Ann', 'first', 1, NULL), ('old', 2, 'u1', 'Ann', 'second', 2, NULL)`;
+    }
+    for (let open = 0; open < 2; open++) {
+      await using chat = await serve({ databaseUrl });
+      const session = await newSession(chat.url);
+      const stored = await storedHistory(chat.url, "old", session.cookie);
+      expect(stored.map((m) => [m.id, m.seq, m.text])).toEqual(open ? [[1, 1, "first"], [2, 3, ""]] : [[1, 1, "first"], [2, 2, "second"]]);
+      if (!open) {
+        const c = await Client.connect(chat.url, session);
+        await c.join("old");
+        expect(await chat.store.change({ kind: "delete", room: "old", id: 2, user: "u1", moderator: false })).toMatchObject({ ok: true, changed: true, message: { seq: 3, deleted: true } });
+      }
+    }
   }, 60_000);
 });
