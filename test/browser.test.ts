@@ -275,7 +275,7 @@ describe.skipIf(SKIP)("browser client", () => {
 
     await a.page.locator('.room-link[href="#random"]').click();
     await a.page.locator("#room-title", { hasText: "#random" }).waitFor();
-    expect(await badge.isVisible()).toBe(false);
+    await badge.waitFor({ state: "hidden" }); // once the messages are in view: the page sends read
     expect(await texts(a.page)).toEqual(["in random first", "unread one", "unread two"]);
     await a.page.evaluate(() => (location.hash = "#general"));
     await a.page.locator("#room-title", { hasText: "#general" }).waitFor();
@@ -818,6 +818,314 @@ describe.skipIf(SKIP)("browser client", () => {
     await b.page.reload();
     await connected(b.page);
     expect(await b.page.locator('.room-link[data-kind="dm"]').count()).toBe(0);
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
+  /** A shown server message by id, in the open room. */
+  const byId = (page: Page, id: string | number) => page.locator(`.log:not([hidden]) > .msg[data-id="${id}"]`);
+  /** A message's tool (Reply, React, Edit, Delete): shown on hover, then clicked. */
+  async function tool(message: ReturnType<Page["locator"]>, name: string) {
+    await message.hover();
+    await message.locator(".tools").getByRole("button", { name, exact: true }).click();
+  }
+
+  test("edit: your own message only, inline (Escape cancels, Enter saves), marked edited on both pages; delete asks first and leaves a tombstone on both", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await using b = await open(chat.url);
+    await say(a.page, "teh typo");
+    const id = (await shownText(a.page, "teh typo").getAttribute("data-id"))!;
+    const [onA, onB] = [byId(a.page, id), byId(b.page, id)];
+    await onB.waitFor();
+    await onB.hover();
+    expect(await onB.locator(".tools .edit").isHidden()).toBe(true); // not b's to edit or delete
+    expect(await onB.locator(".tools .delete").isHidden()).toBe(true);
+
+    await tool(onA, "Edit");
+    const input = onA.locator(".edit-input");
+    expect(await a.page.evaluate(() => document.activeElement?.className)).toBe("edit-input");
+    await input.fill("changed my mind");
+    await input.press("Escape");
+    expect(await input.count()).toBe(0);
+    expect(await onA.locator(".text").textContent()).toBe("teh typo");
+    await tool(onA, "Edit");
+    await input.fill("the typo, fixed");
+    await input.press("Enter");
+    for (const message of [onA, onB]) await message.locator(".edited", { hasText: "edited" }).waitFor();
+    expect(await texts(b.page)).toEqual(["the typo, fixed"]);
+    await onA.locator(".state").waitFor({ state: "hidden" }); // "Saving…" went with the updated frame
+
+    // delete: Cancel keeps it; Delete makes it a tombstone everywhere
+    await tool(onA, "Delete");
+    const dialog = a.page.locator("#delete-dialog");
+    await dialog.locator("#delete-text", { hasText: "“the typo, fixed” will show as “message deleted” for everyone" }).waitFor();
+    await dialog.getByRole("button", { name: "Cancel" }).click();
+    await dialog.waitFor({ state: "hidden" });
+    expect(await texts(a.page)).toEqual(["the typo, fixed"]);
+    await tool(onA, "Delete");
+    await dialog.getByRole("button", { name: "Delete", exact: true }).click();
+    for (const page of [a.page, b.page]) await byId(page, id).and(page.locator(".deleted")).waitFor();
+    for (const page of [a.page, b.page]) expect(await texts(page)).toEqual(["message deleted"]);
+    expect(await onB.locator(".edited").count()).toBe(0);
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
+  test("reactions: the picker adds one, chips count with yours pressed, a click toggles, and the picker offers the ones already there", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await using b = await open(chat.url);
+    const bob = await Client.connect(chat.url, await newSession(chat.url));
+    await bob.join("general");
+    await say(a.page, "react to me");
+    const id = Number(await shownText(a.page, "react to me").getAttribute("data-id"));
+    const [onA, onB] = [byId(a.page, id), byId(b.page, id)];
+    await onB.waitFor();
+    await tool(onB, "React");
+    await onB.getByRole("button", { name: "React with 🎉" }).click();
+    await onA.locator('.chip[aria-pressed="false"]', { hasText: "🎉 1" }).waitFor();
+    await onB.locator('.chip[aria-pressed="true"]', { hasText: "🎉 1" }).waitFor();
+    expect(await onB.locator(".picker").count()).toBe(0);
+
+    await onA.locator(".chip").click(); // a joins in
+    await onB.locator(".chip", { hasText: "🎉 2" }).waitFor();
+    await onA.locator('.chip[aria-pressed="true"]', { hasText: "🎉 2" }).waitFor();
+    await onB.locator(".chip").click(); // b takes its own back
+    await onA.locator(".chip", { hasText: "🎉 1" }).waitFor();
+    await onB.locator('.chip[aria-pressed="false"]', { hasText: "🎉 1" }).waitFor();
+
+    // an emoji not among the common ones is offered once it is on the message; Escape closes the picker
+    bob.send({ type: "react", room: "general", id, emoji: "🦀", on: true });
+    await onA.locator(".chip", { hasText: "🦀 1" }).waitFor();
+    expect(await onA.locator(".chip").allTextContents()).toEqual(["🎉 1", "🦀 1"]);
+    await tool(onA, "React");
+    await onA.getByRole("button", { name: "React with 🦀" }).waitFor();
+    await onA.getByRole("button", { name: "Take back 🎉" }).waitFor();
+    await a.page.keyboard.press("Escape");
+    expect(await onA.locator(".picker").count()).toBe(0);
+    bob.close();
+    expect([...a.errors, ...b.errors]).toEqual([]);
+  }, TEST_MS);
+
+  test("reply: the message shows a quoted line of the original; a click jumps to it, loading older history when it is not shown", async () => {
+    await using chat = await serve({ historyOnJoin: 5 });
+    const bob = await Client.connect(chat.url, await newSession(chat.url));
+    await bob.join("general");
+    const original = await bob.say("general", "the original question");
+    for (let i = 1; i <= 8; i++) await bob.say("general", `filler ${i}`);
+    bob.send({ type: "say", room: "general", text: "an answer, much later", replyTo: original.id, ref: "r1" });
+    await bob.next((f) => f.type === "message" && f.ref === "r1");
+    await using a = await open(chat.url);
+    const answer = shownText(a.page, "an answer, much later");
+    await answer.locator(".quote", { hasText: "an earlier message" }).waitFor(); // not loaded yet
+    await answer.locator(".quote").click();
+    const shownOriginal = byId(a.page, original.id);
+    await shownOriginal.waitFor();
+    await a.page.waitForFunction((id) => document.activeElement?.getAttribute("data-id") === String(id), original.id);
+    await answer.locator(".quote", { hasText: `${original.user.name}: the original question` }).waitFor();
+
+    // replying from the page: the composer says to what, and the other side sees the quote
+    await tool(byId(a.page, original.id), "Reply");
+    await a.page.locator("#reply-bar", { hasText: `Replying to ${original.user.name}: the original question` }).waitFor();
+    expect(await a.page.evaluate(() => document.activeElement?.id)).toBe("text");
+    await say(a.page, "me too");
+    expect(await a.page.locator("#reply-bar").isHidden()).toBe(true);
+    const got = await bob.next((f) => f.type === "message" && f.text === "me too");
+    expect(got.replyTo).toBe(original.id);
+    await shownText(a.page, "me too").locator(".quote", { hasText: "the original question" }).waitFor();
+    bob.close();
+    expect(a.errors).toEqual([]);
+  }, TEST_MS);
+
+  test("a page offline across a server restart during an edit, a delete and a reaction shows all three after it reconnects, then live changes again", async () => {
+    using tmp = tempDir();
+    const databaseUrl = `sqlite://${tmp.dir}/chat.db`;
+    const first = await serve({ databaseUrl });
+    const port = first.port;
+    let second: Awaited<ReturnType<typeof serve>> | undefined;
+    try {
+      await using a = await open(first.url, "/?backoff=150");
+      const bob = await newSession(first.url);
+      const b1 = await Client.connect(first.url, bob);
+      await b1.join("general");
+      const [edit, gone, react] = [await b1.say("general", "to edit"), await b1.say("general", "to delete"), await b1.say("general", "to react")];
+      await shownText(a.page, "to react").waitFor();
+
+      await first.stop();
+      await a.page.locator('#status[data-state="reconnecting"]').waitFor();
+      await a.context.setOffline(true);
+      await a.page.locator('#status[data-state="offline"]').waitFor();
+      second = await serve({ databaseUrl, port });
+      const b2 = await Client.connect(second.url, bob);
+      await b2.join("general");
+      b2.send({ type: "edit", room: "general", id: edit.id, text: "edited while away", ref: "e" });
+      b2.send({ type: "delete", room: "general", id: gone.id, ref: "d" });
+      b2.send({ type: "react", room: "general", id: react.id, emoji: "👍", on: true, ref: "r" });
+      for (const ref of ["e", "d", "r"]) await b2.next((f) => f.type === "updated" && f.ref === ref);
+      expect(await texts(a.page)).toEqual(["to edit", "to delete", "to react"]);
+
+      await a.context.setOffline(false);
+      await connected(a.page);
+      await byId(a.page, edit.id).locator(".edited").waitFor();
+      await byId(a.page, gone.id).and(a.page.locator(".deleted")).waitFor();
+      await byId(a.page, react.id).locator(".chip", { hasText: "👍 1" }).waitFor();
+      expect(await texts(a.page)).toEqual(["edited while away", "message deleted", "to react"]);
+      // live again, in sequence: no gap, nothing twice
+      b2.send({ type: "react", room: "general", id: react.id, emoji: "👍", on: false, ref: "r2" });
+      await byId(a.page, react.id).locator(".chip").waitFor({ state: "detached" });
+      await b2.say("general", "live again");
+      await shownText(a.page, "live again").waitFor();
+      expect(await texts(a.page)).toEqual(["edited while away", "message deleted", "to react", "live again"]);
+      b1.close();
+      b2.close();
+      expect(a.errors).toEqual([]);
+    } finally {
+      await first.stop();
+      await second?.stop();
+    }
+  }, TEST_MS);
+
+  test("unread counts come from GET /api/me/rooms and agree on two pages of one account; reading on one clears the other", async () => {
+    await using chat = await serve();
+    await using a1 = await open(chat.url);
+    const name = (await a1.name())!;
+    await signUp(a1.page);
+    await a1.page.locator("#join-input").fill("random");
+    await a1.page.locator("#join-input").press("Enter");
+    await a1.page.locator("#room-title", { hasText: "#random" }).waitFor();
+    await connected(a1.page);
+    await a1.page.locator('.room-link[href="#general"]').click();
+    await a1.page.locator("#room-title", { hasText: "#general" }).waitFor();
+    // the second device logs in as the account: the room list follows it there
+    await using a2 = await open(chat.url);
+    await a2.page.locator("#login-open").click();
+    await a2.page.locator("#login-name").fill(name);
+    await a2.page.locator("#login-password").fill("correct horse battery");
+    await a2.page.locator("#login-password").press("Enter");
+    await a2.page.locator("#me-view", { hasText: `Signed in as ${name}` }).waitFor();
+    await a2.page.locator('.room-link[href="#random"]').waitFor();
+    await connected(a2.page);
+
+    const bob = await Client.connect(chat.url, await newSession(chat.url));
+    await bob.join("random");
+    await bob.say("random", "unread one");
+    await bob.say("random", "unread two");
+    const badge = (page: Page) => page.locator('.room-link[href="#random"] .unread');
+    for (const { page } of [a1, a2]) await badge(page).locator(".unread-count", { hasText: /^2$/ }).waitFor();
+    // a reload counts the same, from the server
+    await a2.page.reload();
+    await connected(a2.page);
+    await badge(a2.page).locator(".unread-count", { hasText: /^2$/ }).waitFor();
+    expect(await a2.page.title()).toBe("(2) #general · Chat");
+
+    await a1.page.locator('.room-link[href="#random"]').click();
+    await shownText(a1.page, "unread two").waitFor();
+    for (const { page } of [a1, a2]) await badge(page).waitFor({ state: "hidden" });
+    await a2.page.reload();
+    await connected(a2.page);
+    expect(await badge(a2.page).isHidden()).toBe(true);
+    // the divider marks the first unread message when a room opens
+    await bob.say("random", "after the divider");
+    await badge(a2.page).locator(".unread-count", { hasText: /^1$/ }).waitFor();
+    await a2.page.locator('.room-link[href="#random"]').click();
+    await shownText(a2.page, "after the divider").waitFor();
+    expect(await a2.page.locator(".log:not([hidden]) > .divider + .msg .text").textContent()).toBe("after the divider");
+    bob.close();
+    expect([...a1.errors, ...a2.errors]).toEqual([]);
+  }, TEST_MS);
+
+  test("search: the room's search box finds messages by their words, newest first, and a result jumps to its message (loading older history)", async () => {
+    await using chat = await serve({ historyOnJoin: 5 });
+    const bob = await Client.connect(chat.url, await newSession(chat.url));
+    await bob.join("general");
+    const needle = await bob.say("general", "the quarterly numbers are in");
+    for (let i = 1; i <= 8; i++) await bob.say("general", `filler ${i}`);
+    await bob.say("general", "numbers again, later");
+    await using a = await open(chat.url);
+    const search = async (q: string) => {
+      await a.page.locator("#search-input").fill(q);
+      await a.page.locator("#search-input").press("Enter");
+    };
+    await search("numbers");
+    await a.page.locator("#search-status", { hasText: "2 messages in #general match “numbers”" }).waitFor();
+    expect(await a.page.locator("#search-results .hit-text").allTextContents()).toEqual(["numbers again, later", "the quarterly numbers are in"]);
+    await search("quarterly num"); // every word, the last one as a prefix
+    await a.page.locator("#search-status", { hasText: "1 message in #general matches “quarterly num”" }).waitFor();
+    expect(await byId(a.page, needle.id).count()).toBe(0); // older than the join's history
+    await a.page.locator("#search-results .hit").click();
+    await byId(a.page, needle.id).waitFor();
+    await a.page.waitForFunction((id) => document.activeElement?.getAttribute("data-id") === String(id), needle.id);
+    // an edit is reflected at once; Escape closes the results
+    bob.send({ type: "edit", room: "general", id: needle.id, text: "the yearly figures are in", ref: "e" });
+    await byId(a.page, needle.id).locator(".text", { hasText: "the yearly figures are in" }).waitFor();
+    await search("quarterly");
+    await a.page.locator("#search-status", { hasText: "No messages in #general match “quarterly”" }).waitFor();
+    await a.page.locator("#search-input").press("Escape");
+    expect(await a.page.locator("#search-panel").isHidden()).toBe(true);
+    bob.close();
+    expect(a.errors).toEqual([]);
+  }, TEST_MS);
+
+  test("keyboard only: Tab enters the log at the newest message, arrows move between messages, Tab reaches their buttons, Escape cancels a reply", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await say(a.page, "first");
+    await say(a.page, "second");
+    const focused = () => a.page.evaluate(() => {
+      const active = document.activeElement!;
+      return active.matches(".msg") ? `message ${active.querySelector(".text")!.textContent}` : active.textContent;
+    });
+    await a.page.locator("#scroller").focus();
+    await a.page.keyboard.press("Tab");
+    expect(await focused()).toBe("message second");
+    expect(await a.page.evaluate(() => document.activeElement?.matches(":focus-visible"))).toBe(true);
+    await a.page.keyboard.press("ArrowUp");
+    expect(await focused()).toBe("message first");
+    await a.page.keyboard.press("Tab");
+    expect(await focused()).toBe("Reply");
+    await a.page.keyboard.press("Enter");
+    await a.page.locator("#reply-bar", { hasText: "first" }).waitFor();
+    expect(await a.page.evaluate(() => document.activeElement?.id)).toBe("text");
+    await a.page.keyboard.press("Escape");
+    expect(await a.page.locator("#reply-bar").isHidden()).toBe(true);
+    // the log stays one tab stop: coming back, Tab lands on the message last focused
+    await a.page.locator("#scroller").focus();
+    await a.page.keyboard.press("Tab");
+    expect(await focused()).toBe("message first");
+    await a.page.keyboard.press("End");
+    expect(await focused()).toBe("message second");
+    expect(a.errors).toEqual([]);
+  }, TEST_MS);
+
+  test("mentions: @ completes names from the room's presence; the message mentioning you is highlighted and counted in the room list", async () => {
+    await using chat = await serve();
+    await using a = await open(chat.url);
+    await using b = await open(chat.url);
+    const bName = (await b.name())!;
+    await a.page.locator("#people .person-button", { hasText: bName }).waitFor();
+    await a.page.locator("#text").pressSequentially(`hi @${bName.slice(0, 3)}`);
+    const option = a.page.locator("#mention-list [role=option]", { hasText: bName });
+    await option.waitFor();
+    expect(await option.getAttribute("aria-selected")).toBe("true");
+    expect(await a.page.locator("#text").getAttribute("aria-expanded")).toBe("true");
+    await a.page.locator("#text").press("Enter"); // picks the name; a second Enter sends
+    expect(await a.page.locator("#text").inputValue()).toBe(`hi @${bName} `);
+    expect(await a.page.locator("#mention-list").isHidden()).toBe(true);
+    await a.page.locator("#text").pressSequentially("look");
+    await a.page.locator("#text").press("Enter");
+    const text = `hi @${bName} look`;
+    await shownText(b.page, text).and(b.page.locator(".mention")).waitFor();
+    await shownText(a.page, text).and(a.page.locator("[data-id]")).waitFor();
+    expect(await shownText(a.page, text).getAttribute("class")).not.toContain("mention"); // it mentions b, not a
+
+    // in another room, b's list counts the mention
+    await b.page.locator("#join-input").fill("random");
+    await b.page.locator("#join-input").press("Enter");
+    await b.page.locator("#room-title", { hasText: "#random" }).waitFor();
+    await connected(b.page);
+    await say(a.page, `@${bName} again`);
+    const general = b.page.locator('.room-link[href="#general"]');
+    await general.locator(".mention-count", { hasText: /^1$/ }).waitFor();
+    expect(await general.locator(".unread-count").textContent()).toBe("1");
     expect([...a.errors, ...b.errors]).toEqual([]);
   }, TEST_MS);
 

@@ -64,17 +64,23 @@ if (import.meta.main) {
       await page.locator("#text").press("Enter");
       await page.locator(".log:not([hidden]) > .msg:not(.pending)").filter({ hasText: text }).waitFor();
     };
-    await g.say("general", "Morning! Did anyone try the new build?");
-    await g.say("general", "Startup feels a lot faster on my machine.");
-    await l.say("general", "Yes: cold start went from 900 ms to about 120 ms.");
+    const question = await g.say("general", "Morning! Did anyone try the new build?");
+    const faster = await g.say("general", "Startup feels faster.");
+    g.send({ type: "edit", room: "general", id: faster.id, text: "Startup feels a lot faster on my machine.", ref: "edit" });
+    await g.next((f) => f.type === "updated" && f.ref === "edit");
+    // a reply (quoted line of the original) that mentions Ada (highlighted on her page)
+    l.send({ type: "say", room: "general", text: "@Ada yes: cold start went from 900 ms to about 120 ms.", replyTo: question.id, ref: "reply" });
+    await l.next((f) => f.type === "message" && f.ref === "reply");
     await ownSay("Nice. I wrote the notes up here: https://example.com/notes/startup");
     await ownSay("Next up: reconnect after a restart.\nIt rejoins every room with `since`, so nothing is missed.");
     await l.say("general", "Ship it!");
     await page.locator(".log:not([hidden]) > .msg").filter({ hasText: "Ship it!" }).waitFor();
+    await page.locator(".log:not([hidden]) > .msg.mention .quote", { hasText: "Grace: Morning!" }).waitFor();
     await g.say("random", "Lunch at noon?");
     await l.say("random", "Sure");
     await l.say("design", "New icons are in the shared folder.");
     await page.locator('.room-link[href="#random"] .unread-count', { hasText: "2" }).waitFor();
+    await page.locator('.room-link[href="#general"] .unread').waitFor({ state: "hidden" }); // read once seen
 
     for (const shot of SHOTS) {
       await page.setViewportSize({ width: shot.width, height: shot.height });
