@@ -1441,8 +1441,9 @@ class SqliteStore implements Store {
     clearInterval(this.indexer);
     try {
       this.flushLastIdsNow();
-      this.indexRows(this.unindexed);
-      this.db.run("UPDATE meta SET value = '1' WHERE key = 'search_clean'");
+      // a long backlog (after a flood) is left to the next open, so a graceful stop stays short
+      this.indexRows(this.unindexed.splice(0, SEARCH_CATCH_UP));
+      if (!this.unindexed.length) this.db.run("UPDATE meta SET value = '1' WHERE key = 'search_clean'");
     } catch {} // a crash, too, leaves the room list's start a little stale (and the index is caught up at the next open)
     this.checkpointer?.terminate();
     this.db.close();
