@@ -4,7 +4,7 @@ import { afterAll, beforeAll, describe, expect, test } from "bun:test";
 import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { chromium, type Browser, type Page, type WebSocketRoute } from "playwright-core";
-import { ServerMessage } from "../server.ts";
+import { ServerMessage, type ServerOptions } from "../server.ts";
 import { Client, newSession, ROOT, serve, tempDir, until } from "./helpers.ts";
 import { metric } from "./probes.ts";
 
@@ -51,6 +51,34 @@ describe.skipIf(SKIP)("browser client", () => {
       name: () => page.locator("#me-name").textContent(),
       async [Symbol.asyncDispose]() {
         await context.close();
+      },
+    };
+  }
+
+  type Opened = Awaited<ReturnType<typeof open>>;
+
+  /** A server on a database file of its own that a test restarts on the same port while a page is offline. */
+  async function restartable() {
+    const tmp = tempDir();
+    const databaseUrl = `sqlite://${tmp.dir}/chat.db`;
+    let current = await serve({ databaseUrl });
+    const port = current.port;
+    return {
+      get current() {
+        return current;
+      },
+      /** Stops the server, waits for the page to see it and takes the page offline, then starts a new server. */
+      async restartWhileOffline(a: Opened, options: ServerOptions = {}) {
+        await current.stop();
+        await a.page.locator('#status[data-state="reconnecting"]', { hasText: "Reconnecting in" }).waitFor();
+        await a.context.setOffline(true); // kept out while the restarted server changes things
+        await a.page.locator('#status[data-state="offline"]').waitFor();
+        current = await serve({ databaseUrl, port, ...options });
+        return current;
+      },
+      async [Symbol.asyncDispose]() {
+        await current.stop();
+        tmp[Symbol.dispose]();
       },
     };
   }
@@ -412,12 +440,9 @@ describe.skipIf(SKIP)("browser client", () => {
   }, TEST_MS);
 
   test("after a server restart on the same database the page shows each missed message exactly once, through history pages and a refused page", async () => {
-    using tmp = tempDir();
-    const databaseUrl = `sqlite://${tmp.dir}/chat.db`;
-    const first = await serve({ databaseUrl });
-    const port = first.port;
-    let second: Awaited<ReturnType<typeof serve>> | undefined;
-    try {
+    await using server = await restartable();
+    const first = server.current;
+    {
       // ?backoff: a fixed reconnect delay, so the page comes back promptly once it can
       await using a = await open(first.url, "/?backoff=150");
       const name = await a.name();
@@ -428,14 +453,9 @@ describe.skipIf(SKIP)("browser client", () => {
       await b1.say("general", "bob before");
       await shownText(a.page, "bob before").waitFor();
 
-      await first.stop();
-      await a.page.locator('#status[data-state="reconnecting"]', { hasText: "Reconnecting in" }).waitFor();
-      expect(await a.page.locator("#text").isDisabled()).toBe(true);
-      // keep the page out while bob posts on the restarted server
-      await a.context.setOffline(true);
-      await a.page.locator('#status[data-state="offline"]').waitFor();
       // pages of about two missed messages, and a budget that refuses the second page for a moment
-      second = await serve({ databaseUrl, port, historyPageBytes: 1024, historyBytes: "700/1s" });
+      const second = await server.restartWhileOffline(a, { historyPageBytes: 1024, historyBytes: "700/1s" });
+      expect(await a.page.locator("#text").isDisabled()).toBe(true);
       const b2 = await Client.connect(second.url, bob);
       const { history } = await b2.join("general");
       expect(history.messages.map((m) => m.text)).toEqual(["before the restart", "bob before"]);
@@ -457,9 +477,6 @@ describe.skipIf(SKIP)("browser client", () => {
       b1.close();
       b2.close();
       expect(a.errors).toEqual([]);
-    } finally {
-      await first.stop();
-      await second?.stop();
     }
   }, TEST_MS);
 
@@ -937,12 +954,9 @@ describe.skipIf(SKIP)("browser client", () => {
   }, TEST_MS);
 
   test("a page offline across a server restart during an edit, a delete and a reaction shows all three after it reconnects, then live changes again", async () => {
-    using tmp = tempDir();
-    const databaseUrl = `sqlite://${tmp.dir}/chat.db`;
-    const first = await serve({ databaseUrl });
-    const port = first.port;
-    let second: Awaited<ReturnType<typeof serve>> | undefined;
-    try {
+    await using server = await restartable();
+    const first = server.current;
+    {
       await using a = await open(first.url, "/?backoff=150");
       const bob = await newSession(first.url);
       const b1 = await Client.connect(first.url, bob);
@@ -950,11 +964,7 @@ describe.skipIf(SKIP)("browser client", () => {
       const [edit, gone, react] = [await b1.say("general", "to edit"), await b1.say("general", "to delete"), await b1.say("general", "to react")];
       await shownText(a.page, "to react").waitFor();
 
-      await first.stop();
-      await a.page.locator('#status[data-state="reconnecting"]').waitFor();
-      await a.context.setOffline(true);
-      await a.page.locator('#status[data-state="offline"]').waitFor();
-      second = await serve({ databaseUrl, port });
+      const second = await server.restartWhileOffline(a);
       const b2 = await Client.connect(second.url, bob);
       await b2.join("general");
       b2.send({ type: "edit", room: "general", id: edit.id, text: "edited while away", ref: "e" });
@@ -978,9 +988,6 @@ describe.skipIf(SKIP)("browser client", () => {
       b1.close();
       b2.close();
       expect(a.errors).toEqual([]);
-    } finally {
-      await first.stop();
-      await second?.stop();
     }
   }, TEST_MS);
 
