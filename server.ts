@@ -191,6 +191,11 @@ export const HELP = [
   ...Object.values(SETTINGS).map((s) => `  ${`${s.env}=${s.fallback}`.padEnd(36)}${(s.flag ?? "").padEnd(9)}${s.help}`),
 ].join("\n");
 
+/** Settings as the environment names them (what readSettings reads back): for starting a process with them. */
+export function settingsEnv(settings: Partial<Record<keyof Settings, string>>): Record<string, string> {
+  return Object.fromEntries(Object.entries(settings).map(([key, value]) => [SETTINGS[key as keyof Settings].env, value!]));
+}
+
 export class ConfigError extends Error {}
 
 /** Collects raw settings from env and argv (flags win); throws ConfigError on an unknown flag. */
@@ -993,6 +998,13 @@ const changedColumns = (m: Message) => [
   m.text, m.mentions ? JSON.stringify(m.mentions) : null, m.editedAt ?? null, m.deleted ? 1 : 0,
   m.reactions ? JSON.stringify(m.reactions) : null, m.replyTo ?? null, m.seq,
 ] as const;
+/** A statement written for both engines ($1…) as SQLite numbers its parameters (?1…); each text rewritten once. */
+const sqliteTexts = new Map<string, string>();
+function sqliteParams(sql: string): string {
+  let text = sqliteTexts.get(sql);
+  if (text === undefined) sqliteTexts.set(sql, (text = sql.replace(/\$(\d+)/g, "?$1")));
+  return text;
+}
 const CHANGE_SQL = "UPDATE messages SET text = $1, mentions = $2, edited_at = $3, deleted = $4, reactions = $5, reply_to = $6, seq = $7 WHERE room = $8 AND id = $9";
 /** Schema 2 → 3: messages take changes (each with the room's next seq) and remember their state. */
 const MESSAGE_COLUMNS_V3 = ["seq BIGINT", "reply_to BIGINT", "mentions TEXT", "edited_at BIGINT", "deleted INTEGER NOT NULL DEFAULT 0", "reactions TEXT"];
@@ -1035,7 +1047,7 @@ class SqliteStore implements Store {
   private unindexed: [room: string, id: number][] = []; // stored, not yet searchable (see indexNew)
   private readonly indexRows: (rows: [string, number][]) => void;
   private readonly indexer: Timer;
-  private readonly query: Query = (sql, params = []) => this.retrying(() => this.db.query(sql.replace(/\$(\d+)/g, "?$1")).all(...(params as never[])));
+  private readonly query: Query = (sql, params = []) => this.retrying(() => this.db.query(sqliteParams(sql)).all(...(params as never[])));
   readonly accounts = new Accounts(this.query);
   readonly access = new RoomAccess(this.query);
   readonly reading = new Reading(this.query);
@@ -1296,7 +1308,7 @@ class SqliteStore implements Store {
       const seq = this.lastIds.get(c.room)! + 1;
       const changed = applyChange(messageOfRow(row), c, seq, Date.now());
       if (!changed.ok || !changed.changed) return changed;
-      this.db.query(CHANGE_SQL.replace(/\$(\d+)/g, "?$1")).run(...changedColumns(changed.message), c.room, c.id);
+      this.db.query(sqliteParams(CHANGE_SQL)).run(...changedColumns(changed.message), c.room, c.id);
       this.lastIds.set(c.room, seq);
       this.leaders.offer(c.room, seq);
       this.dirty.set(c.room, seq);
@@ -2238,7 +2250,8 @@ class RedisFanout implements Fanout {
         this.received++;
         this.lagMs = Math.max(0, Date.now() - event.sentAt);
         // the frame is ours: a message or an updated frame, whose state the room keeps
-        return void (entryOfFrame(event.frame) && on.message(room, entryOfFrame(event.frame)!));
+        const entry = entryOfFrame(event.frame);
+        return entry && on.message(room, entry);
       case "typing":
         return event.node === this.node ? undefined : on.typing(room, event.frame);
       case "presence":
@@ -3786,12 +3799,8 @@ class Auth {
     private readonly maxSessionsPerUser: number,
   ) {}
 
-  private tell(event: AccessEvent) {
-    this.chat.tell(event);
-  }
-
   private closeSessions(user: string, handles: string[] | null, code: 4001 | 4003 = 4001) {
-    if (!handles || handles.length) this.tell({ what: "close", user, handles, code });
+    if (!handles || handles.length) void this.chat.tell({ what: "close", user, handles, code });
   }
 
   /** Makes the guest an account, or changes the password (then the current one is needed, and other sessions end). */
@@ -3809,7 +3818,7 @@ class Auth {
     await this.sessions.cookies.issue(c, sid);
     for (const ws of this.connections.user(user.id)?.sockets ?? []) if (ws.data.handle === session.handle) ws.data.sid = sid;
     if (user.password) this.closeSessions(user.id, await accounts.deleteSessions(user.id, session.handle));
-    this.tell({ what: "account", user: user.id, registered: true, admin: account.admin });
+    void this.chat.tell({ what: "account", user: user.id, registered: true, admin: account.admin });
     return { ok: true, value: account };
   }
 
@@ -4132,7 +4141,7 @@ const answer = <T,>(c: Context, result: Answer<T>, ok: (value: T) => Response) =
 const signedIn = (c: Context<Env>) => c.get("session") ?? httpError(c, 401, "unauthorized", "No session: GET /api/me first, or log in");
 
 function mountApi(app: Hono<Env>, units: AppUnits) {
-  const { sessions, auth, chat } = units;
+  const { sessions, chat } = units;
   app.use("/api/*", async (c, next) => {
     // before anything reads the store: a flood of requests from one address costs a token each
     const wait = sessions.request(c.get("address"));
@@ -4154,6 +4163,13 @@ function mountApi(app: Hono<Env>, units: AppUnits) {
     if (!result.ok) return httpError(c, result.code === "rate_limited" ? 429 : 409, result.code, result.message, result.retryAfterMs);
     return c.json(me({ ...session, name: body.value.name }));
   });
+  mountAccounts(app, units);
+  mountRooms(app, units);
+  mountHistory(app, units);
+}
+
+/** Passwords, logins and logouts, a user's sessions and devices, instance bans (see Auth). */
+function mountAccounts(app: Hono<Env>, { sessions, auth, chat }: AppUnits) {
   app.post("/api/me/password", async (c) => {
     const body = await readJson(c, PasswordBody, "body must be a JSON object {password, currentPassword?}");
     if (!body.ok) return body.answer;
@@ -4193,14 +4209,17 @@ function mountApi(app: Hono<Env>, units: AppUnits) {
       return answer(c, await auth.ban(session, c.req.param("userId"), banned), () => c.body(null, 204));
     });
   }
+}
+
+/** The room list, and what rooms hold: scrollback and search, for those who may read the room. */
+function mountHistory(app: Hono<Env>, { chat, store }: AppUnits) {
   app.get("/api/rooms", async (c) => c.json(await chat.listRooms(c.get("session")?.id)));
-  mountRooms(app, units);
   /** The room of a request, or its refusal: a private room or dm the caller is not in does not exist, as far as the caller can tell. */
   const readable = async (c: Context): Promise<string | Response> => {
     const room = RoomName.safeParse(c.req.param("room"));
     if (!room.success) return httpError(c, 400, "bad_request", firstIssue(room.error));
     const session = c.get("session");
-    if (!(await units.store.access.rules(room.data)).mayRead(session?.id ?? "", !!session?.admin)) return httpError(c, 404, "not_found", "No such room");
+    if (!(await store.access.rules(room.data)).mayRead(session?.id ?? "", !!session?.admin)) return httpError(c, 404, "not_found", "No such room");
     return room.data;
   };
   app.get("/api/rooms/:room/messages", async (c) => {
@@ -4395,6 +4414,18 @@ export type ServerOptions = Partial<ConfigInput> & {
   log?: Log;
 };
 
+type JanitorUnits = { chat: Chat; sessions: Sessions; connections: Connections; store: Store; retention: Retention; logger: Logger };
+
+/** Every JANITOR_MS: forget idle state, keep open sessions seen, prune sessions and failed logins, expire messages. */
+function janitor({ chat, sessions, connections, store, retention, logger }: JanitorUnits) {
+  chat.forgetStale();
+  sessions.forgetStale(performance.now() - STALE_MS);
+  void sessions.stillOpen([...connections.all()].map((ws) => ws.data.sid)).then(() => sessions.prune())
+    .then(() => store.accounts.pruneFailures(Date.now() - LOGIN_WINDOW_MS))
+    .catch((error) => logger.error("touch sessions", error));
+  retention.run().catch((error) => logger.error("retention", error));
+}
+
 /** Starts a chat server; resolves once it listens. */
 export async function startServer(options: ServerOptions = {}) {
   const { log = () => {}, ...input } = options;
@@ -4423,7 +4454,7 @@ export async function startServer(options: ServerOptions = {}) {
     port: config.port,
     hostname: config.host,
     fetch: (req, srv) => app.fetch(req, srv),
-    maxRequestBodySize: MAX_FRAME, // the only body is PUT /api/me {name}; Bun's default would buffer 128 MB per request
+    maxRequestBodySize: MAX_FRAME, // bodies are small JSON objects; Bun's default would buffer 128 MB per request
     websocket: socketHandlers({ config, chat, connections, metrics, logger }),
   });
   topics.bind(server);
@@ -4435,14 +4466,7 @@ export async function startServer(options: ServerOptions = {}) {
   });
   const timers = [
     setInterval(() => connections.sampleBuffered(), BUFFER_SAMPLE_MS),
-    setInterval(() => {
-      chat.forgetStale();
-      sessions.forgetStale(performance.now() - STALE_MS);
-      void sessions.stillOpen([...connections.all()].map((ws) => ws.data.sid)).then(() => sessions.prune())
-        .then(() => store.accounts.pruneFailures(Date.now() - LOGIN_WINDOW_MS))
-        .catch((error) => logger.error("touch sessions", error));
-      retention.run().catch((error) => logger.error("retention", error));
-    }, JANITOR_MS),
+    setInterval(() => janitor({ chat, sessions, connections, store, retention, logger }), JANITOR_MS),
   ];
   for (const timer of timers) timer.unref();
 

@@ -2,7 +2,7 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { type Rate, ServerMessage, startServer, type ServerOptions } from "../server.ts";
+import { type Rate, ServerMessage, settingsEnv, startServer, type ServerOptions } from "../server.ts";
 import { RawSocket } from "./raw.ts";
 import type { Services } from "./services.ts";
 
@@ -19,9 +19,7 @@ export function tempDir(prefix = "chat-test-") {
 export const ADDRESS_LIMITS_OFF = {
   sessionsPerAddress: "1000000/1s", upgradesPerAddress: "1000000/1s", maxConnectionsPerAddress: "1000000", rateLimitPerAddress: "1000000/1s", renameLimitPerAddress: "1000000/1s", requestsPerAddress: "1000000/1s",
 } as const;
-export const ADDRESS_LIMITS_OFF_ENV = {
-  SESSIONS_PER_ADDRESS: "1000000/1s", UPGRADES_PER_ADDRESS: "1000000/1s", MAX_CONNECTIONS_PER_ADDRESS: "1000000", RATE_LIMIT_PER_ADDRESS: "1000000/1s", RENAME_LIMIT_PER_ADDRESS: "1000000/1s", REQUESTS_PER_ADDRESS: "1000000/1s",
-};
+export const ADDRESS_LIMITS_OFF_ENV = settingsEnv(ADDRESS_LIMITS_OFF);
 
 /**
  * Starts an in-process server on a free port. Unless `databaseUrl` names another, its database is a
