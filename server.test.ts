@@ -548,7 +548,7 @@ describe("process", () => {
       expect(closed.code).toBe(1001);
       expect(await child.proc.exited).toBe(0);
       sentIds = [first, ...a.untaken()].filter((f) => f.type === "message").map((f) => (f as { id: number }).id);
-      expect(child.lines.some((l) => l.includes('"event":"stopped"'))).toBe(true);
+      expect(child.lines.some((l) => l.includes('"event":"stop"'))).toBe(true);
     }
     await using again = await spawnServer(env);
     const b = await Client.connect(again.url, await newSession(again.url));
@@ -585,5 +585,16 @@ describe("process", () => {
     const { clients: [a] } = await usersInRoom(child.url, 1, "general");
     expect((await a.say("general", "from the binary")).text).toBe("from the binary");
     await until(() => existsSync(join(elsewhere, "chat.db")), 5000, "chat.db in the working directory");
+    // the binary names itself in its help, knows its version, and has the operations commands
+    const bin = join(out.dir, "chat");
+    const output = (args: string[]) => Bun.spawnSync([bin, ...args], { cwd: elsewhere, env: { ...process.env, DATABASE_URL: "sqlite://chat.db" } });
+    expect(output(["--version"]).stdout.toString().trim()).toBe(`chat ${(await Bun.file(join(ROOT, "package.json")).json()).version} (Bun ${Bun.version})`);
+    const help = output(["--help"]).stdout.toString();
+    expect(help).toStartWith(`Usage: ${bin} `);
+    expect(help).not.toContain("bun run server.ts");
+    expect(output(["check"]).exitCode).toBe(0);
+    const backup = output(["backup", "copy.db"]);
+    expect({ code: backup.exitCode, err: backup.stderr.toString() }).toEqual({ code: 0, err: "" });
+    expect(existsSync(join(elsewhere, "copy.db"))).toBe(true);
   }, 120_000);
 });

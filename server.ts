@@ -7,14 +7,17 @@ import { Hono, type Context } from "hono";
 import { deleteCookie, getCookie, setSignedCookie } from "hono/cookie";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { createHash, createHmac, timingSafeEqual } from "node:crypto";
-import { readFileSync } from "node:fs";
+import { accessSync, constants, existsSync, readFileSync } from "node:fs";
+import { dirname, resolve } from "node:path";
 import * as z from "zod";
 import page from "./client.html" with { type: "text" };
 import confusables from "./confusables.json";
+import pkg from "./package.json" with { type: "json" };
 
 // ── Constants: every fixed number, named ─────────────────────────────────────
 
 const CLIENT_HTML = page as unknown as string; // bun-types types *.html as HTMLBundle
+export const VERSION = pkg.version; // embedded by bun build --compile, like the page
 const CONFUSABLES: Record<string, string> = confusables; // UTS #39 prototypes; scripts/confusables.ts regenerates the file
 const TOPIC_PREFIX = "room:"; // Bun pub/sub topic of a room
 const MAX_FRAME = 64 * 1024; // a larger frame closes the socket with 1009 (Bun does it); also the largest HTTP body
@@ -76,6 +79,14 @@ const PG_ROWS_PER_INSERT = 1_000; // 7 parameters a row stays under Postgres's 6
 const PG_SCHEMA_LOCK = 727_274; // advisory lock key: nodes starting together create the tables one at a time
 // Redis
 const HEARTBEAT_MS = 5_000;
+const BACKUP_BUSY_MS = 10_000; // a backup waits this long for a writer's lock
+const PG_CONNECT_TIMEOUT_S = 10; // a Postgres host that does not answer fails a connection after this many seconds
+const DB_RETRY_MS = 500; // the first retry of an unreachable database at start; each next one waits twice as long…
+const DB_RETRY_MAX_MS = 5_000; // …up to this
+const REDIS_RETRY_MAX_MS = 30_000; // retries of a Redis unreachable at start back off up to this
+const LOG_SUMMARY_MS = 60_000; // refusals and rate limits are logged as one line per reason this often
+const TALLY_ADDRESSES = 1_000; // distinct addresses a refusal tally counts (more are in its count, not its list)
+const TALLY_TOP = 5; // busiest addresses named in a tally's line
 const NODE_TTL_MS = 15_000; // a node silent this long is dead: its members leave presence
 const REDIS_CONNECT_TIMEOUT_MS = 2_000;
 const ROOM_CHANNEL = "chat:room:"; // + room: messages, typing and presence of one room
@@ -109,6 +120,10 @@ const Int = (min: number, max: number) => z.coerce.number().int().min(min).max(m
 const DatabaseUrl = z
   .string()
   .regex(/^(sqlite:\/\/.+|:memory:|postgres(ql)?:\/\/.+)$/, "expected sqlite://<file>, :memory: or postgres://user@host/db");
+/** An IP address or a DNS name: 999.1.1.1 is neither, and is refused here rather than by listen's EINVAL. */
+const Host = z
+  .string()
+  .refine((h) => parseIp(h) !== undefined || (/^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$/.test(h) && !/^[\d.]+$/.test(h)), "expected an IP address (0.0.0.0, ::) or a host name");
 /** A duration like 30d, 12h, 15m or 90s, in ms. */
 const Duration = z
   .string()
@@ -133,11 +148,11 @@ function optional<S extends z.ZodType>(env: string, schema: S, help: string, fla
   return { env, flag, fallback: "", help, schema: schema.optional() };
 }
 
-const SETTINGS = {
+export const SETTINGS = {
   port: setting("PORT", Int(0, 65535), "3000", "TCP port (0 picks a free one)", "--port"),
-  host: setting("HOST", z.string().min(1), "0.0.0.0", "address to listen on", "--host"),
+  host: setting("HOST", Host, "0.0.0.0", "address to listen on (an IP address or a host name)", "--host"),
   databaseUrl: setting("DATABASE_URL", DatabaseUrl, "sqlite://chat.db", "sqlite://<file>, :memory: or postgres://user@host/db", "--db"),
-  redisUrl: optional("REDIS_URL", z.string().min(1), "redis://host:port turns on the cluster fan-out", "--redis"),
+  redisUrl: optional("REDIS_URL", z.string().regex(/^rediss?:\/\/[^/\s]+/, "expected redis://host:port (or rediss:// for TLS)"), "redis://host:port turns on the cluster fan-out", "--redis"),
   nodeId: optional("NODE_ID", z.string().regex(/^[A-Za-z0-9_.-]{1,64}$/), "this process's name in a cluster (default: random)"),
   sessionSecret: optional("SESSION_SECRET", z.string().min(16, "must be at least 16 characters"), "cookie signing key (default: generated, kept in the database)"),
   allowedOrigins: optional("ALLOWED_ORIGINS", Origins, "comma list of origins allowed to open /chat (default: same host)"),
@@ -165,12 +180,15 @@ const SETTINGS = {
   requestsPerAddress: setting("REQUESTS_PER_ADDRESS", Rate, "600/60s", "/api requests per client address"),
   renameLimitPerAddress: setting("RENAME_LIMIT_PER_ADDRESS", Rate, "10/60s", "renames per client address (all its users together)"),
   metricsPort: optional("METRICS_PORT", Int(0, 65535), "serve /metrics on this port only (on METRICS_HOST)"),
-  metricsHost: setting("METRICS_HOST", z.string().min(1), "127.0.0.1", "address of METRICS_PORT"),
+  metricsHost: setting("METRICS_HOST", Host, "127.0.0.1", "address of METRICS_PORT"),
   metricsToken: optional("METRICS_TOKEN", z.string().min(16, "must be at least 16 characters"), "/metrics needs Authorization: Bearer <token>"),
   retentionDays: setting("RETENTION_DAYS", Int(0, 100_000), "0", "messages older than this many days are deleted (0 keeps them)"),
   maxRooms: setting("MAX_ROOMS", Int(1, 100_000_000), "100000", "stored rooms; past it empty ones are dropped, then new ones refused"),
   guests: setting("GUESTS", z.enum(["write", "read", "off"]), "write", "what guests may do: write (chat), read (join public rooms and read), off (sign in first)"),
   maxSessionsPerUser: setting("MAX_SESSIONS_PER_USER", Int(1, 10_000), "50", "sessions (signed-in devices) per account; a new login drops the least recently seen"),
+  logLevel: setting("LOG_LEVEL", z.enum(["debug", "info", "warn", "error"]), "info", "least severe log lines written: debug, info, warn or error"),
+  logFormat: setting("LOG_FORMAT", z.enum(["auto", "json", "pretty"]), "auto", "json (one object a line), pretty (for people), or auto: pretty on a terminal, else json"),
+  databaseWait: setting("DATABASE_WAIT", Duration, "30s", "how long an unreachable database is retried at start before exiting with code 1"),
   idleTimeout: setting("IDLE_TIMEOUT", Int(1, 960), "60", "seconds without a frame or pong before a socket is dropped"),
 };
 type Settings = typeof SETTINGS;
@@ -183,9 +201,13 @@ type ConfigInput = z.input<typeof Config>;
 
 const FLAGS = new Map(Object.entries(SETTINGS).flatMap(([key, s]) => (s.flag ? [[s.flag, key] as const] : [])));
 
-export const HELP = [
-  "Usage: bun run server.ts [--port N] [--host ADDR] [--db URL] [--redis URL]",
-  "       bun run server.ts grant-admin <name> [--db URL]   (make an account an admin of the instance)",
+/** --help, naming the program as it was run (`bun run server.ts` or the binary's path). */
+export const help = (program: string) => [
+  `Usage: ${program} [--port N] [--host ADDR] [--db URL] [--redis URL]     serve (until SIGTERM or SIGINT)`,
+  `       ${program} grant-admin <name> [--db URL]   make an account an admin of the instance`,
+  `       ${program} backup <file> [--db URL]        copy a live SQLite database (VACUUM INTO); Postgres: pg_dump`,
+  `       ${program} check [--db URL] [--redis URL]  check the settings and reach the database and Redis; exit 0 or 1`,
+  `       ${program} --version                       the version and the Bun it runs on`,
   "",
   "Settings, from the environment (a flag wins over its variable):",
   ...Object.values(SETTINGS).map((s) => `  ${`${s.env}=${s.fallback}`.padEnd(36)}${(s.flag ?? "").padEnd(9)}${s.help}`),
@@ -1523,7 +1545,7 @@ class PostgresStore implements Store {
   }
 
   static async open(url: string, options: StoreOptions): Promise<PostgresStore> {
-    const sql = new SQL(url, { max: PG_POOL });
+    const sql = new SQL(url, { max: PG_POOL, connectionTimeout: PG_CONNECT_TIMEOUT_S });
     await sql.begin(async (tx) => {
       await tx`SELECT pg_advisory_xact_lock(${PG_SCHEMA_LOCK})`;
       await PostgresStore.migrate(tx, options);
@@ -2216,20 +2238,47 @@ class RedisFanout implements Fanout {
   private received = 0;
   private lagMs = 0;
   private beat: Timer | undefined;
+  private retry: Timer | undefined;
+  private closed = false;
 
   private constructor(private readonly pub: RedisClient, private readonly sub: RedisClient, private readonly node: string, private readonly logger: Logger) {}
 
+  /**
+   * Connects, or when Redis cannot be reached starts degraded (this node serves its own clients; /healthz says so)
+   * and retries with backoff, one log line a try naming REDIS_URL and its host.
+   */
   static async open(url: string, node: string, logger: Logger): Promise<RedisFanout> {
     const options = { autoReconnect: true, maxRetries: 1_000_000, enableOfflineQueue: false, connectionTimeout: REDIS_CONNECT_TIMEOUT_MS };
     const fanout = new RedisFanout(new RedisClient(url, options), new RedisClient(url, options), node, logger);
-    await Promise.all([fanout.pub.connect(), fanout.sub.connect()]);
-    await fanout.subscribeAll();
-    fanout.sub.onconnect = () => void fanout.resubscribe();
-    fanout.sub.onclose = () => void (fanout.subscribed = false);
-    fanout.beat = setInterval(() => void fanout.heartbeat().catch((e) => logger.error("redis heartbeat", e)), HEARTBEAT_MS);
-    fanout.beat.unref();
-    await fanout.heartbeat();
+    await fanout.start(url, 1);
     return fanout;
+  }
+
+  private async start(url: string, attempt: number) {
+    // a client without retries answers at once; Bun's retrying client would wait silently for ever
+    const probe = new RedisClient(url, { autoReconnect: false, maxRetries: 0, connectionTimeout: REDIS_CONNECT_TIMEOUT_MS });
+    try {
+      await probe.connect();
+      await Promise.all([this.pub.connect(), this.sub.connect()]);
+    } catch (error) {
+      const retryInMs = Math.min(REDIS_RETRY_MAX_MS, 1_000 * 2 ** (attempt - 1));
+      this.logger.warn("redis_unreachable", { setting: "REDIS_URL", host: hostOf(url), attempt, retryInMs, degraded: true, error: describeError(error) });
+      if (!this.closed) this.retry = setTimeout(() => void this.start(url, attempt + 1), retryInMs);
+      return;
+    } finally {
+      probe.close();
+    }
+    await this.subscribeAll();
+    this.sub.onconnect = () => void this.resubscribe();
+    this.sub.onclose = (error) => {
+      if (this.subscribed) this.logger.warn("redis", { state: "down", host: hostOf(url), error: describeError(error) });
+      this.subscribed = false;
+    };
+    this.beat = setInterval(() => void this.heartbeat().catch((e) => this.logger.error("redis_heartbeat", e)), HEARTBEAT_MS);
+    this.beat.unref();
+    await this.heartbeat();
+    this.logger.info("redis", { state: "up", host: hostOf(url) });
+    if (attempt > 1) this.events?.reconnected();
   }
 
   get connected() {
@@ -2292,10 +2341,10 @@ class RedisFanout implements Fanout {
     this.subscribed = false;
     try {
       await this.subscribeAll();
-      this.logger.info("redis", { state: "resubscribed", channels: this.channels.size });
+      this.logger.info("redis", { state: "up", resubscribed: this.channels.size });
       this.events?.reconnected();
     } catch (error) {
-      this.logger.error("redis resubscribe", error);
+      this.logger.error("redis_resubscribe", error);
     }
   }
 
@@ -2310,7 +2359,7 @@ class RedisFanout implements Fanout {
     await this.pub.send("SADD", ["chat:nodes", this.node]);
     for (const other of (await this.pub.send("SMEMBERS", ["chat:nodes"])) as string[]) {
       if (other === this.node || (await this.pub.send("EXISTS", [`chat:alive:${other}`])) !== 0) continue;
-      this.logger.info("redis", { state: "node expired", node: other });
+      this.logger.warn("redis", { state: "node_expired", node: other });
       await this.presence("drop", other);
     }
   }
@@ -2320,7 +2369,7 @@ class RedisFanout implements Fanout {
     if (this.channels.has(channel)) return;
     this.channels.add(channel);
     // while Redis is down this fails; the reconnect subscribes every channel again
-    if (this.sub.connected) await this.sub.subscribe(channel, this.listener()).catch((e) => this.logger.error("redis subscribe", e));
+    if (this.sub.connected) await this.sub.subscribe(channel, this.listener()).catch((e) => this.logger.error("redis_subscribe", e));
   }
 
   unsubscribe(room: string) {
@@ -2330,19 +2379,22 @@ class RedisFanout implements Fanout {
   }
 
   join(room: string, user: User) {
-    if (this.pub.connected) this.presence("join", this.node, room, user.id, user.name).catch((e) => this.logger.error("redis join", e));
+    if (this.pub.connected) this.presence("join", this.node, room, user.id, user.name).catch((e) => this.logger.error("redis_join", e));
   }
 
   leave(room: string, user: User) {
-    if (this.pub.connected) this.presence("leave", this.node, room, user.id).catch((e) => this.logger.error("redis leave", e));
+    if (this.pub.connected) this.presence("leave", this.node, room, user.id).catch((e) => this.logger.error("redis_leave", e));
   }
 
+  // while Redis is away the other nodes' members are unknown: a room shows its own, and the reconnect resyncs
   async members(room: string) {
+    if (!this.pub.connected) return [];
     const hash = (await this.pub.send("HGETALL", [`chat:presence:${room}`])) as Record<string, string> | null;
     return Object.entries(hash ?? {}).map(([id, name]) => ({ id, name }));
   }
 
   online(rooms: string[]) {
+    if (!this.pub.connected) return Promise.resolve(rooms.map(() => 0));
     return Promise.all(rooms.map(async (r) => Number(await this.pub.send("HLEN", [`chat:presence:${r}`]))));
   }
 
@@ -2351,7 +2403,7 @@ class RedisFanout implements Fanout {
   }
 
   private publish(channel: string, payload: string) {
-    if (this.pub.connected) this.pub.publish(channel, payload).catch((e) => this.logger.error("redis publish", e));
+    if (this.pub.connected) this.pub.publish(channel, payload).catch((e) => this.logger.error("redis_publish", e));
   }
 
   publishMessage(room: string, entry: Entry) {
@@ -2364,7 +2416,7 @@ class RedisFanout implements Fanout {
 
   publishRename(user: User, previous: string, rooms: string[]) {
     this.publish(USERS_CHANNEL, FanoutCodec.encode({ kind: "renamed", node: this.node, user, previous }));
-    if (rooms.length && this.pub.connected) this.presence("rename", this.node, user.id, ...rooms, user.name).catch((e) => this.logger.error("redis rename", e));
+    if (rooms.length && this.pub.connected) this.presence("rename", this.node, user.id, ...rooms, user.name).catch((e) => this.logger.error("redis_rename", e));
   }
 
   publishAccess(event: AccessEvent) {
@@ -2381,28 +2433,75 @@ class RedisFanout implements Fanout {
   }
 
   async close() {
+    this.closed = true;
     clearInterval(this.beat);
+    clearTimeout(this.retry);
+    this.sub.onclose = () => {};
     // removes this node's members from presence at once
-    if (this.pub.connected) await this.presence("drop", this.node).catch((e) => this.logger.error("redis drop", e));
+    if (this.pub.connected) await this.presence("drop", this.node).catch((e) => this.logger.error("redis_drop", e));
     this.sub.close();
     this.pub.close();
   }
 }
 
-// ── Logs and metrics ─────────────────────────────────────────────────────────
+// ── Logs: one line per event, levels, and refusals counted into one line per reason a minute ──
 
-/** Receives one object per event; startServer's caller decides where it goes (stdout as JSON lines in main). */
-export type Log = (event: Record<string, unknown>) => void;
+const LEVELS = { debug: 10, info: 20, warn: 30, error: 40 } as const;
+export type Level = keyof typeof LEVELS;
+export type LogLine = { time: string; level: Level; event: string } & Record<string, unknown>;
+/** Receives one object per event; startServer's caller decides where it goes (stdout in main, an array in tests). */
+export type Log = (line: LogLine) => void;
+
+/** An error as one line: its message, code and causes (Bun nests the useful part, like ECONNREFUSED, in them). */
+export function describeError(error: unknown): string {
+  const parts: string[] = [];
+  for (let e = error, depth = 0; e !== undefined && depth < 4; e = (e as Error)?.cause, depth++) {
+    const code = (e as { code?: unknown })?.code;
+    parts.push(`${e instanceof Error ? e.message : String(e)}${typeof code === "string" && !String(e).includes(code) ? ` (${code})` : ""}`);
+  }
+  return parts.join(": caused by ");
+}
 
 export class Logger {
-  constructor(private readonly write: Log) {}
-  info(event: string, fields: Record<string, unknown> = {}) {
-    this.write({ event, ...fields });
+  private readonly tallies = new Map<string, { event: string; reason: string; count: number; addresses: Map<string, number> }>();
+  constructor(private readonly write: Log, private readonly level: Level = "info") {}
+  enabled(level: Level) {
+    return LEVELS[level] >= LEVELS[this.level];
   }
-  error(where: string, error: unknown, fields: Record<string, unknown> = {}) {
-    this.write({ event: "error", where, error: String(error), ...fields });
+  private emit(level: Level, event: string, fields: Record<string, unknown>) {
+    if (this.enabled(level)) this.write({ time: new Date().toISOString(), level, event, ...fields });
+  }
+  debug(event: string, fields: Record<string, unknown> = {}) { this.emit("debug", event, fields); }
+  info(event: string, fields: Record<string, unknown> = {}) { this.emit("info", event, fields); }
+  warn(event: string, fields: Record<string, unknown> = {}) { this.emit("warn", event, fields); }
+  error(event: string, error: unknown, fields: Record<string, unknown> = {}) {
+    this.emit("error", event, { ...fields, error: describeError(error) });
+  }
+  /** A refusal or rate limit: counted, and written by flush() as one line per reason (an attack cannot flood the log). */
+  tally(event: "refused" | "rate_limited" | "slow_consumers", reason: string, address?: string) {
+    const key = `${event} ${reason}`;
+    const t = this.tallies.get(key) ?? { event, reason, count: 0, addresses: new Map() };
+    this.tallies.set(key, t);
+    t.count++;
+    if (address && (t.addresses.has(address) || t.addresses.size < TALLY_ADDRESSES)) t.addresses.set(address, (t.addresses.get(address) ?? 0) + 1);
+  }
+  /** Every LOG_SUMMARY_MS and at stop: the counts since the last flush, busiest addresses first. */
+  flush(periodMs: number) {
+    for (const { event, reason, count, addresses } of this.tallies.values()) {
+      const top = [...addresses].sort((a, b) => b[1] - a[1]).slice(0, TALLY_TOP).map(([address, n]) => ({ address, count: n }));
+      this.emit("warn", event, { reason, count, periodMs: Math.round(periodMs), addresses: addresses.size, top });
+    }
+    this.tallies.clear();
   }
 }
+
+/** A log line for people: `15:04:05.123 WARN  refused reason=origin count=3`. */
+export function prettyLine({ time, level, event, ...fields }: LogLine): string {
+  const rest = Object.entries(fields).map(([k, v]) => `${k}=${typeof v === "string" && !/\s/.test(v) ? v : JSON.stringify(v)}`);
+  return [time.slice(11, 23), level.toUpperCase().padEnd(5), event, ...rest].join(" ");
+}
+
+// ── Metrics: this process's counters, exposed at /metrics ─────────────────────
 
 /** Why a request, upgrade or frame was refused, as /metrics labels them. */
 const REFUSALS = ["sessions_per_address", "upgrades_per_address", "connections_per_address", "connections_per_user", "connections_total", "say_per_address", "renames_per_address", "requests_per_address", "login_failures"] as const;
@@ -2468,9 +2567,10 @@ type SocketData = {
   buffered: number; // unsent bytes when last sampled
   pressured: boolean; // a direct send met backpressure since the last drain
   closed: boolean;
+  opened: number; // performance.now() at the upgrade, for the close line's duration
 };
 type ChatSocket = ServerWebSocket<SocketData>;
-type Refused = { status: 429 | 503; code: ErrorCode; message: string; retryAfterMs?: number };
+type Refused = { status: 429 | 503; code: ErrorCode; message: string; retryAfterMs?: number; reason?: Refusal };
 
 const userOf = (ws: ChatSocket): User => ({ id: ws.data.user.id, name: ws.data.user.name });
 
@@ -2496,12 +2596,12 @@ export class Connections {
     if (refused) {
       this.metrics.connectionsRefused++;
       this.metrics.refused[refused[0]]++;
-      return refused[1];
+      return { ...refused[1], reason: refused[0] };
     }
     let user = this.users.get(session.id);
     if (!user) this.users.set(session.id, (user = { id: session.id, name: session.name, registered: session.registered, admin: session.admin, sockets: [] }));
     this.perAddress.set(address, (this.perAddress.get(address) ?? 0) + 1);
-    return { user, sid: session.sid, handle: session.handle, address, rooms: [], joining: null, historyBytes: null, buffered: 0, pressured: false, closed: false };
+    return { user, sid: session.sid, handle: session.handle, address, rooms: [], joining: null, historyBytes: null, buffered: 0, pressured: false, closed: false, opened: performance.now() };
   }
 
   private refuse(session: Session, address: string): [Refusal, Refused] | undefined {
@@ -2643,7 +2743,7 @@ export class Room {
       this.coveredFrom = tail.length === this.registry.keep ? tail[0].seq - 1 : 0;
       this.lastId = Math.max(this.recent.at(-1)?.seq ?? 0, stored);
     } catch (error) {
-      logger.error("load room", error, { room: this.name });
+      logger.error("load_room", error, { room: this.name });
       this.state = "failed";
       this.registry.forget(this);
       return;
@@ -2660,7 +2760,7 @@ export class Room {
     try {
       this.rules = await this.registry.units.store.access.rules(this.name);
     } catch (error) {
-      this.registry.units.logger.error("load rules", error, { room: this.name });
+      this.registry.units.logger.error("load_rules", error, { room: this.name });
     }
   }
 
@@ -2714,7 +2814,7 @@ export class Room {
         for (const entry of missing) this.deliver(entry);
         this.lastId = rest[0].seq - 1; // the rest of the gap was superseded: its messages' states come later
       } else if (++failures >= GAP_ATTEMPTS) {
-        this.registry.units.logger.info("gap skipped", { room: this.name, from: this.lastId + 1, to: rest[0].seq - 1 });
+        this.registry.units.logger.info("gap_skipped", { room: this.name, from: this.lastId + 1, to: rest[0].seq - 1 });
         this.lastId = rest[0].seq - 1;
       } else await Bun.sleep(GAP_RETRY_MS * failures);
       this.held.push(...rest);
@@ -2726,7 +2826,7 @@ export class Room {
     try {
       return (await this.registry.units.store.between(this.name, after, before)).map(entryOfStored);
     } catch (error) {
-      this.registry.units.logger.error("read room", error, { room: this.name });
+      this.registry.units.logger.error("read_room", error, { room: this.name });
       return undefined;
     }
   }
@@ -3081,7 +3181,7 @@ export class SayQueue {
   /** Nothing of the batch was stored: each sender still here hears so, for its ref. */
   private refuse(batch: Pending[], error: unknown) {
     this.metrics.storeErrors++;
-    this.logger.error("store messages", error, { messages: batch.length });
+    this.logger.error("store_messages", error, { messages: batch.length });
     for (const { ws, ref } of batch) {
       if (!ws.data.closed) sendError(ws, "unavailable", "Cannot store it: the database is unavailable, try again", { ref });
     }
@@ -3220,11 +3320,17 @@ export class Chat {
     sendFrame(ws, page.frame);
   }
 
+  /** A frame or request refused by a rate limit: counted for /metrics and for the minute's log line of its kind. */
+  private limited(kind: string, address: string) {
+    this.units.metrics.rateLimited++;
+    this.units.logger.tally("rate_limited", kind, address);
+  }
+
   /** Charges history bytes to the socket's and its address's budgets, both or neither: 0, or the ms until both can pay. */
   private chargeHistory(ws: ChatSocket, bytes: number): number {
     const own = (ws.data.historyBytes ??= new TokenBucket(this.config.historyBytes));
     const wait = takeAll([own, this.addressBytes.bucket(ws.data.address)], bytes);
-    if (wait) this.units.metrics.rateLimited++;
+    if (wait) this.limited("history", ws.data.address);
     return wait;
   }
 
@@ -3237,7 +3343,7 @@ export class Chat {
     // each join can announce the user to the room, and sends history: a user toggling a room would flood both
     const wait = this.joinLimits.take(data.user.id);
     if (!wait) return;
-    this.units.metrics.rateLimited++;
+    this.limited("join", data.address);
     return { ok: false, code: "rate_limited", message: `Cannot join ${name}: too many joins, try again in ${wait} ms`, retryAfterMs: wait };
   }
 
@@ -3278,7 +3384,7 @@ export class Chat {
   /** Writes to the user's rooms one after another per room, in the order the frames came; a failure is logged. */
   private writeList(userId: string, room: string, write: () => Promise<void>) {
     const key = `${userId}\n${room}`;
-    const next = (this.listWrites.get(key) ?? Promise.resolve()).then(write).catch((error) => this.units.logger.error("user rooms", error, { room }));
+    const next = (this.listWrites.get(key) ?? Promise.resolve()).then(write).catch((error) => this.units.logger.error("user_rooms", error, { room }));
     this.listWrites.set(key, next);
     void next.then(() => this.listWrites.get(key) === next && this.listWrites.delete(key));
   }
@@ -3290,7 +3396,7 @@ export class Chat {
     const user = ws.data.user.id;
     const wait = this.readLimits.take(user);
     if (wait) {
-      this.units.metrics.rateLimited++;
+      this.limited("read", ws.data.address);
       return sendError(ws, "rate_limited", `Too many read frames: try again in ${wait} ms`, { room: name, retryAfterMs: wait });
     }
     const event = { what: "read", user, room: name, seq: Math.min(seq, room.lastId) } as const;
@@ -3301,7 +3407,7 @@ export class Chat {
         this.units.fanout.publishAccess(event);
       },
       (error) => {
-        this.units.logger.error("read", error, { room: name });
+        this.units.logger.error("read_state", error, { room: name });
         if (!ws.data.closed) sendError(ws, "unavailable", `Cannot store the read position in ${name} now`, { room: name });
       },
     );
@@ -3348,12 +3454,12 @@ export class Chat {
     if (muted) return { code: "forbidden", message: muted.message, room, retryAfterMs: muted.retryAfterMs };
     const wait = this.sayLimits.take(ws.data.user.id);
     if (wait) {
-      this.units.metrics.rateLimited++;
+      this.limited("say", ws.data.address);
       return { code: "rate_limited", message: `Slow down: try again in ${wait} ms`, retryAfterMs: wait };
     }
     const addressWait = this.addressSayLimits.take(ws.data.address);
     if (addressWait) {
-      this.units.metrics.rateLimited++;
+      this.limited("say_per_address", ws.data.address);
       this.units.metrics.refused.say_per_address++;
       return { code: "rate_limited", message: `Too many messages from your address: try again in ${addressWait} ms`, retryAfterMs: addressWait };
     }
@@ -3374,7 +3480,7 @@ export class Chat {
   async access(event: AccessEvent) {
     if (event.what === "read") return this.tellSockets(event);
     if (event.what !== "room") return this.units.connections.apply(event);
-    await this.roomChanged(event).catch((error) => this.units.logger.error("room change", error));
+    await this.roomChanged(event).catch((error) => this.units.logger.error("room_change", error));
   }
 
   /** Tells the other nodes of a change made here, and applies it here before the request is answered. */
@@ -3421,12 +3527,12 @@ export class Chat {
   async rename(userId: string, name: string, address: string): Promise<Outcome> {
     const wait = this.renameLimits.take(userId);
     if (wait) {
-      this.units.metrics.rateLimited++;
+      this.limited("rename", address);
       return { ok: false, code: "rate_limited", message: `Too many renames: try again in ${wait} ms`, retryAfterMs: wait };
     }
     const addressWait = this.addressRenameLimits.take(address);
     if (addressWait) {
-      this.units.metrics.rateLimited++;
+      this.limited("renames_per_address", address);
       this.units.metrics.refused.renames_per_address++;
       return { ok: false, code: "rate_limited", message: `Too many renames from your address: try again in ${addressWait} ms`, retryAfterMs: addressWait };
     }
@@ -3506,7 +3612,7 @@ export class Chat {
       wait = budget.take(performance.now(), Buffer.byteLength(body));
       if (!wait) return { ok: true, body };
     }
-    this.units.metrics.rateLimited++;
+    this.limited("history_per_address", address);
     return { ok: false, code: "rate_limited", message: `Too much history sent to this address: try again in ${wait} ms`, retryAfterMs: wait };
   }
 
@@ -3710,7 +3816,10 @@ class Sessions {
   /** Takes an /api request of this address: 0, or the ms until one is allowed. */
   request(address: string): number {
     const wait = this.requests.take(address);
-    if (wait) this.metrics.refused.requests_per_address++;
+    if (wait) {
+      this.metrics.refused.requests_per_address++;
+      this.logger.tally("rate_limited", "requests_per_address", address);
+    }
     return wait;
   }
 
@@ -3733,6 +3842,7 @@ class Sessions {
     const wait = this.perAddress.take(address);
     if (wait) {
       this.metrics.refused.sessions_per_address++;
+      this.logger.tally("rate_limited", "sessions_per_address", address);
       return { status: 429, code: "rate_limited", message: `Too many new sessions from your address: try again in ${wait} ms`, retryAfterMs: wait };
     }
     const session = await this.store.createGuest(randomId(SID_BYTES), defaultName);
@@ -3769,7 +3879,7 @@ class Sessions {
     const now = Date.now();
     const { guestTtl, maxUnusedSessions, maxSessions } = this.limits;
     const rules = { unusedBefore: now - UNUSED_SESSION_TTL_MS, keepUnused: maxUnusedSessions, guestsSeenBefore: now - guestTtl, keep: maxSessions };
-    await this.store.pruneSessions(rules).catch((error) => this.logger.error("prune sessions", error));
+    await this.store.pruneSessions(rules).catch((error) => this.logger.error("prune_sessions", error));
   }
 
   /** Forgets rate buckets idle since `before` (a bucket idle that long is full again). */
@@ -3797,6 +3907,7 @@ class Auth {
     private readonly chat: Chat,
     private readonly metrics: Metrics,
     private readonly maxSessionsPerUser: number,
+    private readonly logger: Logger,
   ) {}
 
   private closeSessions(user: string, handles: string[] | null, code: 4001 | 4003 = 4001) {
@@ -3833,6 +3944,7 @@ class Auth {
     const blocked = (await accounts.failures(keys, now - LOGIN_WINDOW_MS)).filter((f) => f.count >= LOGIN_FAILURES);
     if (blocked.length) {
       this.metrics.refused.login_failures++;
+      this.logger.tally("refused", "login_failures", address);
       const wait = Math.max(1_000, ...blocked.map((f) => f.oldest + LOGIN_WINDOW_MS - now));
       return deny(429, "rate_limited", `Too many failed logins: try again in ${Math.ceil(wait / 60_000)} min`, wait);
     }
@@ -3878,6 +3990,7 @@ class Auth {
     if (!target) return deny(404, "not_found", "No such user");
     if (target.admin || target.id === me.id) return deny(403, "forbidden", "Admins cannot be banned (remove the admin role first)");
     await accounts.setBanned(userId, banned);
+    this.logger.info("moderation", { action: banned ? "instance_ban" : "instance_unban", user: userId, by: me.id });
     if (banned) {
       await accounts.deleteSessions(userId);
       this.closeSessions(userId, null, 4003);
@@ -3896,7 +4009,13 @@ type RoomContext = { rules: RoomRules; by: User; admin: boolean; rank: number };
  * checked against the store, not a node's cache; every change reaches every node's sockets through Chat.tell.
  */
 class Moderation {
-  constructor(private readonly store: Store, private readonly chat: Chat, private readonly config: Config) {}
+  constructor(private readonly store: Store, private readonly chat: Chat, private readonly config: Config, private readonly logger: Logger) {}
+
+  /** An action in the room's audit log, and a log line (ids only: names are in the audit log). */
+  private async record(room: string, action: AuditAction, target: User, by: User, until?: number | null) {
+    await this.store.access.record(room, action, target, by, until);
+    this.logger.info("moderation", { action, room, user: target.id, by: by.id, ...(until != null && { until: new Date(until).toISOString() }) });
+  }
 
   /** The room as the caller may see it: a private room or dm the caller is not in is 404, as if it did not exist. */
   private async room(session: Session, name: string): Promise<Answer<RoomContext>> {
@@ -3968,7 +4087,7 @@ class Moderation {
     const target = await this.user(userId);
     if (!target) return deny(404, "not_found", "No such user");
     if (!rules.roles.has(userId)) await this.store.access.setRole(name, userId, "member");
-    await this.store.access.record(name, "invite", target, by);
+    await this.record(name, "invite", target, by);
     await this.chat.tell({ what: "room", room: name, by, invited: userId });
     return { ok: true, value: null };
   }
@@ -3988,7 +4107,7 @@ class Moderation {
     if (!ctx.ok) return ctx;
     const { rules, by, target } = ctx.value;
     if (rules.visibility === "private") await this.store.access.setRole(name, userId, null);
-    await this.store.access.record(name, "kick", target, by);
+    await this.record(name, "kick", target, by);
     await this.chat.tell({ what: "room", room: name, by, removed: { user: userId, reason: "kicked" }, moderation: { action: "kick", user: target } });
     return { ok: true, value: null };
   }
@@ -4000,7 +4119,7 @@ class Moderation {
     if (rules.visibility === "private" && !rules.roles.has(userId)) return deny(404, "not_found", "That user is not a member of this room");
     await this.store.access.setRole(name, userId, promote ? "moderator" : "member");
     const action = promote ? "promote" : "demote";
-    await this.store.access.record(name, action, target, by);
+    await this.record(name, action, target, by);
     await this.chat.tell({ what: "room", room: name, by, moderation: { action, user: target } });
     return { ok: true, value: null };
   }
@@ -4012,7 +4131,7 @@ class Moderation {
     const until = minutes === undefined ? null : Date.now() + minutes * 60_000;
     await this.store.access.ban(name, userId, until);
     if (rules.visibility === "private") await this.store.access.setRole(name, userId, null);
-    await this.store.access.record(name, "ban", target, by, until);
+    await this.record(name, "ban", target, by, until);
     const moderation = { action: "ban" as const, user: target, ...(until ? { until } : {}) };
     await this.chat.tell({ what: "room", room: name, by, removed: { user: userId, reason: "banned" }, moderation });
     return { ok: true, value: null };
@@ -4024,7 +4143,7 @@ class Moderation {
     const { by, target } = ctx.value;
     const until = Date.now() + minutes * 60_000;
     await this.store.access.mute(name, userId, until);
-    await this.store.access.record(name, "mute", target, by, until);
+    await this.record(name, "mute", target, by, until);
     await this.chat.tell({ what: "room", room: name, by, moderation: { action: "mute", user: target, until } });
     return { ok: true, value: null };
   }
@@ -4037,7 +4156,7 @@ class Moderation {
     if (what === "ban") await this.store.access.ban(name, userId, undefined);
     else await this.store.access.mute(name, userId, undefined);
     const action = what === "ban" ? "unban" : "unmute";
-    await this.store.access.record(name, action, target, by);
+    await this.record(name, action, target, by);
     await this.chat.tell({ what: "room", room: name, by, moderation: { action, user: target } });
     return { ok: true, value: null };
   }
@@ -4293,27 +4412,32 @@ function mountRooms(app: Hono<Env>, { moderation }: AppUnits) {
 }
 
 /** GET /chat: the upgrade, after the origin, session and connection limits are checked. */
-function mountSocket(app: Hono<Env>, { config, sessions, connections, lifecycle }: AppUnits) {
+function mountSocket(app: Hono<Env>, { config, sessions, connections, lifecycle, logger }: AppUnits) {
+  /** A refused upgrade: counted into the minute's log line for its reason, then answered. */
+  const refuse = (c: Context<Env>, reason: string, status: ContentfulStatusCode, code: string, message: string, retryAfterMs?: number) => {
+    logger.tally("refused", reason, c.get("address"));
+    return httpError(c, status, code, message, retryAfterMs);
+  };
   app.get("/chat", async (c) => {
     if (c.req.header("upgrade")?.toLowerCase() !== "websocket") return httpError(c, 426, "upgrade_required", "GET /chat is a WebSocket endpoint");
     const origin = c.req.header("origin");
     if (origin !== undefined && !originAllowed(config.allowedOrigins, origin, c.req.header("host"), isSecure(c))) {
-      return httpError(c, 403, "forbidden", "This origin may not open /chat");
+      return refuse(c, "origin", 403, "forbidden", "This origin may not open /chat");
     }
     if (sessions.cookies.count(c) > 1) return httpError(c, 400, "bad_request", "The request has more than one session cookie: clear this site's cookies");
     const address = c.get("address");
     const wait = sessions.upgrade(address);
     if (wait) {
-      return httpError(c, 429, "rate_limited", `Too many connections opened from your address: try again in ${wait} ms`, wait);
+      return refuse(c, "upgrades_per_address", 429, "rate_limited", `Too many connections opened from your address: try again in ${wait} ms`, wait);
     }
     const session = await sessions.read(c);
-    if (!session) return httpError(c, 401, "unauthorized", "No valid session: load / first (the page asks /api/me for one)");
-    if (config.guests === "off" && !session.registered) return httpError(c, 401, "unauthorized", "Guests may not chat here: sign up or log in");
+    if (!session) return refuse(c, "no_session", 401, "unauthorized", "No valid session: load / first (the page asks /api/me for one)");
+    if (config.guests === "off" && !session.registered) return refuse(c, "guests_off", 401, "unauthorized", "Guests may not chat here: sign up or log in");
     if (lifecycle.shuttingDown) return httpError(c, 503, "unavailable", "Server is shutting down");
     // before the limits: nothing may await between them and the upgrade, or a burst gets past them
     await sessions.opened(session);
     const data = connections.admit(session, address);
-    if ("status" in data) return httpError(c, data.status, data.code, data.message);
+    if ("status" in data) return refuse(c, data.reason ?? data.code, data.status, data.code, data.message);
     if (c.env.upgrade(c.req.raw, { data })) return new Response(null);
     connections.abandon(data);
     return httpError(c, 400, "bad_request", "WebSocket upgrade failed");
@@ -4365,6 +4489,7 @@ function socketHandlers({ config, chat, connections, metrics, logger }: { config
     sendPings: true,
     open(ws) {
       connections.opened(ws);
+      logger.debug("connection_opened", { user: ws.data.user.id, address: ws.data.address, connections: connections.count });
       send(ws, { type: "welcome", user: userOf(ws), maxText: config.maxText });
     },
     message(ws, raw) {
@@ -4382,7 +4507,11 @@ function socketHandlers({ config, chat, connections, metrics, logger }: { config
       const data = ws.data;
       data.closed = true;
       // Bun closes slow readers itself (1006); unsent bytes at close, or a send that met backpressure, tell them from clean exits
-      if (code === 1006 && reason === "" && (data.buffered > 0 || data.pressured)) metrics.slowConsumersClosed++;
+      if (code === 1006 && reason === "" && (data.buffered > 0 || data.pressured)) {
+        metrics.slowConsumersClosed++;
+        logger.tally("slow_consumers", "backpressure", data.address);
+      }
+      logger.debug("connection_closed", { user: data.user.id, address: data.address, code, durationMs: Math.round(performance.now() - data.opened) });
       for (const room of [...data.rooms, ...(data.joining ?? [])]) chat.leave(ws, room);
       connections.closed(ws);
     },
@@ -4405,8 +4534,67 @@ export function openFileLimit(limits = "/proc/self/limits"): number {
 export function connectionLimit(wanted: number, fdLimit: number, logger: Logger): number {
   const allowed = Math.max(1, fdLimit - Math.max(FD_RESERVE_MIN, Math.ceil(fdLimit / 4)));
   if (wanted === 0) return allowed;
-  if (wanted > allowed) logger.info("config", { warning: `MAX_CONNECTIONS=${wanted} lowered to ${allowed}: the open-file limit is ${fdLimit}` });
+  if (wanted > allowed) logger.warn("config", { setting: "MAX_CONNECTIONS", warning: `MAX_CONNECTIONS=${wanted} lowered to ${allowed}: the open-file limit is ${fdLimit}` });
   return Math.min(wanted, allowed);
+}
+
+/** A URL without its password, for logs: postgres://chat:***@db:5432/chat. */
+export function redactUrl(url: string): string {
+  try {
+    const u = new URL(url);
+    if (u.password) u.password = "***";
+    return u.toString();
+  } catch {
+    return url.replace(/\/\/[^@/]*@/, "//***@");
+  }
+}
+
+/** The database a start line names: its kind and where it is (never a password). */
+function describeDatabase(url: string): { kind: string; where: string } {
+  if (url === ":memory:") return { kind: "sqlite", where: ":memory:" };
+  if (url.startsWith("sqlite://")) return { kind: "sqlite", where: resolve(url.slice("sqlite://".length)) };
+  return { kind: "postgres", where: redactUrl(url) };
+}
+
+/**
+ * openStore, retried while the database cannot be reached, one log line a try naming the setting and host; after
+ * DATABASE_WAIT the error names them too. A SQLite file that cannot be opened fails at once: waiting will not help.
+ */
+async function openStoreRetrying(config: Config, logger: Logger): Promise<Store> {
+  const { databaseUrl: url, databaseWait, retentionDays } = config;
+  const deadline = performance.now() + databaseWait;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await openStore(url, { retention: retentionDays > 0 });
+    } catch (error) {
+      const where = describeDatabase(url).where;
+      if (!/^postgres/.test(url)) throw new Error(`Cannot open DATABASE_URL=${where}: ${describeError(error)}`);
+      const retryInMs = Math.min(DB_RETRY_MAX_MS, DB_RETRY_MS * 2 ** (attempt - 1), deadline - performance.now());
+      if (retryInMs <= 0) throw new Error(`Cannot reach DATABASE_URL=${where} after ${attempt} tries in ${databaseWait / 1000} s: ${describeError(error)}`);
+      logger.warn("database_unreachable", { setting: "DATABASE_URL", host: hostOf(url), attempt, retryInMs: Math.round(retryInMs), error: describeError(error) });
+      await Bun.sleep(retryInMs);
+    }
+  }
+}
+
+/** host:port of a URL, for a log line. */
+function hostOf(url: string): string {
+  try {
+    return new URL(url).host;
+  } catch {
+    return "(unparsable URL)";
+  }
+}
+
+/** Bun.serve, with a failure to listen named by the settings behind it (EADDRINUSE, EADDRNOTAVAIL, EACCES). */
+function listen<T>(config: Config, serve: () => T): T {
+  try {
+    return serve();
+  } catch (error) {
+    const code = (error as { code?: string }).code ?? "";
+    const why = { EADDRINUSE: "the port is in use", EADDRNOTAVAIL: "the address is not one of this machine's", EACCES: "ports below 1024 need privileges" }[code] ?? describeError(error);
+    throw new Error(`Cannot listen on HOST=${config.host} PORT=${config.port}: ${why}`);
+  }
 }
 
 export type ServerOptions = Partial<ConfigInput> & {
@@ -4422,7 +4610,7 @@ function janitor({ chat, sessions, connections, store, retention, logger }: Jani
   sessions.forgetStale(performance.now() - STALE_MS);
   void sessions.stillOpen([...connections.all()].map((ws) => ws.data.sid)).then(() => sessions.prune())
     .then(() => store.accounts.pruneFailures(Date.now() - LOGIN_WINDOW_MS))
-    .catch((error) => logger.error("touch sessions", error));
+    .catch((error) => logger.error("touch_sessions", error));
   retention.run().catch((error) => logger.error("retention", error));
 }
 
@@ -4430,10 +4618,10 @@ function janitor({ chat, sessions, connections, store, retention, logger }: Jani
 export async function startServer(options: ServerOptions = {}) {
   const { log = () => {}, ...input } = options;
   const config = Config.parse(input);
-  const logger = new Logger(log);
+  const logger = new Logger(log, config.logLevel);
   config.maxConnections = connectionLimit(config.maxConnections, openFileLimit(), logger);
   const nodeId = config.nodeId ?? randomId(NODE_SUFFIX_BYTES);
-  const store = await openStore(config.databaseUrl, { retention: config.retentionDays > 0 });
+  const store = await openStoreRetrying(config, logger);
   const secret = config.sessionSecret ?? (await store.secret(randomId(SECRET_BYTES)));
   const fanout = config.redisUrl ? await RedisFanout.open(config.redisUrl, nodeId, logger) : new LocalFanout(nodeId);
   const metrics = new Metrics();
@@ -4445,18 +4633,18 @@ export async function startServer(options: ServerOptions = {}) {
   const chat = new Chat(config, { store, fanout, rooms, connections, queue, retention, metrics, logger });
   fanout.listen(chat.fanoutEvents());
   const sessions = new Sessions(store, new Cookies(secret), config, metrics, logger);
-  const auth = new Auth(store, sessions, connections, chat, metrics, config.maxSessionsPerUser);
-  const moderation = new Moderation(store, chat, config);
+  const auth = new Auth(store, sessions, connections, chat, metrics, config.maxSessionsPerUser, logger);
+  const moderation = new Moderation(store, chat, config, logger);
   const lifecycle = { shuttingDown: false };
   const units = { config, store, sessions, auth, moderation, chat, connections, fanout, rooms, metrics, logger, lifecycle };
   const app = createApp(units);
-  const server = Bun.serve<SocketData>({
+  const server = listen(config, () => Bun.serve<SocketData>({
     port: config.port,
     hostname: config.host,
     fetch: (req, srv) => app.fetch(req, srv),
     maxRequestBodySize: MAX_FRAME, // bodies are small JSON objects; Bun's default would buffer 128 MB per request
     websocket: socketHandlers({ config, chat, connections, metrics, logger }),
-  });
+  }));
   topics.bind(server);
   // METRICS_PORT: /metrics alone, on its own (loopback by default) listener
   const metricsServer = config.metricsPort === undefined ? null : Bun.serve({
@@ -4467,14 +4655,17 @@ export async function startServer(options: ServerOptions = {}) {
   const timers = [
     setInterval(() => connections.sampleBuffered(), BUFFER_SAMPLE_MS),
     setInterval(() => janitor({ chat, sessions, connections, store, retention, logger }), JANITOR_MS),
+    setInterval(() => logger.flush(LOG_SUMMARY_MS), LOG_SUMMARY_MS),
   ];
   for (const timer of timers) timer.unref();
 
   let stopped = false;
   /** Graceful stop: health 503, accepted messages stored and broadcast, then sockets close with 1001. */
+  const started = performance.now();
   async function stop() {
     if (stopped) return;
     stopped = lifecycle.shuttingDown = true;
+    const stopping = performance.now();
     timers.forEach(clearInterval);
     rooms.close();
     await queue.drain();
@@ -4483,10 +4674,16 @@ export async function startServer(options: ServerOptions = {}) {
     await metricsServer?.stop();
     await fanout.close();
     await store.close();
+    logger.flush(performance.now() - started);
+    logger.info("stop", { durationMs: Math.round(performance.now() - stopping), uptimeS: Math.round((performance.now() - started) / 1000) });
   }
 
-  const url = `http://${config.host === "0.0.0.0" ? "127.0.0.1" : config.host}:${server.port}`;
-  logger.info("ready", { port: server.port, url });
+  const url = `http://${/^(0\.0\.0\.0|::)$/.test(config.host) ? "127.0.0.1" : config.host.includes(":") ? `[${config.host}]` : config.host}:${server.port}`;
+  logger.info("start", {
+    listen: `${server.hostname?.includes(":") ? `[${server.hostname}]` : server.hostname}:${server.port}`, port: server.port, url, version: VERSION, bun: Bun.version, pid: process.pid,
+    database: describeDatabase(config.databaseUrl), node: nodeId, cluster: config.redisUrl ? redactUrl(config.redisUrl) : null,
+    ...(metricsServer && { metrics: `${metricsServer.hostname}:${metricsServer.port}` }),
+  });
   return {
     server, port: server.port!, url, config, store, metrics, stop,
     metricsPort: metricsServer?.port,
@@ -4503,28 +4700,43 @@ export type ChatServer = Awaited<ReturnType<typeof startServer>>;
 
 // ── main: the command line ───────────────────────────────────────────────────
 
-/** --help, settings, then serve until SIGTERM or SIGINT (a graceful stop, forced after SHUTDOWN_TIMEOUT_MS). */
+/** How this program is run: `bun run server.ts`, or the compiled binary's own path. */
+function programName(): string {
+  return Bun.main.startsWith("/$bunfs/") ? process.execPath : "bun run server.ts";
+}
+
+/** Where log lines go: stdout, as JSON unless LOG_FORMAT=pretty (or auto on a terminal). */
+function stdoutLog(format: Config["logFormat"]): Log {
+  const pretty = format === "pretty" || (format === "auto" && process.stdout.isTTY);
+  return (line) => console.log(pretty ? prettyLine(line) : JSON.stringify(line));
+}
+
+const COMMANDS = ["serve", "grant-admin", "backup", "check"] as const;
+
+/** --help, --version, the commands, else serve until SIGTERM or SIGINT (a graceful stop, forced after SHUTDOWN_TIMEOUT_MS). */
 async function main(argv: string[], env: Record<string, string | undefined>) {
-  if (argv.includes("--help") || argv.includes("-h")) {
-    console.log(HELP);
-    process.exit(0);
-  }
-  const command = argv[0] === "grant-admin" ? argv.splice(0, 2) : null;
+  if (argv.includes("--help") || argv.includes("-h")) return exit(0, help(programName()));
+  if (argv.includes("--version")) return exit(0, `chat ${VERSION} (Bun ${Bun.version})`);
+  const command = COMMANDS.find((c) => c === argv[0]) ?? "serve";
+  if (command === argv[0]) argv.shift();
+  const operand = command === "grant-admin" || command === "backup" ? argv.shift() : undefined;
+  let config: Config;
   let settings: Record<string, string>;
   try {
     settings = readSettings(env, argv);
-    parseConfig(settings);
+    config = parseConfig(settings);
   } catch (error) {
     if (!(error instanceof ConfigError)) throw error;
-    console.error(error.message);
-    process.exit(2);
+    return exit(command === "check" ? 1 : 2, undefined, error.message);
   }
-  if (command) process.exit(await grantAdmin(parseConfig(settings).databaseUrl, command[1]));
-  const log: Log = (event) => console.log(JSON.stringify({ time: new Date().toISOString(), ...event }));
-  const logger = new Logger(log);
+  const log = stdoutLog(config.logFormat);
+  if (command === "grant-admin") return exit(await grantAdmin(config.databaseUrl, operand));
+  if (command === "backup") return exit(await backup(config.databaseUrl, operand));
+  if (command === "check") return exit(await check(config));
+  const logger = new Logger(log, config.logLevel);
   const chat = await startServer({ ...settings, log }).catch((error) => {
-    console.error(`Cannot start: ${error instanceof Error ? error.message : error}`);
-    process.exit(1);
+    logger.error("start_failed", error);
+    return exit(1);
   });
   let stopping = false;
   for (const signal of ["SIGTERM", "SIGINT"] as const) {
@@ -4533,16 +4745,13 @@ async function main(argv: string[], env: Record<string, string | undefined>) {
       stopping = true;
       logger.info("stopping", { signal });
       setTimeout(() => {
-        logger.error("shutdown", "timed out");
+        logger.error("stop_failed", `still stopping after ${SHUTDOWN_TIMEOUT_MS} ms: exiting`);
         process.exit(1);
       }, SHUTDOWN_TIMEOUT_MS).unref();
       chat.stop().then(
-        () => {
-          logger.info("stopped");
-          process.exit(0);
-        },
+        () => process.exit(0),
         (error) => {
-          logger.error("shutdown", error);
+          logger.error("stop_failed", error);
           process.exit(1);
         },
       );
@@ -4550,12 +4759,115 @@ async function main(argv: string[], env: Record<string, string | undefined>) {
   }
 }
 
+/** Prints to stdout or stderr and exits; typed as never so callers can return it. */
+function exit(code: number, out?: string, err?: string): never {
+  if (out !== undefined) console.log(out);
+  if (err !== undefined) console.error(err);
+  process.exit(code);
+}
+
+/** `backup <file>`: a consistent copy of a SQLite database, made with VACUUM INTO while the server may be writing it. */
+async function backup(databaseUrl: string, file: string | undefined): Promise<number> {
+  if (!file) return usage("backup <file>");
+  if (!databaseUrl.startsWith("sqlite://")) {
+    console.error(`Cannot back up DATABASE_URL=${redactUrl(databaseUrl)} here: ${databaseUrl === ":memory:" ? "an in-memory database is gone with its process" : "for Postgres use pg_dump (see README, Deploying)"}`);
+    return 1;
+  }
+  if (existsSync(file)) {
+    console.error(`Cannot back up to ${file}: it exists (VACUUM INTO writes a new file; remove it or pick another name)`);
+    return 1;
+  }
+  const source = databaseUrl.slice("sqlite://".length);
+  if (!existsSync(source)) {
+    console.error(`Cannot back up DATABASE_URL=${databaseUrl}: no such file`);
+    return 1;
+  }
+  const db = new Database(source, { readonly: true });
+  try {
+    db.run(`PRAGMA busy_timeout = ${BACKUP_BUSY_MS}`);
+    const started = performance.now();
+    db.run("VACUUM INTO ?", [file]);
+    const copy = new Database(file, { readonly: true });
+    const [{ integrity_check }] = copy.query("PRAGMA integrity_check").all() as { integrity_check: string }[];
+    const { n } = copy.query("SELECT count(*) AS n FROM messages").get() as { n: number };
+    copy.close();
+    if (integrity_check !== "ok") throw new Error(`the copy fails its integrity check: ${integrity_check}`);
+    console.log(`Backed up ${source} to ${file}: ${n} messages, ${Math.round(performance.now() - started)} ms`);
+    return 0;
+  } catch (error) {
+    console.error(`Cannot back up ${source} to ${file}: ${describeError(error)}`);
+    return 1;
+  } finally {
+    db.close();
+  }
+}
+
+/** `check`: the settings parse (main did that), the database answers, and Redis if REDIS_URL is set. Exit 0 or 1. */
+async function check(config: Config): Promise<number> {
+  let ok = true;
+  try {
+    console.log(`ok: DATABASE_URL (${await probeDatabase(config.databaseUrl)})`);
+  } catch (error) {
+    ok = false;
+    console.error(`failed: Cannot use DATABASE_URL=${describeDatabase(config.databaseUrl).where}: ${describeError(error)}`);
+  }
+  if (config.redisUrl) {
+    const redis = new RedisClient(config.redisUrl, { autoReconnect: false, maxRetries: 0, connectionTimeout: REDIS_CONNECT_TIMEOUT_MS });
+    try {
+      await redis.connect();
+      await redis.send("PING", []);
+      console.log(`ok: REDIS_URL (${redactUrl(config.redisUrl)})`);
+    } catch (error) {
+      ok = false;
+      console.error(`failed: Cannot reach REDIS_URL=${redactUrl(config.redisUrl)}: ${describeError(error)}`);
+    } finally {
+      redis.close();
+    }
+  }
+  return ok ? 0 : 1;
+}
+
+/** What `check` says of the database, read without changing it (no file made, no migration run); throws if unusable. */
+async function probeDatabase(url: string): Promise<string> {
+  const { kind, where } = describeDatabase(url);
+  if (kind === "sqlite") {
+    if (where === ":memory:") return "sqlite in memory: gone when the process stops";
+    if (!existsSync(where)) {
+      accessSync(dirname(where), constants.W_OK);
+      return `sqlite at ${where}: not made yet; it will be, its directory is writable`;
+    }
+    const db = new Database(where, { readonly: true });
+    try {
+      return `sqlite at ${where}: ${schemaState(db.query("SELECT value FROM meta WHERE key = 'schema_version'").get() as { value: string } | null)}`;
+    } finally {
+      db.close();
+    }
+  }
+  const sql = new SQL(url, { max: 1, connectionTimeout: PG_CONNECT_TIMEOUT_S });
+  try {
+    const [{ meta }] = await sql`SELECT to_regclass('meta') IS NOT NULL AS meta`;
+    const [row] = meta ? await sql`SELECT value FROM meta WHERE key = 'schema_version'` : [null];
+    return `postgres at ${where}: ${schemaState(row ?? null)}`;
+  } finally {
+    await sql.close();
+  }
+}
+
+function schemaState(row: { value: string } | null): string {
+  if (!row) return "no chat tables yet; the server makes them";
+  const v = Number(row.value);
+  if (v > SCHEMA_VERSION) throw new Error(`schema version ${v} is newer than this server's ${SCHEMA_VERSION}: run a newer release`);
+  return v === SCHEMA_VERSION ? `schema version ${v}` : `schema version ${v}; the server migrates it to ${SCHEMA_VERSION} when it starts`;
+}
+
+function usage(what: string): number {
+  console.error(`Usage: ${programName()} ${what}`);
+  return 2;
+}
+
 /** `grant-admin <name>`: for an instance whose first account (its admin) is gone. The exit code. */
 async function grantAdmin(databaseUrl: string, name: string | undefined): Promise<number> {
-  if (!name) {
-    console.error("Usage: grant-admin <name>");
-    return 2;
-  }
+  if (!name) return usage("grant-admin <name>");
   const store = await openStore(databaseUrl);
   try {
     const user = await store.accounts.byName(name);

@@ -27,7 +27,7 @@ async function readyPort(): Promise<number> {
     const { value, done } = await reader.read();
     if (done) throw new Error("Cannot start the server: it exited");
     text += new TextDecoder().decode(value);
-    const ready = text.split("\n").map((l) => l.trim() && JSON.parse(l)).find((e) => e?.event === "ready");
+    const ready = text.split("\n").map((l) => l.trim() && JSON.parse(l)).find((e) => e?.event === "start");
     if (ready) return ready.port;
   }
 }

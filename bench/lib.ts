@@ -177,7 +177,7 @@ async function* chunks(stream: ReadableStream<Uint8Array>) {
   }
 }
 
-/** Spawns a server that prints `{"event":"ready","port":N}` and waits for it (bounded). */
+/** Spawns a server that prints `{"event":"start","port":N}` (a raw baseline: "ready") and waits for it (bounded). */
 export async function spawnReady(cmd: string[], options: { env?: Record<string, string>; cwd?: string; timeoutMs?: number } = {}): Promise<Child> {
   const { env = {}, cwd, timeoutMs = 20_000 } = options;
   const proc = Bun.spawn(cmd, { cwd, env: { ...process.env, ...env }, stdout: "pipe", stderr: "pipe" });
@@ -197,10 +197,10 @@ export async function spawnReady(cmd: string[], options: { env?: Record<string, 
         const line = buffer.slice(0, nl);
         buffer = buffer.slice(nl + 1);
         remember(line);
-        if (line.includes('"ready"')) {
+        if (line.includes('"ready"') || line.includes('"start"')) {
           try {
             const event = JSON.parse(line);
-            if (event.event === "ready") ready.resolve(event.port);
+            if (event.event === "ready" || event.event === "start") ready.resolve(event.port);
           } catch {}
         }
       }

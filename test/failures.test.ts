@@ -59,10 +59,10 @@ describe.skipIf(!!skip)("one node on Postgres", () => {
     try {
       a.send({ type: "join", room: "down" });
       expect(await a.next((f) => f.type === "error", 20_000)).toMatchObject({ code: "unavailable", room: "down", message: expect.stringContaining("Cannot join down") });
-      expect(logs.has({ event: "error", where: "load room", room: "down" })).toBe(true);
+      expect(logs.has({ level: "error", event: "load_room", room: "down" })).toBe(true);
       a.send({ type: "nick", name: "Nope" });
       expect(await a.next((f) => f.type === "error", 20_000)).toMatchObject({ code: "unavailable", message: expect.stringContaining("rename") });
-      expect(logs.has({ event: "error", where: "nick" })).toBe(true);
+      expect(logs.has({ level: "error", event: "nick" })).toBe(true);
     } finally {
       await pg.start();
     }
@@ -91,7 +91,7 @@ describe.skipIf(!!skip)("one node on Postgres", () => {
       const { history, presence } = await b.join("room", sent.id + 8);
       expect(history).toEqual({ type: "history", room: "room", seq: sent.seq, messages: [sent], updates: [], complete: false, more: false });
       expect(presence.users.map((u) => u.id)).toEqual([alice.id, bob.id]);
-      expect(logs.has({ event: "error", where: "read room", room: "room" })).toBe(true);
+      expect(logs.has({ level: "error", event: "read_room", room: "room" })).toBe(true);
     } finally {
       await pg.start();
     }
@@ -148,7 +148,7 @@ describe.skipIf(!!skip)("a cluster node filling gaps", () => {
     await publisher.publish("chat:room:hole", published("hole", 3, "three"));
     publisher.close();
     expect(await a.next((f) => f.type === "message" && f.id === 3, 10_000)).toMatchObject({ text: "three" });
-    expect(logs.events.find((e) => e.event === "gap skipped")).toMatchObject({ room: "hole", from: 2, to: 2 });
+    expect(logs.events.find((e) => e.event === "gap_skipped")).toMatchObject({ room: "hole", from: 2, to: 2 });
     expect(await metric(chat.url, "chat_gaps_filled_total")).toBe(0);
     // a client joining now is served from the same state
     const b = await Client.connect(chat.url, await newSession(chat.url));

@@ -228,7 +228,7 @@ export class Client {
   }
 }
 
-/** Spawns `bun server.ts` (or another command) and waits for its JSON ready line. */
+/** Spawns `bun server.ts` (or another command) and waits for its JSON start line (a raw baseline says "ready"). */
 export async function spawnServer(env: Record<string, string>, cmd: string[] = [BUN, join(ROOT, "server.ts")], cwd = ROOT) {
   const proc = Bun.spawn(cmd, { cwd, env: { ...process.env, PORT: "0", HOST: "127.0.0.1", ...ADDRESS_LIMITS_OFF_ENV, ...env }, stdout: "pipe", stderr: "pipe" });
   const lines: string[] = [];
@@ -247,7 +247,7 @@ export async function spawnServer(env: Record<string, string>, cmd: string[] = [
         lines.push(line);
         try {
           const event = JSON.parse(line);
-          if (event.event === "ready") return event as { port: number; url: string };
+          if (event.event === "start" || event.event === "ready") return event as { port: number; url: string };
         } catch {}
       }
     }
