@@ -103,6 +103,12 @@ const CLIENT_CSP = (() => {
     "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 })();
 
+/** What GET /favicon.ico answers (a chat bubble), so a browser's own request is not a 404; the page draws
+ * its icon with the unread count itself. */
+const FAVICON_SVG =
+  '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="7" fill="#3454d1"/>' +
+  '<path d="M8 8h16a2 2 0 0 1 2 2v9a2 2 0 0 1-2 2h-9l-5 4v-4H8a2 2 0 0 1-2-2v-9a2 2 0 0 1 2-2z" fill="#fff"/></svg>';
+
 // ── Config: env and flags, parsed once; HELP is written from the same table ─
 
 const RatePattern = /^(\d+)\/(\d+(?:\.\d+)?)s$/;
@@ -4235,13 +4241,17 @@ function safeEqual(a: string, b: string): boolean {
   return timingSafeEqual(x, createHash("sha256").update(b).digest());
 }
 
-/** `/`: the page. It sets no cookie: a session is made when the page asks /api/me. */
+/** `/`: the page (and its default icon). It sets no cookie: a session is made when the page asks /api/me. */
 function mountPage(app: Hono<Env>) {
   app.get("/", (c) => {
     c.header("cache-control", "no-store");
     c.header("content-security-policy", CLIENT_CSP);
     c.header("referrer-policy", "same-origin"); // not no-referrer: that sends Origin: null on our own PUT
     return c.body(CLIENT_HTML, 200, { "content-type": "text/html; charset=utf-8" });
+  });
+  app.get("/favicon.ico", (c) => {
+    c.header("cache-control", "public, max-age=86400");
+    return c.body(FAVICON_SVG, 200, { "content-type": "image/svg+xml" });
   });
 }
 

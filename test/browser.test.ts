@@ -365,20 +365,18 @@ describe.skipIf(SKIP)("browser client", () => {
     expect(a.errors).toEqual([]);
   }, TEST_MS);
 
-  test("a refused message shows its error on the message and can be retried", async () => {
+  test("a rate-limited message says it waits, with no button to press, and goes out by itself after retryAfterMs", async () => {
     await using chat = await serve({ rateLimit: "2/2s" });
     await using a = await open(chat.url);
     for (const text of ["one", "two", "three"]) {
       await a.page.locator("#text").fill(text);
       await a.page.locator("#text").press("Enter");
     }
-    const refused = shownText(a.page, "three");
-    await refused.locator(".state-text", { hasText: /^Not sent: too many messages; retry in [12] s$/ }).waitFor();
-    expect(await refused.getAttribute("class")).toContain("failed");
-    // the retry button opens once retryAfterMs has passed
-    await refused.locator(".retry:not([disabled])").waitFor();
-    await refused.locator(".retry").click();
-    await shownText(a.page, "three").and(a.page.locator(":not(.pending):not(.failed)")).waitFor();
+    const waiting = shownText(a.page, "three");
+    await waiting.locator(".state-text", { hasText: /^Waiting: too many messages, it goes out by itself in [12] s$/ }).waitFor();
+    expect(await waiting.getAttribute("class")).toContain("queued");
+    expect(await waiting.locator(".retry").isHidden()).toBe(true);
+    await shownText(a.page, "three").and(a.page.locator("[data-id]")).waitFor();
     expect(await texts(a.page)).toEqual(["one", "two", "three"]);
     expect(a.errors).toEqual([]);
   }, TEST_MS);
@@ -426,14 +424,20 @@ describe.skipIf(SKIP)("browser client", () => {
     expect(a.errors).toEqual([]);
   }, TEST_MS);
 
-  test("the composer's limit and counter follow the server's maxText", async () => {
+  test("the composer's limit and counter follow the server's maxText; a longer text is kept and refused with a reason", async () => {
     await using chat = await serve({ maxText: 12 });
     await using a = await open(chat.url);
     await a.page.locator("#text").focus();
     await a.page.keyboard.type("abcdefghijklmnop");
-    expect(await a.page.locator("#text").inputValue()).toBe("abcdefghijkl");
+    expect(await a.page.locator("#text").inputValue()).toBe("abcdefghijklmnop");
+    expect(await a.page.locator("#counter").textContent()).toBe("16 / 12: 4 too many");
+    expect(await a.page.locator("#counter").getAttribute("class")).toContain("over");
+    await a.page.keyboard.press("Enter");
+    await a.page.locator("#composer-hint", { hasText: "Too long by 4 characters" }).waitFor();
+    for (let i = 0; i < 4; i++) await a.page.keyboard.press("Backspace");
     expect(await a.page.locator("#counter").textContent()).toBe("12 / 12");
     expect(await a.page.locator("#counter").getAttribute("class")).toContain("near");
+    expect(await a.page.locator("#composer-hint").textContent()).toBe("");
     await a.page.keyboard.press("Enter");
     await shownText(a.page, "abcdefghijkl").and(a.page.locator("[data-id]")).waitFor();
     expect(a.errors).toEqual([]);
@@ -455,7 +459,7 @@ describe.skipIf(SKIP)("browser client", () => {
 
       // pages of about two missed messages, and a budget that refuses the second page for a moment
       const second = await server.restartWhileOffline(a, { historyPageBytes: 1024, historyBytes: "700/1s" });
-      expect(await a.page.locator("#text").isDisabled()).toBe(true);
+      expect(await a.page.locator("#text").isDisabled()).toBe(false); // usable offline: what is sent waits in the outbox
       const b2 = await Client.connect(second.url, bob);
       const { history } = await b2.join("general");
       expect(history.messages.map((m) => m.text)).toEqual(["before the restart", "bob before"]);

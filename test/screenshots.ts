@@ -1,5 +1,6 @@
-// Regenerates docs/screenshots/*.png: the chat with a short conversation, desktop (1280x800) and
-// 360 px wide, light and dark. Run: bun test/screenshots.ts (needs /usr/bin/chromium).
+// Regenerates docs/screenshots/*.png: the chat with a short conversation, desktop (1280x800) and a
+// 360x740 phone, light and dark; the phone's rooms drawer; Arabic and English mixed (rtl.png).
+// Run: bun test/screenshots.ts (needs /usr/bin/chromium).
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
 import { chromium } from "playwright-core";
@@ -34,17 +35,20 @@ async function post(baseUrl: string, session: Session, path: string, body: unkno
 if (import.meta.main) {
   mkdirSync(OUT, { recursive: true });
   await using chat = await serve();
-  const [ada, grace, linus] = [await newSession(chat.url), await newSession(chat.url), await newSession(chat.url)];
+  const [ada, grace, linus, sara] = [await newSession(chat.url), await newSession(chat.url), await newSession(chat.url), await newSession(chat.url)];
   await rename(chat.url, ada, "Ada");
   await rename(chat.url, grace, "Grace");
   await rename(chat.url, linus, "Linus");
+  await rename(chat.url, sara, "سارة");
   // Ada has an account (the page shows "Signed in as"), a private room and a dm with Grace
   ada.cookie = (await post(chat.url, ada, "/api/me/password", { password: "correct horse battery" })).headers.get("set-cookie")!.split(";")[0]!;
   await post(chat.url, ada, "/api/rooms", { name: "team", visibility: "private" });
   await post(chat.url, ada, "/api/dms", { user: grace.id });
   const g = await Client.connect(chat.url, grace);
   const l = await Client.connect(chat.url, linus);
+  const s = await Client.connect(chat.url, sara);
   for (const c of [g, l]) for (const room of ["general", "random", "design"]) await c.join(room);
+  await s.join("arabic");
 
   const browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
   try {
@@ -91,10 +95,34 @@ if (import.meta.main) {
       console.log(`wrote docs/screenshots/${shot.file}`);
       await Bun.sleep(1_100); // the server passes on one typing frame a second per user
     }
+    // the phone's rooms drawer, opened from the header
+    await page.setViewportSize({ width: 360, height: 740 });
+    await page.emulateMedia({ colorScheme: "light" });
+    await page.locator("#rooms-open").click();
+    await page.locator("nav").waitFor({ state: "visible" });
+    await page.waitForFunction(() => getComputedStyle(document.querySelector("nav")!).transform === "none"); // slid in
+    await page.screenshot({ path: join(OUT, "mobile-rooms.png") });
+    console.log("wrote docs/screenshots/mobile-rooms.png");
+    await page.keyboard.press("Escape");
+
+    // Arabic and English in one conversation: each message and name takes its own direction
+    await page.setViewportSize({ width: 1100, height: 560 });
+    await page.goto(`${chat.url}/#arabic`);
+    await page.locator("#composer-fields:not([disabled])").waitFor();
+    await page.locator('#status[data-state="connected"]').waitFor();
+    await s.say("arabic", "مرحبا Ada! هل جربت Bun 1.4 اليوم؟");
+    await ownSay("Yes, وكان سريعا جدا: about 120 ms to start.");
+    await s.say("arabic", "ممتاز. سأكتب الملاحظات في https://example.com/notes غدا.");
+    await page.locator("#text").fill("Thanks سارة, see you tomorrow");
+    await page.locator(".log:not([hidden]) > .msg").filter({ hasText: "غدا" }).waitFor();
+    await page.locator('.room-link[href="#arabic"] .unread').waitFor({ state: "hidden" }); // read once seen
+    await page.screenshot({ path: join(OUT, "rtl.png") });
+    console.log("wrote docs/screenshots/rtl.png");
     await context.close();
   } finally {
     await browser.close();
     g.close();
     l.close();
+    s.close();
   }
 }
