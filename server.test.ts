@@ -4,7 +4,7 @@ import { Database } from "bun:sqlite";
 import { existsSync, mkdirSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { ClientMessage, parseClientMessage, parseConfig, readSettings } from "./server.ts";
-import { BUN, Client, cookieAnswers, diffWith, newSession, putName, ROOT, serve, spawnServer, tempDir, until, UPGRADE, upgradeStatus, usersInRoom } from "./test/helpers.ts";
+import { BUN, Client, cookieAnswers, diffWith, newSession, putName, ROOT, serve, type Session, spawnServer, tempDir, until, UPGRADE, upgradeStatus, usersInRoom } from "./test/helpers.ts";
 import { rowsCheckpointed } from "./test/probes.ts";
 
 describe("chat", () => {
@@ -235,6 +235,33 @@ describe("chat", () => {
     const { history } = await a.join("room");
     expect(history.messages).toEqual([{ ...sent, user: { id: alice.id, name: "Alice" } }]);
     expect((await a.say("room", "next")).id).toBe(sent.id + 1);
+  });
+
+  test("a say resent with a ref its user already used is stored once: the resender gets the stored message, on another socket and after a restart", async () => {
+    using tmp = tempDir();
+    const databaseUrl = `sqlite://${tmp.dir}/chat.db`;
+    let alice: Session, bob: Session, first: Awaited<ReturnType<Client["say"]>>;
+    {
+      await using chat = await serve({ databaseUrl });
+      const { sessions, clients: [a, b] } = await usersInRoom(chat.url, 2, "room");
+      [alice, bob] = sessions;
+      first = await a.say("room", "sent once", "draft-1");
+      await b.next((f) => f.type === "message" && f.id === first.id);
+      // the echo was lost with the socket: the page resends on a new one
+      const again = await Client.connect(chat.url, alice);
+      await again.join("room");
+      expect(await again.say("room", "sent once", "draft-1")).toEqual(first);
+      // another user's ref is their own
+      expect((await b.say("room", "mine", "draft-1")).id).toBe(first.id + 1);
+      expect(b.untaken().filter((f) => f.type === "message" && f.id === first.id)).toEqual([]);
+    }
+    await using chat = await serve({ databaseUrl });
+    const a = await Client.connect(chat.url, alice);
+    await a.join("room");
+    expect(await a.say("room", "sent once", "draft-1")).toEqual(first);
+    expect((await a.say("room", "new", "draft-2")).id).toBe(first.id + 2);
+    const b = await Client.connect(chat.url, bob);
+    expect((await b.join("room")).history.messages.map((m) => m.text)).toEqual(["sent once", "mine", "new"]);
   });
 
   test("a thread of its own at nice 19 copies the WAL into the database file while the server runs", async () => {

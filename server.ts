@@ -486,6 +486,7 @@ export function messageOf(m: MessageFields): Message {
  * its ref, sent instead of the broadcast to that socket.
  */
 export type Entry = { seq: number; frame: string; state: Message; stateFrame?: string; bytes?: number; own?: { ws: ChatSocket; frame: string } };
+const refKey = (m: Message) => `${m.user.id} ${m.ref}`;
 const entryOf = (m: Message): Entry => {
   const frame = JSON.stringify(m);
   return { seq: m.seq, frame, state: m, stateFrame: frame };
@@ -2723,6 +2724,7 @@ export class Room {
   /** who may join, who moderates, who is banned or muted: read with the room, re-read when a node changes them */
   rules!: RoomRules;
   private recent: Entry[] = []; // the newest changes in seq order, enough for any join or recovery
+  private refs = new Map<string, number>(); // `${user id} ${ref}` → message id, for the messages in recent: say's dedupe
   private coveredFrom = 0; // recent holds the latest state of every message changed after this seq
   private held: Entry[] = [];
   private settled: Promise<void>; // the load or catch-up under way
@@ -2746,6 +2748,7 @@ export class Room {
       const stored = await store.lastId(this.name);
       const tail = await store.tail(this.name, this.registry.keep);
       this.recent = tail.map(entryOfStored);
+      for (const entry of this.recent) this.noteRef(entry);
       this.coveredFrom = tail.length === this.registry.keep ? tail[0].seq - 1 : 0;
       this.lastId = Math.max(this.recent.at(-1)?.seq ?? 0, stored);
     } catch (error) {
@@ -2841,8 +2844,10 @@ export class Room {
     const { keep } = this.registry;
     this.lastId = entry.seq;
     this.recent.push(entry);
+    this.noteRef(entry);
     if (this.recent.length >= keep * 2) {
       this.coveredFrom = this.recent[this.recent.length - keep - 1].seq;
+      for (const old of this.recent.slice(0, -keep)) if (old.state.ref != null && this.refs.get(refKey(old.state)) === old.state.id) this.refs.delete(refKey(old.state));
       this.recent = this.recent.slice(-keep);
     }
     this.plainHistory = null;
@@ -2850,6 +2855,17 @@ export class Room {
     this.broadcast(entry.frame, own?.ws);
     if (own) sendFrame(own.ws, own.frame); // the requester's copy, with its ref
     this.registry.units.metrics.messagesPublished++;
+  }
+
+  private noteRef(entry: Entry) {
+    if (entry.state.ref != null && entry.seq === entry.state.id) this.refs.set(refKey(entry.state), entry.state.id);
+  }
+
+  /** The message this user already sent here with this ref, in its current state, if it is among the recent ones. */
+  sentWithRef(userId: string, ref: string): Entry | undefined {
+    const id = this.refs.get(`${userId} ${ref}`);
+    if (id === undefined) return;
+    for (let i = this.recent.length - 1; i >= 0; i--) if (this.recent[i].state.id === id) return this.recent[i];
   }
 
   /** Publishes a frame to the room's sockets on this node (all, or all but `except`). */
@@ -3429,6 +3445,9 @@ export class Chat {
     const { ref } = msg;
     const refused = this.refuseWrite(ws, msg.room, msg.text);
     if (refused) return sendError(ws, refused.code, refused.message, { room: refused.room, retryAfterMs: refused.retryAfterMs, ref });
+    // a resend of a message that was stored (its echo lost with a connection, or a server restart): the stored one
+    const sent = ref === undefined ? undefined : this.units.rooms.get(msg.room)?.sentWithRef(ws.data.user.id, ref);
+    if (sent) return void sendFrame(ws, sent.stateFrame ?? JSON.stringify(sent.state));
     this.units.metrics.messagesReceived++;
     this.units.queue.push({ kind: "say", ws, room: msg.room, user: userOf(ws), text: msg.text, ts: Date.now(), ref, replyTo: msg.replyTo });
   }

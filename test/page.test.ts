@@ -101,6 +101,23 @@ describe.skipIf(SKIP)("the page, used every day", () => {
     expect([...a.errors, ...b.errors]).toEqual([]);
   }, TEST_MS);
 
+  test("the outbox outlives a reload of its tab: what waited goes out after it, each once, in the order typed", async () => {
+    await using chat = await serve({ rateLimit: "2/3s" });
+    await using a = await open(chat.url);
+    const typed = Array.from({ length: 6 }, (_, i) => `before the reload ${i}`);
+    for (const text of typed) await send(a.page, text);
+    await a.page.locator(".msg.queued .state-text", { hasText: /^Waiting: too many messages/ }).first().waitFor();
+    await a.page.reload();
+    await connected(a.page);
+    // the ones not confirmed before the reload are back, pending, and go out by themselves
+    await until(async () => (await confirmed(a.page).count()) === typed.length, SEND_MS, "every message confirmed after the reload");
+    expect(await texts(a.page)).toEqual(typed);
+    expect(await a.page.locator(".log .pending, .log .failed").count()).toBe(0);
+    expect(await stored(chat.url, "general")).toEqual(typed);
+    expect(await a.page.evaluate(() => sessionStorage.getItem("chat.outbox"))).toBeNull();
+    expect(a.errors).toEqual([]);
+  }, TEST_MS);
+
   test("the outbox keeps what is typed while the server restarts and sends it once, in order; presence greys out meanwhile", async () => {
     const tmp = tempDir();
     const databaseUrl = `sqlite://${tmp.dir}/chat.db`;
