@@ -7,14 +7,16 @@ import { Hono, type Context } from "hono";
 import { deleteCookie, getCookie, setSignedCookie } from "hono/cookie";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { createHash, createHmac, timingSafeEqual } from "node:crypto";
-import { readFileSync } from "node:fs";
+import { readdirSync, readFileSync } from "node:fs";
 import * as z from "zod";
 import page from "./client.html" with { type: "text" };
 import confusables from "./confusables.json";
+import pkg from "./package.json" with { type: "json" };
 
 // ── Constants: every fixed number, named ─────────────────────────────────────
 
 const CLIENT_HTML = page as unknown as string; // bun-types types *.html as HTMLBundle
+export const VERSION = pkg.version; // the binary embeds package.json: it says what it was built from
 const CONFUSABLES: Record<string, string> = confusables; // UTS #39 prototypes; scripts/confusables.ts regenerates the file
 const TOPIC_PREFIX = "room:"; // Bun pub/sub topic of a room
 const MAX_FRAME = 64 * 1024; // a larger frame closes the socket with 1009 (Bun does it); also the largest HTTP body
@@ -80,6 +82,9 @@ const NODE_TTL_MS = 15_000; // a node silent this long is dead: its members leav
 const REDIS_CONNECT_TIMEOUT_MS = 2_000;
 const ROOM_CHANNEL = "chat:room:"; // + room: messages, typing and presence of one room
 const USERS_CHANNEL = "chat:users"; // renames
+// Metrics
+const LATENCY_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]; // s: sub-ms commits to stalls
+const LAG_TICK_MS = 100; // the event-loop lag is how late a timer of this period fires
 
 /** The page may run and style itself only with its own inline <script> and <style>, named by hash:
  * an injected tag or handler would not run even if some text slipped past textContent. */
@@ -455,9 +460,9 @@ export function messageOf(m: MessageFields): Message {
 /**
  * A change of a room as it goes on the wire: its seq, its frame serialized once for every recipient (a new message,
  * or an `updated` frame), the message's state after it, and (once asked) the sizes. `own`: the requester's copy, with
- * its ref, sent instead of the broadcast to that socket.
+ * its ref, sent instead of the broadcast to that socket. `committedAt`: when this node's store committed it (chat_delivery_seconds).
  */
-export type Entry = { seq: number; frame: string; state: Message; stateFrame?: string; bytes?: number; own?: { ws: ChatSocket; frame: string } };
+export type Entry = { seq: number; frame: string; state: Message; stateFrame?: string; bytes?: number; own?: { ws: ChatSocket; frame: string }; committedAt?: number };
 const entryOf = (m: Message): Entry => {
   const frame = JSON.stringify(m);
   return { seq: m.seq, frame, state: m, stateFrame: frame };
@@ -2095,8 +2100,8 @@ export type FanoutEvents = {
   reconnected(): void;
 };
 
-/** A Prometheus sample: name, type, help, value, and labels. */
-type MetricLine = { name: string; type: "counter" | "gauge"; help: string; value: number; labels?: Record<string, string> };
+/** A Prometheus sample: its family's name, type and help, value, and labels; a histogram's samples add a suffix to the name. */
+type MetricLine = { name: string; type: "counter" | "gauge" | "histogram"; help: string; value: number; labels?: Record<string, string>; suffix?: string };
 
 export interface Fanout {
   /** false while a cluster node cannot reach Redis; it keeps serving its own clients meanwhile */
@@ -2407,48 +2412,143 @@ export class Logger {
 /** Why a request, upgrade or frame was refused, as /metrics labels them. */
 const REFUSALS = ["sessions_per_address", "upgrades_per_address", "connections_per_address", "connections_per_user", "connections_total", "say_per_address", "renames_per_address", "requests_per_address", "login_failures"] as const;
 export type Refusal = (typeof REFUSALS)[number];
+/** Which rate limit refused a frame or request, as chat_rate_limited_total labels it (README "Metrics" names each one's setting). */
+const RATE_LIMITS = ["say", "say_per_address", "rename", "rename_per_address", "join", "read", "history", "scrollback", "typing"] as const;
+export type RateLimited = (typeof RATE_LIMITS)[number];
 
-/** This process's counters, exposed at /metrics. */
+/** A histogram with fixed buckets, as Prometheus reads one: counts per bucket, their sum and count. */
+export class Histogram {
+  readonly counts: number[]; // per bucket (not cumulative); the last one is +Inf
+  sum = 0;
+  count = 0;
+  constructor(readonly bounds: number[] = LATENCY_BUCKETS) {
+    this.counts = new Array(bounds.length + 1).fill(0);
+  }
+
+  observe(value: number) {
+    let i = 0;
+    while (i < this.bounds.length && value > this.bounds[i]) i++;
+    this.counts[i]++;
+    this.sum += value;
+    this.count++;
+  }
+
+  /** The q-quantile of what `counts` holds (a difference of two copies gives one second's), interpolated within its
+   * bucket as PromQL's histogram_quantile does; undefined without observations. */
+  quantile(q: number, counts = this.counts): number | undefined {
+    const total = counts.reduce((a, b) => a + b, 0);
+    if (!total) return;
+    const rank = q * total;
+    for (let i = 0, below = 0; i < counts.length; below += counts[i++]) {
+      if (below + counts[i] < rank) continue;
+      if (i === this.bounds.length) return this.bounds.at(-1); // in +Inf: the highest bound is all that is known
+      const low = i === 0 ? 0 : this.bounds[i - 1];
+      return low + (this.bounds[i] - low) * ((rank - below) / counts[i]);
+    }
+  }
+
+  lines(name: string, help: string): MetricLine[] {
+    let cumulative = 0;
+    const buckets = this.counts.map((n, i): MetricLine => {
+      cumulative += n;
+      return { name, type: "histogram", help, suffix: "_bucket", value: cumulative, labels: { le: i < this.bounds.length ? String(this.bounds[i]) : "+Inf" } };
+    });
+    return [...buckets, { name, type: "histogram", help, suffix: "_sum", value: this.sum }, { name, type: "histogram", help, suffix: "_count", value: this.count }];
+  }
+}
+
+/** The process as Prometheus's client libraries name it: CPU, memory, descriptors, start time (open fds on Linux only). */
+function processLines(startTime: number, maxFds: number): MetricLine[] {
+  const { user, system } = process.cpuUsage();
+  const lines: MetricLine[] = [
+    { name: "process_cpu_seconds_total", type: "counter", help: "User and system CPU time spent, in seconds", value: (user + system) / 1e6 },
+    { name: "process_resident_memory_bytes", type: "gauge", help: "Resident memory size in bytes", value: process.memoryUsage.rss() },
+    { name: "process_heap_bytes", type: "gauge", help: "JavaScript heap in use, in bytes", value: process.memoryUsage().heapUsed },
+    { name: "process_start_time_seconds", type: "gauge", help: "Start time of the process since the Unix epoch, in seconds", value: startTime },
+    { name: "process_max_fds", type: "gauge", help: "Maximum number of open file descriptors", value: maxFds },
+  ];
+  try {
+    lines.push({ name: "process_open_fds", type: "gauge", help: "Number of open file descriptors", value: readdirSync("/proc/self/fd").length });
+  } catch {} // not Linux
+  return lines;
+}
+
+/** This process's counters and histograms, exposed at /metrics. */
 export class Metrics {
   readonly refused = Object.fromEntries(REFUSALS.map((r) => [r, 0])) as Record<Refusal, number>;
+  readonly rateLimited = Object.fromEntries(RATE_LIMITS.map((r) => [r, 0])) as Record<RateLimited, number>;
+  /** from a batch's commit in the store to the publish of its frames on this node */
+  readonly delivery = new Histogram();
+  /** a client frame's parse, checks and dispatch (what runs before the socket's next frame) */
+  readonly frames = new Histogram();
+  readonly startTime = Math.round(Date.now() / 1000 - process.uptime());
   messagesReceived = 0;
   messagesPublished = 0;
   framesRejected = 0;
-  rateLimited = 0;
   slowConsumersClosed = 0;
   connectionsRefused = 0;
   storeErrors = 0;
   gapsFilled = 0;
   loginFailures = 0;
+  loopLagMs = 0; // the worst timer delay of the last second (see StatsSampler)
 
-  lines(gauges: { connections: number; rooms: number }): MetricLine[] {
+  /** A rate limit refused something. */
+  limited(reason: RateLimited) {
+    this.rateLimited[reason]++;
+  }
+
+  lines(gauges: { connections: number; rooms: number; maxFds: number }): MetricLine[] {
     const counter = (name: string, help: string, value: number): MetricLine => ({ name, type: "counter", help, value });
     return [
+      { name: "chat_build_info", type: "gauge", help: "The version running, and the Bun it runs on", value: 1, labels: { version: VERSION, bun: Bun.version } },
+      ...processLines(this.startTime, gauges.maxFds),
+      { name: "chat_event_loop_lag_seconds", type: "gauge", help: `The worst delay of a ${LAG_TICK_MS} ms timer over the last second`, value: this.loopLagMs / 1000 },
       { name: "chat_connections", type: "gauge", help: "Open WebSocket connections", value: gauges.connections },
       { name: "chat_rooms", type: "gauge", help: "Rooms with members on this process", value: gauges.rooms },
       counter("chat_messages_received_total", "Chat messages accepted from clients", this.messagesReceived),
       counter("chat_messages_published_total", "Chat messages broadcast to rooms", this.messagesPublished),
       counter("chat_frames_rejected_total", "Client frames answered with bad_request", this.framesRejected),
-      counter("chat_rate_limited_total", "Frames refused by a rate limit", this.rateLimited),
       counter("chat_slow_consumers_closed_total", "Sockets closed with unsent data buffered (slow or dead readers)", this.slowConsumersClosed),
       counter("chat_connections_refused_total", "Connections refused by a connection limit", this.connectionsRefused),
       counter("chat_store_errors_total", "Failed writes of chat messages", this.storeErrors),
       counter("chat_gaps_filled_total", "Out-of-order arrivals filled from the store", this.gapsFilled),
       counter("chat_login_failures_total", "Logins refused for a wrong name or password", this.loginFailures),
+      ...RATE_LIMITS.map((reason): MetricLine => ({
+        name: "chat_rate_limited_total", type: "counter", help: "Frames and requests refused by a rate limit, by the limit", value: this.rateLimited[reason], labels: { reason },
+      })),
       ...REFUSALS.map((reason): MetricLine => ({
         name: "chat_refused_total", type: "counter", help: "Requests, upgrades and frames refused by a limit, by reason", value: this.refused[reason], labels: { reason },
       })),
+      ...this.delivery.lines("chat_delivery_seconds", "From the store's commit of a change to the publish of its frame on this node, in seconds"),
+      ...this.frames.lines("chat_frame_handling_seconds", "Handling of one client frame (parse, checks, dispatch), in seconds"),
     ];
   }
+}
+
+/** Event-loop lag: how late a LAG_TICK_MS timer fires; the worst of each second goes to metrics.loopLagMs. */
+function watchLoopLag(metrics: Metrics): Timer {
+  let expected = performance.now() + LAG_TICK_MS;
+  let worst = 0;
+  let ticks = 0;
+  const timer = setInterval(() => {
+    const now = performance.now();
+    worst = Math.max(worst, now - expected);
+    expected = now + LAG_TICK_MS;
+    if (++ticks < 1000 / LAG_TICK_MS) return;
+    metrics.loopLagMs = worst;
+    worst = ticks = 0;
+  }, LAG_TICK_MS);
+  timer.unref();
+  return timer;
 }
 
 /** Prometheus text format 0.0.4. */
 function renderMetrics(lines: MetricLine[]): string {
   return lines
-    .map(({ name, type, help, value, labels }, i) => {
-      const tags = labels ? `{${Object.entries(labels).map(([k, v]) => `${k}="${v}"`).join(",")}}` : "";
+    .map(({ name, type, help, value, labels, suffix = "" }, i) => {
+      const tags = labels ? `{${Object.entries(labels).map(([k, v]) => `${k}="${v.replace(/[\\"\n]/g, (c) => (c === "\n" ? "\\n" : `\\${c}`))}"`).join(",")}}` : "";
       const head = lines[i - 1]?.name === name ? "" : `# HELP ${name} ${help}\n# TYPE ${name} ${type}\n`;
-      return `${head}${name}${tags} ${value}\n`;
+      return `${head}${name}${suffix}${tags} ${value}\n`;
     })
     .join("");
 }
@@ -2743,7 +2843,9 @@ export class Room {
     const own = entry.own && !entry.own.ws.data.closed && entry.own.ws.data.rooms.includes(this.name) ? entry.own : undefined;
     this.broadcast(entry.frame, own?.ws);
     if (own) sendFrame(own.ws, own.frame); // the requester's copy, with its ref
-    this.registry.units.metrics.messagesPublished++;
+    const { metrics } = this.registry.units;
+    metrics.messagesPublished++;
+    if (entry.committedAt !== undefined) metrics.delivery.observe((performance.now() - entry.committedAt) / 1000);
   }
 
   /** Publishes a frame to the room's sockets on this node (all, or all but `except`). */
@@ -3051,9 +3153,11 @@ export class SayQueue {
     } catch (error) {
       return this.refuse(says, error);
     }
+    const committedAt = performance.now();
     for (let i = 0; i < says.length; i++) {
       const { room, user, text, ts, ref, replyTo, mentions } = says[i];
       const entry = entryOf(messageOf({ room, id: ids[i], user, text, ts, ref, replyTo, mentions }));
+      entry.committedAt = committedAt;
       this.rooms.get(room)?.receive(entry);
       this.fanout.publishMessage(room, entry);
     }
@@ -3073,7 +3177,7 @@ export class SayQueue {
     if (!result.ok) return void (!ws.data.closed && sendError(ws, result.code, result.message, { ref, room: c.room }));
     const own = JSON.stringify({ type: "updated", room: c.room, seq: result.message.seq, message: result.message, ref } satisfies ServerMessage);
     if (!result.changed) return void (!ws.data.closed && sendFrame(ws, own)); // nothing changed: the state, to the requester
-    const entry: Entry = { ...updatedEntry(result.message), own: { ws, frame: own } };
+    const entry: Entry = { ...updatedEntry(result.message), own: { ws, frame: own }, committedAt: performance.now() };
     this.rooms.get(c.room)?.receive(entry);
     this.fanout.publishMessage(c.room, entry);
   }
@@ -3224,7 +3328,7 @@ export class Chat {
   private chargeHistory(ws: ChatSocket, bytes: number): number {
     const own = (ws.data.historyBytes ??= new TokenBucket(this.config.historyBytes));
     const wait = takeAll([own, this.addressBytes.bucket(ws.data.address)], bytes);
-    if (wait) this.units.metrics.rateLimited++;
+    if (wait) this.units.metrics.limited("history");
     return wait;
   }
 
@@ -3237,7 +3341,7 @@ export class Chat {
     // each join can announce the user to the room, and sends history: a user toggling a room would flood both
     const wait = this.joinLimits.take(data.user.id);
     if (!wait) return;
-    this.units.metrics.rateLimited++;
+    this.units.metrics.limited("join");
     return { ok: false, code: "rate_limited", message: `Cannot join ${name}: too many joins, try again in ${wait} ms`, retryAfterMs: wait };
   }
 
@@ -3290,7 +3394,7 @@ export class Chat {
     const user = ws.data.user.id;
     const wait = this.readLimits.take(user);
     if (wait) {
-      this.units.metrics.rateLimited++;
+      this.units.metrics.limited("read");
       return sendError(ws, "rate_limited", `Too many read frames: try again in ${wait} ms`, { room: name, retryAfterMs: wait });
     }
     const event = { what: "read", user, room: name, seq: Math.min(seq, room.lastId) } as const;
@@ -3348,12 +3452,12 @@ export class Chat {
     if (muted) return { code: "forbidden", message: muted.message, room, retryAfterMs: muted.retryAfterMs };
     const wait = this.sayLimits.take(ws.data.user.id);
     if (wait) {
-      this.units.metrics.rateLimited++;
+      this.units.metrics.limited("say");
       return { code: "rate_limited", message: `Slow down: try again in ${wait} ms`, retryAfterMs: wait };
     }
     const addressWait = this.addressSayLimits.take(ws.data.address);
     if (addressWait) {
-      this.units.metrics.rateLimited++;
+      this.units.metrics.limited("say_per_address");
       this.units.metrics.refused.say_per_address++;
       return { code: "rate_limited", message: `Too many messages from your address: try again in ${addressWait} ms`, retryAfterMs: addressWait };
     }
@@ -3364,7 +3468,7 @@ export class Chat {
     if (this.readOnly(ws)) return sendError(ws, "forbidden", "Guests may read but not write here: sign up or log in");
     const muted = this.muted(ws, name);
     if (muted) return sendError(ws, "forbidden", muted.message, { room: name, retryAfterMs: muted.retryAfterMs });
-    if (!this.typingThrottle.allow(ws.data.user.id, name)) return;
+    if (!this.typingThrottle.allow(ws.data.user.id, name)) return this.units.metrics.limited("typing");
     const frame = JSON.stringify({ type: "typing", room: name, user: userOf(ws) } satisfies ServerMessage);
     this.units.rooms.get(name)!.broadcast(frame, ws);
     this.units.fanout.publishTyping(name, frame);
@@ -3421,12 +3525,12 @@ export class Chat {
   async rename(userId: string, name: string, address: string): Promise<Outcome> {
     const wait = this.renameLimits.take(userId);
     if (wait) {
-      this.units.metrics.rateLimited++;
+      this.units.metrics.limited("rename");
       return { ok: false, code: "rate_limited", message: `Too many renames: try again in ${wait} ms`, retryAfterMs: wait };
     }
     const addressWait = this.addressRenameLimits.take(address);
     if (addressWait) {
-      this.units.metrics.rateLimited++;
+      this.units.metrics.limited("rename_per_address");
       this.units.metrics.refused.renames_per_address++;
       return { ok: false, code: "rate_limited", message: `Too many renames from your address: try again in ${addressWait} ms`, retryAfterMs: addressWait };
     }
@@ -3506,7 +3610,7 @@ export class Chat {
       wait = budget.take(performance.now(), Buffer.byteLength(body));
       if (!wait) return { ok: true, body };
     }
-    this.units.metrics.rateLimited++;
+    this.units.metrics.limited("scrollback");
     return { ok: false, code: "rate_limited", message: `Too much history sent to this address: try again in ${wait} ms`, retryAfterMs: wait };
   }
 
@@ -4107,7 +4211,7 @@ function metricsAnswer(c: Context, { config, fanout, connections, rooms, metrics
     ? safeEqual(c.req.header("authorization") ?? "", `Bearer ${metricsToken}`)
     : local || config.metricsPort !== undefined;
   if (!allowed) return httpError(c, 403, "forbidden", metricsToken ? "Send Authorization: Bearer <METRICS_TOKEN>" : "Metrics are served to this machine only (or set METRICS_TOKEN)");
-  const lines = [...fanout.metrics(), ...metrics.lines({ connections: connections.count, rooms: rooms.size })];
+  const lines = [...fanout.metrics(), ...metrics.lines({ connections: connections.count, rooms: rooms.size, maxFds: openFileLimit() })];
   return c.text(renderMetrics(lines), 200, { "content-type": "text/plain; version=0.0.4; charset=utf-8" });
 }
 
@@ -4368,12 +4472,13 @@ function socketHandlers({ config, chat, connections, metrics, logger }: { config
       send(ws, { type: "welcome", user: userOf(ws), maxText: config.maxText });
     },
     message(ws, raw) {
+      const start = performance.now();
       const parsed = parseClientMessage(raw);
       if (!parsed.ok) {
         metrics.framesRejected++;
-        return sendError(ws, "bad_request", parsed.error, { ref: parsed.ref });
-      }
-      (handlers[parsed.value.type] as (ws: ChatSocket, msg: ClientMessage) => void)(ws, parsed.value);
+        sendError(ws, "bad_request", parsed.error, { ref: parsed.ref });
+      } else (handlers[parsed.value.type] as (ws: ChatSocket, msg: ClientMessage) => void)(ws, parsed.value);
+      metrics.frames.observe((performance.now() - start) / 1000);
     },
     drain(ws) {
       ws.data.pressured = false;
@@ -4467,6 +4572,7 @@ export async function startServer(options: ServerOptions = {}) {
   const timers = [
     setInterval(() => connections.sampleBuffered(), BUFFER_SAMPLE_MS),
     setInterval(() => janitor({ chat, sessions, connections, store, retention, logger }), JANITOR_MS),
+    watchLoopLag(metrics),
   ];
   for (const timer of timers) timer.unref();
 
