@@ -2521,7 +2521,7 @@ export class Logger {
 const REFUSALS = ["sessions_per_address", "upgrades_per_address", "connections_per_address", "connections_per_user", "connections_total", "say_per_address", "renames_per_address", "requests_per_address", "login_failures"] as const;
 export type Refusal = (typeof REFUSALS)[number];
 /** Which rate limit refused a frame or request, as chat_rate_limited_total labels it (README "Metrics" names each one's setting). */
-const RATE_LIMITS = ["say", "say_per_address", "rename", "rename_per_address", "join", "read", "history", "scrollback", "typing"] as const;
+const RATE_LIMITS = ["say", "say_per_address", "rename", "renames_per_address", "join", "read", "history", "scrollback", "typing"] as const;
 export type RateLimited = (typeof RATE_LIMITS)[number];
 
 /** A histogram with fixed buckets, as Prometheus reads one: counts per bucket, their sum and count. */
@@ -3734,7 +3734,7 @@ export class Chat {
     }
     const addressWait = this.addressRenameLimits.take(address);
     if (addressWait) {
-      this.units.metrics.limited("rename_per_address");
+      this.units.metrics.limited("renames_per_address");
       this.units.metrics.refused.renames_per_address++;
       return { ok: false, code: "rate_limited", message: `Too many renames from your address: try again in ${addressWait} ms`, retryAfterMs: addressWait };
     }

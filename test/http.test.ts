@@ -105,7 +105,7 @@ describe("http", () => {
       expect(h.buckets!["+Inf"]).toBe(h.count!);
     }
     const limited = Object.fromEntries(one("chat_rate_limited_total", "COUNTER").map((m) => [m.labels!.reason, Number(m.value)]));
-    expect(Object.keys(limited).sort()).toEqual(["history", "join", "read", "rename", "rename_per_address", "say", "say_per_address", "scrollback", "typing"]);
+    expect(Object.keys(limited).sort()).toEqual(["history", "join", "read", "rename", "renames_per_address", "say", "say_per_address", "scrollback", "typing"]);
     expect(limited).toMatchObject({ say: 1, join: 0, rename: 0 });
     expect(one("chat_refused_total", "COUNTER").map((m) => m.labels!.reason)).toContain("say_per_address");
   });
