@@ -428,7 +428,7 @@ describe("chat", () => {
     const b = await Client.connect(chat.url, await newSession(chat.url));
     const { history } = await b.join("room");
     expect(history.messages.map((m) => m.text)).toEqual(["ok 0", "ok 1", "ok 2"]);
-    expect(await (await fetch(`${chat.url}/metrics`)).text()).toContain("chat_rate_limited_total 1");
+    expect(await (await fetch(`${chat.url}/metrics`)).text()).toContain('chat_rate_limited_total{reason="say"} 1');
   });
 
   test("by default a user may say 20 messages per 10 s", async () => {
@@ -494,7 +494,7 @@ describe("chat", () => {
     const res = await fetch(`${chat.url}/metrics`);
     expect(res.headers.get("content-type")).toStartWith("text/plain; version=0.0.4");
     const text = await res.text();
-    for (const line of ["chat_connections 1", "chat_rooms 1", "chat_messages_received_total 1", "chat_messages_published_total 1", "chat_frames_rejected_total 0", "chat_rate_limited_total 0", "chat_slow_consumers_closed_total 0"]) {
+    for (const line of ["chat_connections 1", "chat_rooms 1", "chat_messages_received_total 1", "chat_messages_published_total 1", "chat_frames_rejected_total 0", 'chat_rate_limited_total{reason="say"} 0', "chat_slow_consumers_closed_total 0"]) {
       expect(text).toContain(`\n${line}\n`);
     }
     expect(text).toContain("# TYPE chat_connections gauge");

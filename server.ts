@@ -7,9 +7,10 @@ import { Hono, type Context } from "hono";
 import { deleteCookie, getCookie, setSignedCookie } from "hono/cookie";
 import type { ContentfulStatusCode } from "hono/utils/http-status";
 import { createHash, createHmac, timingSafeEqual } from "node:crypto";
-import { accessSync, constants, existsSync, readFileSync } from "node:fs";
+import { accessSync, constants, existsSync, readdirSync, readFileSync } from "node:fs";
 import { dirname, resolve } from "node:path";
 import * as z from "zod";
+import adminPage from "./admin.html" with { type: "text" };
 import page from "./client.html" with { type: "text" };
 import confusables from "./confusables.json";
 import pkg from "./package.json" with { type: "json" };
@@ -17,6 +18,7 @@ import pkg from "./package.json" with { type: "json" };
 // ── Constants: every fixed number, named ─────────────────────────────────────
 
 const CLIENT_HTML = page as unknown as string; // bun-types types *.html as HTMLBundle
+const ADMIN_HTML = adminPage as unknown as string;
 export const VERSION = pkg.version; // embedded by bun build --compile, like the page
 const CONFUSABLES: Record<string, string> = confusables; // UTS #39 prototypes; scripts/confusables.ts regenerates the file
 const TOPIC_PREFIX = "room:"; // Bun pub/sub topic of a room
@@ -91,17 +93,27 @@ const NODE_TTL_MS = 15_000; // a node silent this long is dead: its members leav
 const REDIS_CONNECT_TIMEOUT_MS = 2_000;
 const ROOM_CHANNEL = "chat:room:"; // + room: messages, typing and presence of one room
 const USERS_CHANNEL = "chat:users"; // renames
+// Metrics
+const LATENCY_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]; // s: sub-ms commits to stalls
+const LAG_TICK_MS = 100; // the event-loop lag is how late a timer of this period fires
+// Admin console
+const STATS_EVERY_MS = 1_000; // each node samples itself this often…
+const STATS_KEPT = 600; // …and keeps this many samples of each node: 10 minutes
+const STATS_STALE_MS = 5_000; // a node without a newer sample is shown down
+const ADMIN_LIST_LIMIT = 100; // rows in each table of the console
 
-/** The page may run and style itself only with its own inline <script> and <style>, named by hash:
+/** A page may run and style itself only with its own inline <script> and <style>, named by hash:
  * an injected tag or handler would not run even if some text slipped past textContent. */
-const CLIENT_CSP = (() => {
+function pageCsp(html: string): string {
   const hashes = (tag: string) =>
-    [...CLIENT_HTML.matchAll(new RegExp(`<${tag}[^>]*>([\\s\\S]*?)</${tag}>`, "g"))]
+    [...html.matchAll(new RegExp(`<${tag}[^>]*>([\\s\\S]*?)</${tag}>`, "g"))]
       .map(([, body]) => `'sha256-${createHash("sha256").update(body).digest("base64")}'`)
       .join(" ");
   return `default-src 'none'; script-src ${hashes("script")}; style-src ${hashes("style")}; connect-src 'self'; ` +
     "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
-})();
+}
+const CLIENT_CSP = pageCsp(CLIENT_HTML);
+const ADMIN_CSP = pageCsp(ADMIN_HTML);
 
 /** What GET /favicon.ico answers (a chat bubble), so a browser's own request is not a 404; the page draws
  * its icon with the unread count itself. */
@@ -353,7 +365,8 @@ function isEmoji(s: string): boolean {
 export const Visibility = z.enum(["public", "private", "dm"]);
 export type Visibility = z.infer<typeof Visibility>;
 const DM_PREFIX = "dm-"; // dm rooms' names: made by the server, never by a user
-export const AuditAction = z.enum(["kick", "ban", "unban", "mute", "unmute", "promote", "demote", "invite", "remove"]);
+// delete, close, reopen: an admin in the console; revoke, ban_user, unban_user: the instance's, recorded with room ""
+export const AuditAction = z.enum(["kick", "ban", "unban", "mute", "unmute", "promote", "demote", "invite", "remove", "delete", "close", "reopen", "revoke", "ban_user", "unban_user"]);
 export type AuditAction = z.infer<typeof AuditAction>;
 export const User = z.strictObject({ id: z.string(), name: z.string() });
 export type User = z.infer<typeof User>;
@@ -410,8 +423,8 @@ export const ServerMessage = z.discriminatedUnion("type", [
   z.strictObject({ type: z.literal("invited"), room: RoomName, by: User }),
   // another socket of this user read the room up to seq (apply the highest seen)
   z.strictObject({ type: z.literal("read"), room: RoomName, seq: MessageId }),
-  // the socket is out of the room: kicked or banned by `by`, or it removed itself from a private room
-  z.strictObject({ type: z.literal("removed"), room: RoomName, by: User, reason: z.enum(["kicked", "banned", "left"]) }),
+  // the socket is out of the room: kicked or banned by `by`, closed by an admin, or it removed itself from a private room
+  z.strictObject({ type: z.literal("removed"), room: RoomName, by: User, reason: z.enum(["kicked", "banned", "closed", "left"]) }),
   z.strictObject({
     type: z.literal("moderation"),
     room: RoomName,
@@ -444,6 +457,31 @@ export const MuteBody = z.strictObject({ minutes: Minutes });
 const Password = z.string().min(8, "password is shorter than 8 characters").max(256, "password is longer than 256 characters");
 export const PasswordBody = z.strictObject({ password: Password, currentPassword: z.string().max(256).optional() });
 export const LoginBody = z.strictObject({ name: z.string().min(1).max(256), password: z.string().min(1).max(256) });
+const UserId = z.string().min(1).max(64);
+/** What an admin may do from the console (POST /api/admin/actions). */
+export const AdminAction = z.discriminatedUnion("action", [
+  z.strictObject({ action: z.literal("revoke"), user: UserId, session: z.string().min(1).max(64) }),
+  z.strictObject({ action: z.literal("ban"), user: UserId, banned: z.boolean() }),
+  z.strictObject({ action: z.literal("delete"), room: RoomName, id: MessageId }),
+  z.strictObject({ action: z.literal("close"), room: RoomName, closed: z.boolean() }),
+]);
+export type AdminAction = z.infer<typeof AdminAction>;
+export const AdminStatsQuery = z.strictObject({ since: z.coerce.number().int().nonnegative().default(0) });
+export const AdminUsersQuery = z.strictObject({ name: z.string().min(1).max(256).optional() });
+/** One node's second, as the console draws it and nodes share it through the fan-out. */
+export const StatsSample = z.strictObject({
+  at: z.number(), // ms since the epoch
+  connections: z.number(),
+  rooms: z.number(),
+  messages: z.number(), // accepted from clients in that second
+  p50: z.number().nullable(), // chat_delivery_seconds in that second, in ms (null: nothing delivered)
+  p99: z.number().nullable(),
+  refused: z.record(z.string(), z.number()), // refusals and rate limits in that second, by reason (none: left out)
+  rss: z.number(),
+  heap: z.number(),
+  lagMs: z.number(),
+});
+export type StatsSample = z.infer<typeof StatsSample>;
 export const MessagesQuery = z.strictObject({
   before: z.coerce.number().int().positive().optional(),
   limit: z.coerce.number().int().min(1).max(100).default(50),
@@ -483,9 +521,9 @@ export function messageOf(m: MessageFields): Message {
 /**
  * A change of a room as it goes on the wire: its seq, its frame serialized once for every recipient (a new message,
  * or an `updated` frame), the message's state after it, and (once asked) the sizes. `own`: the requester's copy, with
- * its ref, sent instead of the broadcast to that socket.
+ * its ref, sent instead of the broadcast to that socket. `committedAt`: when this node's store committed it (chat_delivery_seconds).
  */
-export type Entry = { seq: number; frame: string; state: Message; stateFrame?: string; bytes?: number; own?: { ws: ChatSocket; frame: string } };
+export type Entry = { seq: number; frame: string; state: Message; stateFrame?: string; bytes?: number; own?: { ws: ChatSocket; frame: string }; committedAt?: number };
 const refKey = (m: Message) => `${m.user.id} ${m.ref}`;
 const entryOf = (m: Message): Entry => {
   const frame = JSON.stringify(m);
@@ -588,6 +626,7 @@ export const AccessEvent = z.discriminatedUnion("what", [
     by: User,
     removed: z.strictObject({ user: z.string(), reason: z.enum(["kicked", "banned", "left"]) }).optional(),
     invited: z.string().optional(),
+    closed: z.literal(true).optional(), // an admin closed it: every socket in it is removed
     moderation: z.strictObject({
       action: z.enum(["kick", "ban", "unban", "mute", "unmute", "promote", "demote"]),
       user: User,
@@ -893,8 +932,9 @@ function schema(engine: "sqlite" | "postgres", { retention = false }: StoreOptio
     "CREATE INDEX IF NOT EXISTS login_failures_by_key ON login_failures (key, at)",
     // the room's last id, written with each append (on Postgres it is the id counter); it outlives expired messages
     // visibility: public, private or dm; owner: who made it with POST /api/rooms (NULL for rooms made by a join)
+    // closed: 1 when an admin closed it (nobody but admins may join)
     `CREATE TABLE IF NOT EXISTS rooms (name TEXT PRIMARY KEY, last_id BIGINT NOT NULL, visibility TEXT NOT NULL DEFAULT 'public',
-      owner TEXT)`,
+      owner TEXT, closed INTEGER NOT NULL DEFAULT 0)`,
     "CREATE INDEX IF NOT EXISTS rooms_active ON rooms (last_id DESC)",
     // role: moderator or member (the owner is rooms.owner); a private or dm room's members are its rows
     "CREATE TABLE IF NOT EXISTS members (room TEXT NOT NULL, user_id TEXT NOT NULL, role TEXT NOT NULL, PRIMARY KEY (room, user_id))",
@@ -1192,6 +1232,7 @@ class SqliteStore implements Store {
       this.db.run("ALTER TABLE rooms ADD COLUMN visibility TEXT NOT NULL DEFAULT 'public'");
       this.db.run("ALTER TABLE rooms ADD COLUMN owner TEXT");
     }
+    if (roomColumns.length && !roomColumns.includes("closed")) this.db.run("ALTER TABLE rooms ADD COLUMN closed INTEGER NOT NULL DEFAULT 0");
     const messageColumns = (this.db.query("PRAGMA table_info(messages)").all() as { name: string }[]).map((c) => c.name);
     if (messageColumns.length && !messageColumns.includes("seq")) {
       for (const column of MESSAGE_COLUMNS_V3) this.db.run(`ALTER TABLE messages ADD COLUMN ${column}`);
@@ -1448,7 +1489,7 @@ class SqliteStore implements Store {
       this.db.transaction(() => {
         // a room someone made (an owner, private, dm) stays: only rooms a join made are dropped when empty
         const dropped = this.db.query(`DELETE FROM rooms WHERE name = ?1 AND NOT EXISTS (SELECT 1 FROM messages WHERE room = ?1)
-          AND visibility = 'public' AND owner IS NULL RETURNING last_id`).get(room) as { last_id: number } | null;
+          AND visibility = 'public' AND owner IS NULL AND closed = 0 RETURNING last_id`).get(room) as { last_id: number } | null;
         if (!dropped) return false;
         this.db.query(`INSERT INTO counters (name, value) VALUES ('room_floor', ?)
           ON CONFLICT (name) DO UPDATE SET value = max(value, excluded.value)`).run(dropped.last_id);
@@ -1580,6 +1621,7 @@ class PostgresStore implements Store {
     }
     await tx.unsafe("ALTER TABLE IF EXISTS rooms ADD COLUMN IF NOT EXISTS visibility TEXT NOT NULL DEFAULT 'public'");
     await tx.unsafe("ALTER TABLE IF EXISTS rooms ADD COLUMN IF NOT EXISTS owner TEXT");
+    await tx.unsafe("ALTER TABLE IF EXISTS rooms ADD COLUMN IF NOT EXISTS closed INTEGER NOT NULL DEFAULT 0");
     for (const column of MESSAGE_COLUMNS_V3) await tx.unsafe(`ALTER TABLE IF EXISTS messages ADD COLUMN IF NOT EXISTS ${column}`);
     for (const ddl of schema("postgres", options)) await tx.unsafe(ddl);
     await tx.unsafe("UPDATE messages SET seq = id WHERE seq IS NULL"); // schema 2's messages
@@ -1776,7 +1818,7 @@ class PostgresStore implements Store {
   dropRoom(room: string) {
     return this.sql.begin(async (tx) => {
       const [dropped] = await tx`DELETE FROM rooms WHERE name = ${room} AND NOT EXISTS (SELECT 1 FROM messages WHERE room = ${room})
-        AND visibility = 'public' AND owner IS NULL RETURNING last_id`;
+        AND visibility = 'public' AND owner IS NULL AND closed = 0 RETURNING last_id`;
       if (!dropped) return false;
       await tx`INSERT INTO counters (name, value) VALUES ('room_floor', ${dropped.last_id})
         ON CONFLICT (name) DO UPDATE SET value = greatest(counters.value, excluded.value)`;
@@ -1842,6 +1884,16 @@ export class Accounts {
     return rows.map((r) => ({ handle: r.handle, created: Number(r.created), seen: Number(r.seen) }));
   }
 
+  /** The most recently seen sessions with their users (for the console): handles and times, never a sid or its hash. */
+  async recentSessions(limit: number) {
+    const rows = await this.q(`SELECT s.handle, s.created, s.seen, u.id, u.name, u.admin, u.banned, CASE WHEN u.password IS NULL THEN 0 ELSE 1 END AS registered
+      FROM sessions s JOIN users u ON u.id = s.user_id ORDER BY s.seen DESC LIMIT $1`, [limit]);
+    return rows.map((r) => ({
+      user: { id: r.id as string, name: r.name as string, registered: Number(r.registered) === 1, admin: Number(r.admin) === 1, banned: Number(r.banned) === 1 },
+      session: { handle: r.handle as string, created: Number(r.created), seen: Number(r.seen) },
+    }));
+  }
+
   /** Deletes one session of a user: whether it was there. */
   async deleteSession(userId: string, handle: string): Promise<boolean> {
     return (await this.q("DELETE FROM sessions WHERE user_id = $1 AND handle = $2 RETURNING handle", [userId, handle])).length > 0;
@@ -1892,6 +1944,7 @@ export class RoomRules {
     readonly roles: Map<string, "moderator" | "member">, // the rows of `members`; the owner has one too
     readonly bans: Map<string, number | null>,
     readonly mutes: Map<string, number>,
+    readonly closed = false,
   ) {}
 
   role(userId: string): Role | undefined {
@@ -1924,6 +1977,7 @@ export class RoomRules {
   /** Why the user may not join, or undefined. */
   refuseJoin(userId: string, admin: boolean): string | undefined {
     if (!this.mayRead(userId, admin)) return "you are not a member";
+    if (this.closed && !admin) return "an admin closed it";
     if (this.bannedUntil(userId) !== undefined && !admin) return "you are banned from it";
   }
 }
@@ -1935,7 +1989,7 @@ export class RoomAccess {
   async rules(room: string): Promise<RoomRules> {
     const now = Date.now();
     const [[row], members, bans, mutes] = await Promise.all([
-      this.q("SELECT visibility, owner FROM rooms WHERE name = $1", [room]),
+      this.q("SELECT visibility, owner, closed FROM rooms WHERE name = $1", [room]),
       this.q("SELECT user_id, role FROM members WHERE room = $1", [room]),
       this.q("SELECT user_id, until FROM bans WHERE room = $1 AND (until IS NULL OR until > $2)", [room, now]),
       this.q("SELECT user_id, until FROM mutes WHERE room = $1 AND until > $2", [room, now]),
@@ -1947,7 +2001,23 @@ export class RoomAccess {
       new Map(members.map((r) => [r.user_id, r.role])),
       new Map(bans.map((r) => [r.user_id, r.until === null ? null : Number(r.until)])),
       new Map(mutes.map((r) => [r.user_id, Number(r.until)])),
+      Number(row?.closed ?? 0) === 1,
     );
+  }
+
+  async setClosed(room: string, closed: boolean) {
+    await this.q("UPDATE rooms SET closed = $1 WHERE name = $2", [closed ? 1 : 0, room]);
+  }
+
+  /** The stored rooms with the highest last ids: messages, the time of the newest, whether closed (for the console). */
+  async overview(limit: number) {
+    const rows = await this.q(`SELECT r.name, r.visibility, r.last_id, r.closed, (SELECT count(*) FROM messages m WHERE m.room = r.name) AS messages,
+        (SELECT m.ts FROM messages m WHERE m.room = r.name ORDER BY m.id DESC LIMIT 1) AS last_ts
+      FROM rooms r ORDER BY r.last_id DESC LIMIT $1`, [limit]);
+    return rows.map((r) => ({
+      name: r.name as string, visibility: r.visibility as Visibility, lastId: Number(r.last_id), closed: Number(r.closed) === 1,
+      messages: Number(r.messages), lastActivity: r.last_ts == null ? null : Number(r.last_ts),
+    }));
   }
 
   async setRole(room: string, userId: string, role: "moderator" | "member" | null) {
@@ -1968,6 +2038,15 @@ export class RoomAccess {
   async record(room: string, action: AuditAction, user: User, by: User, until?: number | null) {
     await this.q("INSERT INTO audit (room, at, action, user_id, user_name, by_id, by_name, until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
       [room, Date.now(), action, user.id, user.name, by.id, by.name, until ?? null]);
+  }
+
+  /** Every room's moderation actions and the instance's (room ""), newest first. */
+  async auditAll(limit: number) {
+    const rows = await this.q("SELECT room, at, action, user_id, user_name, by_id, by_name, until FROM audit ORDER BY at DESC LIMIT $1", [limit]);
+    return rows.map((r) => ({
+      room: r.room as string, action: r.action as AuditAction, user: { id: r.user_id, name: r.user_name }, by: { id: r.by_id, name: r.by_name }, at: Number(r.at),
+      ...(r.until != null ? { until: Number(r.until) } : {}),
+    }));
   }
 
   /** The room's moderation actions, newest first. */
@@ -2124,8 +2203,8 @@ export type FanoutEvents = {
   reconnected(): void;
 };
 
-/** A Prometheus sample: name, type, help, value, and labels. */
-type MetricLine = { name: string; type: "counter" | "gauge"; help: string; value: number; labels?: Record<string, string> };
+/** A Prometheus sample: its family's name, type and help, value, and labels; a histogram's samples add a suffix to the name. */
+type MetricLine = { name: string; type: "counter" | "gauge" | "histogram"; help: string; value: number; labels?: Record<string, string>; suffix?: string };
 
 export interface Fanout {
   /** false while a cluster node cannot reach Redis; it keeps serving its own clients meanwhile */
@@ -2147,6 +2226,10 @@ export interface Fanout {
   publishTyping(room: string, frame: string): void;
   publishRename(user: User, previous: string, rooms: string[]): void;
   publishAccess(event: AccessEvent): void;
+  /** Shares this node's latest second with the others (for the admin console)… */
+  shareStats(sample: StatsSample): void;
+  /** …and reads every node's latest, this one's included. */
+  nodeStats(): Promise<[node: string, sample: StatsSample][]>;
   metrics(): MetricLine[];
   close(): Promise<void>;
 }
@@ -2178,6 +2261,13 @@ class LocalFanout implements Fanout {
   publishTyping() {}
   publishRename() {}
   publishAccess() {}
+  private latest: StatsSample | undefined;
+  shareStats(sample: StatsSample) {
+    this.latest = sample;
+  }
+  async nodeStats(): Promise<[string, StatsSample][]> {
+    return this.latest ? [[this.node, this.latest]] : [];
+  }
   metrics(): MetricLine[] {
     return [{ name: "chat_node_info", type: "gauge", help: "This process", value: 1, labels: { node: this.node, cluster: "0" } }];
   }
@@ -2430,6 +2520,27 @@ class RedisFanout implements Fanout {
     this.publish(USERS_CHANNEL, FanoutCodec.encode({ kind: "access", node: this.node, event }));
   }
 
+  // chat:stats holds each node's latest second (node → JSON); a node gone for STATS_KEPT seconds is dropped from it
+  shareStats(sample: StatsSample) {
+    if (this.pub.connected) this.pub.send("HSET", ["chat:stats", this.node, JSON.stringify(sample)]).catch((e) => this.logger.error("redis stats", e));
+  }
+
+  async nodeStats(): Promise<[string, StatsSample][]> {
+    const hash = (await this.pub.send("HGETALL", ["chat:stats"])) as Record<string, string> | null;
+    const forgotten = Date.now() - STATS_KEPT * STATS_EVERY_MS;
+    const nodes: [string, StatsSample][] = [];
+    for (const [node, json] of Object.entries(hash ?? {})) {
+      let parsed: unknown;
+      try {
+        parsed = JSON.parse(json);
+      } catch {} // not ours: dropped below
+      const sample = StatsSample.safeParse(parsed);
+      if (!sample.success || sample.data.at < forgotten) await this.pub.send("HDEL", ["chat:stats", node]);
+      else nodes.push([node, sample.data]);
+    }
+    return nodes;
+  }
+
   metrics(): MetricLine[] {
     return [
       { name: "chat_node_info", type: "gauge", help: "This process", value: 1, labels: { node: this.node, cluster: "1" } },
@@ -2513,48 +2624,217 @@ export function prettyLine({ time, level, event, ...fields }: LogLine): string {
 /** Why a request, upgrade or frame was refused, as /metrics labels them. */
 const REFUSALS = ["sessions_per_address", "upgrades_per_address", "connections_per_address", "connections_per_user", "connections_total", "say_per_address", "renames_per_address", "requests_per_address", "login_failures"] as const;
 export type Refusal = (typeof REFUSALS)[number];
+/** Which rate limit refused a frame or request, as chat_rate_limited_total labels it (README "Metrics" names each one's setting). */
+const RATE_LIMITS = ["say", "say_per_address", "rename", "renames_per_address", "join", "read", "history", "scrollback", "typing"] as const;
+export type RateLimited = (typeof RATE_LIMITS)[number];
 
-/** This process's counters, exposed at /metrics. */
+/** A histogram with fixed buckets, as Prometheus reads one: counts per bucket, their sum and count. */
+export class Histogram {
+  readonly counts: number[]; // per bucket (not cumulative); the last one is +Inf
+  sum = 0;
+  count = 0;
+  constructor(readonly bounds: number[] = LATENCY_BUCKETS) {
+    this.counts = new Array(bounds.length + 1).fill(0);
+  }
+
+  observe(value: number) {
+    let i = 0;
+    while (i < this.bounds.length && value > this.bounds[i]) i++;
+    this.counts[i]++;
+    this.sum += value;
+    this.count++;
+  }
+
+  /** The q-quantile of what `counts` holds (a difference of two copies gives one second's), interpolated within its
+   * bucket as PromQL's histogram_quantile does; undefined without observations. */
+  quantile(q: number, counts = this.counts): number | undefined {
+    const total = counts.reduce((a, b) => a + b, 0);
+    if (!total) return;
+    const rank = q * total;
+    for (let i = 0, below = 0; i < counts.length; below += counts[i++]) {
+      if (below + counts[i] < rank) continue;
+      if (i === this.bounds.length) return this.bounds.at(-1); // in +Inf: the highest bound is all that is known
+      const low = i === 0 ? 0 : this.bounds[i - 1];
+      return low + (this.bounds[i] - low) * ((rank - below) / counts[i]);
+    }
+  }
+
+  lines(name: string, help: string): MetricLine[] {
+    let cumulative = 0;
+    const buckets = this.counts.map((n, i): MetricLine => {
+      cumulative += n;
+      return { name, type: "histogram", help, suffix: "_bucket", value: cumulative, labels: { le: i < this.bounds.length ? String(this.bounds[i]) : "+Inf" } };
+    });
+    return [...buckets, { name, type: "histogram", help, suffix: "_sum", value: this.sum }, { name, type: "histogram", help, suffix: "_count", value: this.count }];
+  }
+}
+
+/** The process as Prometheus's client libraries name it: CPU, memory, descriptors, start time (open fds on Linux only). */
+function processLines(startTime: number, maxFds: number): MetricLine[] {
+  const { user, system } = process.cpuUsage();
+  const lines: MetricLine[] = [
+    { name: "process_cpu_seconds_total", type: "counter", help: "User and system CPU time spent, in seconds", value: (user + system) / 1e6 },
+    { name: "process_resident_memory_bytes", type: "gauge", help: "Resident memory size in bytes", value: process.memoryUsage.rss() },
+    { name: "process_heap_bytes", type: "gauge", help: "JavaScript heap in use, in bytes", value: process.memoryUsage().heapUsed },
+    { name: "process_start_time_seconds", type: "gauge", help: "Start time of the process since the Unix epoch, in seconds", value: startTime },
+    { name: "process_max_fds", type: "gauge", help: "Maximum number of open file descriptors", value: maxFds },
+  ];
+  try {
+    lines.push({ name: "process_open_fds", type: "gauge", help: "Number of open file descriptors", value: readdirSync("/proc/self/fd").length });
+  } catch {} // not Linux
+  return lines;
+}
+
+/** This process's counters and histograms, exposed at /metrics. */
 export class Metrics {
   readonly refused = Object.fromEntries(REFUSALS.map((r) => [r, 0])) as Record<Refusal, number>;
+  readonly rateLimited = Object.fromEntries(RATE_LIMITS.map((r) => [r, 0])) as Record<RateLimited, number>;
+  /** from a batch's commit in the store to the publish of its frames on this node */
+  readonly delivery = new Histogram();
+  /** a client frame's parse, checks and dispatch (what runs before the socket's next frame) */
+  readonly frames = new Histogram();
+  readonly startTime = Math.round(Date.now() / 1000 - process.uptime());
   messagesReceived = 0;
   messagesPublished = 0;
   framesRejected = 0;
-  rateLimited = 0;
   slowConsumersClosed = 0;
   connectionsRefused = 0;
   storeErrors = 0;
   gapsFilled = 0;
   loginFailures = 0;
+  loopLagMs = 0; // the worst timer delay of the last second (see StatsSampler)
 
-  lines(gauges: { connections: number; rooms: number }): MetricLine[] {
+  /** A rate limit refused something. */
+  limited(reason: RateLimited) {
+    this.rateLimited[reason]++;
+  }
+
+  lines(gauges: { connections: number; rooms: number; maxFds: number }): MetricLine[] {
     const counter = (name: string, help: string, value: number): MetricLine => ({ name, type: "counter", help, value });
     return [
+      { name: "chat_build_info", type: "gauge", help: "The version running, and the Bun it runs on", value: 1, labels: { version: VERSION, bun: Bun.version } },
+      ...processLines(this.startTime, gauges.maxFds),
+      { name: "chat_event_loop_lag_seconds", type: "gauge", help: `The worst delay of a ${LAG_TICK_MS} ms timer over the last second`, value: this.loopLagMs / 1000 },
       { name: "chat_connections", type: "gauge", help: "Open WebSocket connections", value: gauges.connections },
       { name: "chat_rooms", type: "gauge", help: "Rooms with members on this process", value: gauges.rooms },
       counter("chat_messages_received_total", "Chat messages accepted from clients", this.messagesReceived),
       counter("chat_messages_published_total", "Chat messages broadcast to rooms", this.messagesPublished),
       counter("chat_frames_rejected_total", "Client frames answered with bad_request", this.framesRejected),
-      counter("chat_rate_limited_total", "Frames refused by a rate limit", this.rateLimited),
       counter("chat_slow_consumers_closed_total", "Sockets closed with unsent data buffered (slow or dead readers)", this.slowConsumersClosed),
       counter("chat_connections_refused_total", "Connections refused by a connection limit", this.connectionsRefused),
       counter("chat_store_errors_total", "Failed writes of chat messages", this.storeErrors),
       counter("chat_gaps_filled_total", "Out-of-order arrivals filled from the store", this.gapsFilled),
       counter("chat_login_failures_total", "Logins refused for a wrong name or password", this.loginFailures),
+      ...RATE_LIMITS.map((reason): MetricLine => ({
+        name: "chat_rate_limited_total", type: "counter", help: "Frames and requests refused by a rate limit, by the limit", value: this.rateLimited[reason], labels: { reason },
+      })),
       ...REFUSALS.map((reason): MetricLine => ({
         name: "chat_refused_total", type: "counter", help: "Requests, upgrades and frames refused by a limit, by reason", value: this.refused[reason], labels: { reason },
       })),
+      ...this.delivery.lines("chat_delivery_seconds", "From the store's commit of a change to the publish of its frame on this node, in seconds"),
+      ...this.frames.lines("chat_frame_handling_seconds", "Handling of one client frame (parse, checks, dispatch), in seconds"),
     ];
+  }
+}
+
+/** Event-loop lag: how late a LAG_TICK_MS timer fires; the worst of each second goes to metrics.loopLagMs. */
+function watchLoopLag(metrics: Metrics): Timer {
+  let expected = performance.now() + LAG_TICK_MS;
+  let worst = 0;
+  let ticks = 0;
+  const timer = setInterval(() => {
+    const now = performance.now();
+    worst = Math.max(worst, now - expected);
+    expected = now + LAG_TICK_MS;
+    if (++ticks < 1000 / LAG_TICK_MS) return;
+    metrics.loopLagMs = worst;
+    worst = ticks = 0;
+  }, LAG_TICK_MS);
+  timer.unref();
+  return timer;
+}
+
+/** The newest STATS_KEPT samples of one node, oldest first. */
+class StatsRing {
+  private readonly samples: StatsSample[] = [];
+  push(sample: StatsSample) {
+    if (sample.at <= (this.samples.at(-1)?.at ?? -Infinity)) return; // the same second read again
+    this.samples.push(sample);
+    if (this.samples.length > STATS_KEPT) this.samples.shift();
+  }
+  since(at: number): StatsSample[] {
+    let i = this.samples.length;
+    while (i > 0 && this.samples[i - 1].at > at) i--;
+    return this.samples.slice(i);
+  }
+  get latest(): StatsSample | undefined {
+    return this.samples.at(-1);
+  }
+}
+
+type StatsUnits = { metrics: Metrics; connections: Connections; rooms: Rooms; fanout: Fanout; logger: Logger };
+
+/** The admin console's data: every STATS_EVERY_MS this node samples itself, shares the sample through the fan-out and
+ * keeps the other nodes' latest ones, so each node holds the last ten minutes of every node it has heard of. */
+export class StatsSampler {
+  private readonly rings = new Map<string, StatsRing>();
+  private before: { messages: number; refused: Record<string, number>; delivery: number[] } | undefined;
+
+  constructor(private readonly node: string, private readonly units: StatsUnits) {}
+
+  start(): Timer {
+    const timer = setInterval(() => void this.tick().catch((e) => this.units.logger.error("stats", e)), STATS_EVERY_MS);
+    timer.unref();
+    return timer;
+  }
+
+  async tick(now = Date.now()) {
+    const sample = this.sample(now);
+    this.ring(this.node).push(sample);
+    this.units.fanout.shareStats(sample);
+    for (const [node, other] of await this.units.fanout.nodeStats()) if (node !== this.node) this.ring(node).push(other);
+  }
+
+  private ring(node: string): StatsRing {
+    let ring = this.rings.get(node);
+    if (!ring) this.rings.set(node, (ring = new StatsRing()));
+    return ring;
+  }
+
+  /** This node's last second: gauges now, counters as the difference from the previous sample. */
+  private sample(at: number): StatsSample {
+    const { metrics, connections, rooms } = this.units;
+    const refusedTotals: Record<string, number> = { ...metrics.rateLimited, ...metrics.refused };
+    const now = { messages: metrics.messagesReceived, refused: refusedTotals, delivery: [...metrics.delivery.counts] };
+    const was = this.before ?? { messages: 0, refused: {}, delivery: now.delivery.map(() => 0) }; // counters start at 0 with the process
+    this.before = now;
+    const refused = Object.fromEntries(Object.entries(refusedTotals).map(([k, n]): [string, number] => [k, n - (was.refused[k] ?? 0)]).filter(([, n]) => n > 0));
+    const delivered = now.delivery.map((n, i) => n - was.delivery[i]);
+    const ms = (q: number) => {
+      const s = metrics.delivery.quantile(q, delivered);
+      return s === undefined ? null : Math.round(s * 1e6) / 1e3;
+    };
+    return {
+      at, connections: connections.count, rooms: rooms.size, messages: now.messages - was.messages, p50: ms(0.5), p99: ms(0.99), refused,
+      rss: process.memoryUsage.rss(), heap: process.memoryUsage().heapUsed, lagMs: Math.round(metrics.loopLagMs * 10) / 10,
+    };
+  }
+
+  /** Every node's samples after `since`; a node without one for STATS_STALE_MS is down. */
+  view(since: number, now = Date.now()) {
+    return [...this.rings].map(([node, ring]) => ({
+      node, self: node === this.node, up: node === this.node || now - (ring.latest?.at ?? 0) <= STATS_STALE_MS, samples: ring.since(since),
+    }));
   }
 }
 
 /** Prometheus text format 0.0.4. */
 function renderMetrics(lines: MetricLine[]): string {
   return lines
-    .map(({ name, type, help, value, labels }, i) => {
-      const tags = labels ? `{${Object.entries(labels).map(([k, v]) => `${k}="${v}"`).join(",")}}` : "";
+    .map(({ name, type, help, value, labels, suffix = "" }, i) => {
+      const tags = labels ? `{${Object.entries(labels).map(([k, v]) => `${k}="${v.replace(/[\\"\n]/g, (c) => (c === "\n" ? "\\n" : `\\${c}`))}"`).join(",")}}` : "";
       const head = lines[i - 1]?.name === name ? "" : `# HELP ${name} ${help}\n# TYPE ${name} ${type}\n`;
-      return `${head}${name}${tags} ${value}\n`;
+      return `${head}${name}${suffix}${tags} ${value}\n`;
     })
     .join("");
 }
@@ -2854,7 +3134,9 @@ export class Room {
     const own = entry.own && !entry.own.ws.data.closed && entry.own.ws.data.rooms.includes(this.name) ? entry.own : undefined;
     this.broadcast(entry.frame, own?.ws);
     if (own) sendFrame(own.ws, own.frame); // the requester's copy, with its ref
-    this.registry.units.metrics.messagesPublished++;
+    const { metrics } = this.registry.units;
+    metrics.messagesPublished++;
+    if (entry.committedAt !== undefined) metrics.delivery.observe((performance.now() - entry.committedAt) / 1000);
   }
 
   private noteRef(entry: Entry) {
@@ -3098,7 +3380,8 @@ export class Rooms {
 // ── The say queue: accepted messages are stored together, then delivered; nothing unstored is broadcast ──
 
 /** A new message, or a change of one, with the socket that asked. */
-type Pending = (NewMessage & { kind: "say"; ws: ChatSocket }) | (Change & { ws: ChatSocket; ref?: string });
+/** A change from the admin console has no socket: `done` hears how it went (undefined: the store failed). */
+type Pending = (NewMessage & { kind: "say"; ws: ChatSocket }) | (Change & { ws?: ChatSocket; ref?: string; done?: (changed: Changed | undefined) => void });
 
 /** Who a text mentions (user ids); a resolver the store answers. */
 export type Mentions = (text: string) => Promise<string[]>;
@@ -3173,9 +3456,11 @@ export class SayQueue {
     } catch (error) {
       return this.refuse(says, error);
     }
+    const committedAt = performance.now();
     for (let i = 0; i < says.length; i++) {
       const { room, user, text, ts, ref, replyTo, mentions } = says[i];
       const entry = entryOf(messageOf({ room, id: ids[i], user, text, ts, ref, replyTo, mentions }));
+      entry.committedAt = committedAt;
       this.rooms.get(room)?.receive(entry);
       this.fanout.publishMessage(room, entry);
     }
@@ -3190,12 +3475,15 @@ export class SayQueue {
       if (c.kind === "edit") c.mentions = c.text.includes("@") ? await this.mentions(c.text) : [];
       result = await this.store.change(c);
     } catch (error) {
-      return this.refuse([c], error);
+      this.refuse([c], error);
+      return c.done?.(undefined);
     }
-    if (!result.ok) return void (!ws.data.closed && sendError(ws, result.code, result.message, { ref, room: c.room }));
+    c.done?.(result);
+    const open = ws && !ws.data.closed ? ws : undefined;
+    if (!result.ok) return void (open && sendError(open, result.code, result.message, { ref, room: c.room }));
     const own = JSON.stringify({ type: "updated", room: c.room, seq: result.message.seq, message: result.message, ref } satisfies ServerMessage);
-    if (!result.changed) return void (!ws.data.closed && sendFrame(ws, own)); // nothing changed: the state, to the requester
-    const entry: Entry = { ...updatedEntry(result.message), own: { ws, frame: own } };
+    if (!result.changed) return void (open && sendFrame(open, own)); // nothing changed: the state, to the requester
+    const entry: Entry = { ...updatedEntry(result.message), own: ws && { ws, frame: own }, committedAt: performance.now() };
     this.rooms.get(c.room)?.receive(entry);
     this.fanout.publishMessage(c.room, entry);
   }
@@ -3205,7 +3493,7 @@ export class SayQueue {
     this.metrics.storeErrors++;
     this.logger.error("store_messages", error, { messages: batch.length });
     for (const { ws, ref } of batch) {
-      if (!ws.data.closed) sendError(ws, "unavailable", "Cannot store it: the database is unavailable, try again", { ref });
+      if (ws && !ws.data.closed) sendError(ws, "unavailable", "Cannot store it: the database is unavailable, try again", { ref });
     }
   }
 }
@@ -3343,8 +3631,8 @@ export class Chat {
   }
 
   /** A frame or request refused by a rate limit: counted for /metrics and for the minute's log line of its kind. */
-  private limited(kind: string, address: string) {
-    this.units.metrics.rateLimited++;
+  private limited(kind: RateLimited, address: string) {
+    this.units.metrics.limited(kind);
     this.units.logger.tally("rate_limited", kind, address);
   }
 
@@ -3467,6 +3755,13 @@ export class Chat {
     }
   }
 
+  /** An admin's deletion from the console: queued like a delete frame, answered when stored. */
+  deleteAsAdmin(by: string, room: string, id: number): Promise<Changed | undefined> {
+    const { promise, resolve } = Promise.withResolvers<Changed | undefined>();
+    this.units.queue.push({ kind: "delete", room, id, user: by, moderator: true, done: resolve });
+    return promise;
+  }
+
   /** Why a write to a room is refused, or nothing: length, membership, guests, mutes, rate limits (a token taken). */
   private refuseWrite(ws: ChatSocket, room: string, text: string | undefined): (ErrorExtra & { code: ErrorCode; message: string }) | undefined {
     if (text !== undefined && text.length > this.config.maxText) {
@@ -3495,7 +3790,7 @@ export class Chat {
     if (this.readOnly(ws)) return sendError(ws, "forbidden", "Guests may read but not write here: sign up or log in");
     const muted = this.muted(ws, name);
     if (muted) return sendError(ws, "forbidden", muted.message, { room: name, retryAfterMs: muted.retryAfterMs });
-    if (!this.typingThrottle.allow(ws.data.user.id, name)) return;
+    if (!this.typingThrottle.allow(ws.data.user.id, name)) return this.units.metrics.limited("typing");
     const frame = JSON.stringify({ type: "typing", room: name, user: userOf(ws) } satisfies ServerMessage);
     this.units.rooms.get(name)!.broadcast(frame, ws);
     this.units.fanout.publishTyping(name, frame);
@@ -3526,7 +3821,8 @@ export class Chat {
   async roomChanged(event: Extract<AccessEvent, { what: "room" }>) {
     const room = this.units.rooms.get(event.room);
     await room?.reloadRules();
-    const { removed, invited, moderation, by } = event;
+    const { removed, invited, moderation, by, closed } = event;
+    if (closed) this.removeAll(event.room, by);
     if (removed) {
       const frame = JSON.stringify({ type: "removed", room: event.room, by, reason: removed.reason } satisfies ServerMessage);
       for (const ws of this.units.connections.user(removed.user)?.sockets ?? []) {
@@ -3541,6 +3837,16 @@ export class Chat {
       for (const ws of this.units.connections.user(invited)?.sockets ?? []) if (!ws.data.closed) sendFrame(ws, frame);
     }
     if (moderation && room) room.broadcast(JSON.stringify({ type: "moderation", room: event.room, ...moderation, by } satisfies ServerMessage));
+  }
+
+  /** An admin closed the room: every socket on this node in it (or joining it) is out, and hears so. */
+  private removeAll(name: string, by: User) {
+    const frame = JSON.stringify({ type: "removed", room: name, by, reason: "closed" } satisfies ServerMessage);
+    for (const ws of [...this.units.connections.all()]) {
+      if (ws.data.closed || !(ws.data.rooms.includes(name) || ws.data.joining?.includes(name))) continue;
+      this.leave(ws, name);
+      sendFrame(ws, frame);
+    }
   }
 
   /** GUESTS=read: a guest's socket reads and writes nothing. */
@@ -3637,7 +3943,7 @@ export class Chat {
       wait = budget.take(performance.now(), Buffer.byteLength(body));
       if (!wait) return { ok: true, body };
     }
-    this.limited("history_per_address", address);
+    this.limited("scrollback", address);
     return { ok: false, code: "rate_limited", message: `Too much history sent to this address: try again in ${wait} ms`, retryAfterMs: wait };
   }
 
@@ -4001,9 +4307,14 @@ class Auth {
   }
 
   /** Ends one of the user's own sessions, by handle: whether there was one. */
-  async revoke(session: Session, handle: string): Promise<boolean> {
-    if (!(await this.store.accounts.deleteSession(session.id, handle))) return false;
-    this.closeSessions(session.id, [handle]);
+  revoke(session: Session, handle: string): Promise<boolean> {
+    return this.revokeOf(session.id, handle);
+  }
+
+  /** Ends a session of a user, by handle (the user's own request, or an admin's): whether there was one. */
+  async revokeOf(userId: string, handle: string): Promise<boolean> {
+    if (!(await this.store.accounts.deleteSession(userId, handle))) return false;
+    this.closeSessions(userId, [handle]);
     return true;
   }
 
@@ -4187,7 +4498,108 @@ class Moderation {
   }
 }
 
-type AppUnits = { config: Config; store: Store; sessions: Sessions; auth: Auth; moderation: Moderation; chat: Chat; connections: Connections; fanout: Fanout; rooms: Rooms; metrics: Metrics; logger: Logger; lifecycle: { shuttingDown: boolean } };
+type AdminUnits = { store: Store; auth: Auth; chat: Chat; rooms: Rooms; fanout: Fanout; logger: Logger };
+const NOTHING: Answer<null> = { ok: true, value: null };
+
+/**
+ * The admin console's tables and actions. Each action goes through the unit that owns it (Auth, Chat), and is
+ * logged as a moderation event and written to the audit log (room "" for the instance's own actions).
+ */
+class Admin {
+  constructor(private readonly units: AdminUnits) {}
+
+  /** Stored rooms with the highest last ids, and the loaded rooms with the most members: who is in each, on every node. */
+  async rooms() {
+    const { store, rooms, fanout } = this.units;
+    type Row = Awaited<ReturnType<RoomAccess["overview"]>>[number] & { online: number };
+    const list = new Map<string, Row>((await store.access.overview(ADMIN_LIST_LIMIT)).map((r) => [r.name, { ...r, online: 0 }]));
+    for (const room of rooms.busiest()) {
+      if (!list.has(room.name)) list.set(room.name, { name: room.name, visibility: room.rules?.visibility ?? "public", lastId: room.lastId, closed: false, messages: 0, lastActivity: null, online: 0 });
+    }
+    const elsewhere = [...list.keys()].filter((name) => !rooms.get(name));
+    const online = await fanout.online(elsewhere);
+    elsewhere.forEach((name, i) => (list.get(name)!.online = online[i]));
+    for (const row of list.values()) row.online = rooms.get(row.name)?.members.size ?? row.online;
+    return [...list.values()].sort((a, b) => b.online - a.online || (b.lastActivity ?? 0) - (a.lastActivity ?? 0));
+  }
+
+  /** The users of the most recently seen sessions (or the one named), each with its sessions: handles, never sids. */
+  async users(name?: string) {
+    const { accounts } = this.units.store;
+    type Row = { id: string; name: string; registered: boolean; admin: boolean; banned: boolean; sessions: { id: string; createdAt: number; lastSeenAt: number }[] };
+    const session = (s: SessionInfo) => ({ id: s.handle, createdAt: s.created, lastSeenAt: s.seen });
+    if (name !== undefined) {
+      const user = await accounts.byName(name);
+      if (!user) return [];
+      return [{ id: user.id, name: user.name, registered: !!user.password, admin: user.admin, banned: user.banned, sessions: (await accounts.sessions(user.id)).map(session) }];
+    }
+    const users = new Map<string, Row>();
+    for (const { user, session: s } of await accounts.recentSessions(ADMIN_LIST_LIMIT)) {
+      let row = users.get(user.id);
+      if (!row) users.set(user.id, (row = { ...user, sessions: [] }));
+      row.sessions.push(session(s));
+    }
+    return [...users.values()];
+  }
+
+  audit() {
+    return this.units.store.access.auditAll(ADMIN_LIST_LIMIT);
+  }
+
+  async act(admin: Session, action: AdminAction): Promise<Answer<null>> {
+    const by = { id: admin.id, name: admin.name };
+    let result: Answer<null>;
+    switch (action.action) {
+      case "revoke": result = await this.revoke(by, action.user, action.session); break;
+      case "ban": result = await this.ban(admin, action.user, action.banned); break;
+      case "delete": result = await this.delete(by, action.room, action.id); break;
+      case "close": result = await this.close(by, action.room, action.closed); break;
+      default: action satisfies never; throw new Error("unknown action");
+    }
+    if (result.ok) this.units.logger.info("moderation", { ...action, by: admin.id });
+    return result;
+  }
+
+  private async revoke(by: User, userId: string, handle: string): Promise<Answer<null>> {
+    const target = await this.units.store.accounts.user(userId);
+    if (!target || !(await this.units.auth.revokeOf(userId, handle))) return deny(404, "not_found", "No such session");
+    await this.units.store.access.record("", "revoke", target, by);
+    return NOTHING;
+  }
+
+  private async ban(admin: Session, userId: string, banned: boolean): Promise<Answer<null>> {
+    const result = await this.units.auth.ban(admin, userId, banned);
+    const target = result.ok && (await this.units.store.accounts.user(userId));
+    if (target) await this.units.store.access.record("", banned ? "ban_user" : "unban_user", target, { id: admin.id, name: admin.name });
+    return result;
+  }
+
+  private async delete(by: User, room: string, id: number): Promise<Answer<null>> {
+    const changed = await this.units.chat.deleteAsAdmin(by.id, room, id);
+    if (!changed) return deny(503, "unavailable", "Cannot delete it: the database is unavailable, try again");
+    if (!changed.ok) return deny(changed.code === "not_found" ? 404 : 403, changed.code, changed.message);
+    if (changed.changed) await this.units.store.access.record(room, "delete", changed.message.user, by);
+    return NOTHING;
+  }
+
+  /** Closing: nobody but admins may join, and everyone in it is removed (frame `removed`, reason `closed`); reopening lifts it. */
+  private async close(by: User, room: string, closed: boolean): Promise<Answer<null>> {
+    const { store, chat } = this.units;
+    if (!(await store.hasRoom(room))) {
+      if (!closed || !(await chat.occupied(room))) return deny(404, "not_found", "No such room");
+      await store.createRoom(room, "public", null, []); // someone is in it, nothing was written yet: it gets its row
+    }
+    await store.access.setClosed(room, closed);
+    await store.access.record(room, closed ? "close" : "reopen", by, by);
+    await chat.tell({ what: "room", room, by, ...(closed ? { closed: true as const } : {}) });
+    return NOTHING;
+  }
+}
+
+type AppUnits = {
+  config: Config; store: Store; sessions: Sessions; auth: Auth; moderation: Moderation; admin: Admin; stats: StatsSampler; chat: Chat; connections: Connections;
+  fanout: Fanout; rooms: Rooms; metrics: Metrics; logger: Logger; lifecycle: { shuttingDown: boolean };
+};
 
 function createApp(units: AppUnits): Hono<Env> {
   const app = new Hono<Env>();
@@ -4206,6 +4618,7 @@ function createApp(units: AppUnits): Hono<Env> {
   mountOperations(app, units);
   mountPage(app);
   mountApi(app, units);
+  mountAdmin(app, units);
   mountSocket(app, units);
   return app;
 }
@@ -4251,7 +4664,7 @@ function metricsAnswer(c: Context, { config, fanout, connections, rooms, metrics
     ? safeEqual(c.req.header("authorization") ?? "", `Bearer ${metricsToken}`)
     : local || config.metricsPort !== undefined;
   if (!allowed) return httpError(c, 403, "forbidden", metricsToken ? "Send Authorization: Bearer <METRICS_TOKEN>" : "Metrics are served to this machine only (or set METRICS_TOKEN)");
-  const lines = [...fanout.metrics(), ...metrics.lines({ connections: connections.count, rooms: rooms.size })];
+  const lines = [...fanout.metrics(), ...metrics.lines({ connections: connections.count, rooms: rooms.size, maxFds: openFileLimit() })];
   return c.text(renderMetrics(lines), 200, { "content-type": "text/plain; version=0.0.4; charset=utf-8" });
 }
 
@@ -4440,6 +4853,48 @@ function mountRooms(app: Hono<Env>, { moderation }: AppUnits) {
   app.delete("/api/rooms/:room/mutes/:userId", route((s, room, c) => moderation.lift(s, room, user(c), "mute")));
 }
 
+/**
+ * /admin, the console, and /api/admin, its data and actions: instance admins only (401 without a session, 403 for a
+ * guest or an account that is not an admin; /admin itself answers 403 with the page, which then says so). POSTs are
+ * JSON only (a cross-site form cannot send that without a CORS preflight, which fails) and from an allowed Origin.
+ */
+function mountAdmin(app: Hono<Env>, { config, sessions, admin, stats }: AppUnits) {
+  app.get("/admin", async (c) => {
+    c.header("cache-control", "no-store");
+    c.header("content-security-policy", ADMIN_CSP);
+    c.header("referrer-policy", "same-origin");
+    const session = await sessions.read(c);
+    return c.body(ADMIN_HTML, session?.admin ? 200 : 403, { "content-type": "text/html; charset=utf-8" });
+  });
+  app.use("/api/admin/*", async (c, next) => {
+    const session = signedIn(c);
+    if (session instanceof Response) return session;
+    if (!session.admin) return httpError(c, 403, "forbidden", "Only the instance's admins may use the admin console");
+    const origin = c.req.header("origin");
+    if (c.req.method !== "GET" && origin !== undefined && !originAllowed(config.allowedOrigins, origin, c.req.header("host"), isSecure(c))) {
+      return httpError(c, 403, "forbidden", "This origin may not act as an admin");
+    }
+    await next();
+  });
+  app.get("/api/admin/stats", (c) => {
+    const query = AdminStatsQuery.safeParse(c.req.query());
+    if (!query.success) return httpError(c, 400, "bad_request", firstIssue(query.error));
+    return c.json({ now: Date.now(), nodes: stats.view(query.data.since) });
+  });
+  app.get("/api/admin/rooms", async (c) => c.json(await admin.rooms()));
+  app.get("/api/admin/users", async (c) => {
+    const query = AdminUsersQuery.safeParse(c.req.query());
+    if (!query.success) return httpError(c, 400, "bad_request", firstIssue(query.error));
+    return c.json(await admin.users(query.data.name));
+  });
+  app.get("/api/admin/audit", async (c) => c.json(await admin.audit()));
+  app.post("/api/admin/actions", async (c) => {
+    const body = await readJson(c, AdminAction, "body must be a JSON object {action, …}");
+    if (!body.ok) return body.answer;
+    return answer(c, await admin.act(c.get("session")!, body.value), () => c.body(null, 204));
+  });
+}
+
 /** GET /chat: the upgrade, after the origin, session and connection limits are checked. */
 function mountSocket(app: Hono<Env>, { config, sessions, connections, lifecycle, logger }: AppUnits) {
   /** A refused upgrade: counted into the minute's log line for its reason, then answered. */
@@ -4522,12 +4977,13 @@ function socketHandlers({ config, chat, connections, metrics, logger }: { config
       send(ws, { type: "welcome", user: userOf(ws), maxText: config.maxText });
     },
     message(ws, raw) {
+      const start = performance.now();
       const parsed = parseClientMessage(raw);
       if (!parsed.ok) {
         metrics.framesRejected++;
-        return sendError(ws, "bad_request", parsed.error, { ref: parsed.ref });
-      }
-      (handlers[parsed.value.type] as (ws: ChatSocket, msg: ClientMessage) => void)(ws, parsed.value);
+        sendError(ws, "bad_request", parsed.error, { ref: parsed.ref });
+      } else (handlers[parsed.value.type] as (ws: ChatSocket, msg: ClientMessage) => void)(ws, parsed.value);
+      metrics.frames.observe((performance.now() - start) / 1000);
     },
     drain(ws) {
       ws.data.pressured = false;
@@ -4664,8 +5120,10 @@ export async function startServer(options: ServerOptions = {}) {
   const sessions = new Sessions(store, new Cookies(secret), config, metrics, logger);
   const auth = new Auth(store, sessions, connections, chat, metrics, config.maxSessionsPerUser, logger);
   const moderation = new Moderation(store, chat, config, logger);
+  const admin = new Admin({ store, auth, chat, rooms, fanout, logger });
+  const stats = new StatsSampler(nodeId, { metrics, connections, rooms, fanout, logger });
   const lifecycle = { shuttingDown: false };
-  const units = { config, store, sessions, auth, moderation, chat, connections, fanout, rooms, metrics, logger, lifecycle };
+  const units = { config, store, sessions, auth, moderation, admin, stats, chat, connections, fanout, rooms, metrics, logger, lifecycle };
   const app = createApp(units);
   const server = listen(config, () => Bun.serve<SocketData>({
     port: config.port,
@@ -4685,6 +5143,8 @@ export async function startServer(options: ServerOptions = {}) {
     setInterval(() => connections.sampleBuffered(), BUFFER_SAMPLE_MS),
     setInterval(() => janitor({ chat, sessions, connections, store, retention, logger }), JANITOR_MS),
     setInterval(() => logger.flush(LOG_SUMMARY_MS), LOG_SUMMARY_MS),
+    watchLoopLag(metrics),
+    stats.start(),
   ];
   for (const timer of timers) timer.unref();
 

@@ -242,6 +242,7 @@ describe("limits", () => {
     expect(((await (await fetch(`${chat.url}/api/me`, { headers: { cookie: alice.cookie } })).json()) as any).name).toBe("three");
     // bob has his own budget
     expect((await putName(chat.url, bob.cookie, "bob")).status).toBe(200);
+    expect(await metric(chat.url, 'chat_rate_limited_total{reason="rename"}')).toBe(2);
     expect(await metric(chat.url, "chat_rate_limited_total")).toBe(2);
   });
 
@@ -292,7 +293,7 @@ describe("limits", () => {
     await bob.next(diffWith("joins", carolSession.id));
     expect(bob.people("room")).toEqual([bobSession.id, carolSession.id].sort());
     expect(bob.frames.filter((f) => f.type === "presence_diff").length).toBeLessThanOrEqual(7);
-    expect(await metric(chat.url, "chat_rate_limited_total")).toBe(2);
+    expect(await metric(chat.url, 'chat_rate_limited_total{reason="join"}')).toBe(2);
   });
 
   test("a flood of cookie-less requests keeps unused session rows near MAX_UNUSED_SESSIONS; sessions in use survive", async () => {

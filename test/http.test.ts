@@ -3,7 +3,10 @@
 import { describe, expect, test } from "bun:test";
 import { spawnSync } from "node:child_process";
 import { mkdirSync, rmSync, writeFileSync } from "node:fs";
-import { Client, newSession, serve, tempDir, until } from "./helpers.ts";
+import pkg from "../package.json" with { type: "json" };
+import { Client, newSession, serve, tempDir, until, usersInRoom } from "./helpers.ts";
+import type { Family } from "parse-prometheus-text-format";
+import { scrape } from "./probes.ts";
 
 describe("http", () => {
   test("a JSON body must say it is JSON: text/plain, form data and no content type get 415, and nothing changes", async () => {
@@ -64,6 +67,47 @@ describe("http", () => {
       expect((await fetch(`${chat.url}/metrics`, { headers: { authorization: `Bearer ${token}x` } })).status).toBe(403);
       expect((await fetch(`${chat.url}/metrics`, { headers: { authorization: `Bearer ${token}` } })).status).toBe(200);
     }
+  });
+
+  test("/metrics reads as Prometheus text to a real parser: process, build, event-loop lag, two histograms, rate limits by reason", async () => {
+    await using chat = await serve({ rateLimit: "1/60s" });
+    const { clients: [a] } = await usersInRoom(chat.url, 1, "room");
+    await a.say("room", "stored and delivered");
+    a.send({ type: "say", room: "room", text: "one too many", ref: "r2" });
+    await a.next((f) => f.type === "error" && f.ref === "r2");
+    const families = await scrape(chat.url);
+    for (const [name, family] of families) {
+      expect(name).toMatch(/^[a-zA-Z_:][a-zA-Z0-9_:]*$/);
+      if (family.type === "COUNTER") expect(name).toEndWith("_total");
+      for (const m of family.metrics) if (m.value !== undefined) expect(Number.isFinite(Number(m.value))).toBe(true);
+    }
+    const one = (name: string, type: Family["type"]) => {
+      const family = families.get(name);
+      expect({ name, type: family?.type }).toEqual({ name, type });
+      return family!.metrics;
+    };
+    expect(Number(one("process_cpu_seconds_total", "COUNTER")[0].value)).toBeGreaterThan(0);
+    expect(Number(one("process_resident_memory_bytes", "GAUGE")[0].value)).toBeGreaterThan(1 << 20);
+    expect(Number(one("process_open_fds", "GAUGE")[0].value)).toBeGreaterThan(2);
+    expect(Number(one("process_max_fds", "GAUGE")[0].value)).toBeGreaterThan(2);
+    const started = Number(one("process_start_time_seconds", "GAUGE")[0].value);
+    expect(started).toBeLessThanOrEqual(Date.now() / 1000 + 1);
+    expect(started).toBeGreaterThan(Date.now() / 1000 - 24 * 3600);
+    expect(one("chat_build_info", "GAUGE")).toEqual([{ value: "1", labels: { version: pkg.version, bun: Bun.version } }]);
+    expect(Number(one("chat_event_loop_lag_seconds", "GAUGE")[0].value)).toBeGreaterThanOrEqual(0);
+    for (const [name, least] of [["chat_delivery_seconds", 1], ["chat_frame_handling_seconds", 3]] as const) {
+      const [h] = one(name, "HISTOGRAM");
+      expect(Number(h.count)).toBeGreaterThanOrEqual(least);
+      expect(Number(h.sum)).toBeGreaterThan(0);
+      // by bound (an object lists integer keys like "1" first)
+      const counts = Object.entries(h.buckets!).sort(([x], [y]) => Number(x.replace("+Inf", "Infinity")) - Number(y.replace("+Inf", "Infinity"))).map(([, n]) => Number(n));
+      expect(counts).toEqual(counts.toSorted((x, y) => x - y)); // cumulative
+      expect(h.buckets!["+Inf"]).toBe(h.count!);
+    }
+    const limited = Object.fromEntries(one("chat_rate_limited_total", "COUNTER").map((m) => [m.labels!.reason, Number(m.value)]));
+    expect(Object.keys(limited).sort()).toEqual(["history", "join", "read", "rename", "renames_per_address", "say", "say_per_address", "scrollback", "typing"]);
+    expect(limited).toMatchObject({ say: 1, join: 0, rename: 0 });
+    expect(one("chat_refused_total", "COUNTER").map((m) => m.labels!.reason)).toContain("say_per_address");
   });
 
   test("METRICS_PORT serves /metrics on its own loopback listener and removes it from the chat port", async () => {

@@ -2,6 +2,7 @@
 // the whole stored history of a room, and a seeded random generator for replayable fuzzing.
 import { Database } from "bun:sqlite";
 import { copyFileSync, readdirSync, readFileSync } from "node:fs";
+import parsePrometheusTextFormat, { type Family } from "parse-prometheus-text-format";
 import type { ServerMessage } from "../server.ts";
 import type { Client } from "./helpers.ts";
 
@@ -34,12 +35,22 @@ export function rowsCheckpointed(file: string, table: string): number | undefine
   }
 }
 
-/** One value from /metrics (the first sample of that name). */
+/** /metrics as a real Prometheus parser reads it: family name → family (a malformed line throws). */
+export async function scrape(baseUrl: string): Promise<Map<string, Family>> {
+  const res = await fetch(`${baseUrl}/metrics`);
+  if (res.status !== 200) throw new Error(`/metrics answered ${res.status}`);
+  return new Map(parsePrometheusTextFormat(await res.text()).map((f) => [f.name, f]));
+}
+
+/** One value from /metrics: `name` alone sums every label set of the family; `name{k="v",…}` sums the samples with those labels. */
 export async function metric(baseUrl: string, name: string): Promise<number> {
-  const text = await (await fetch(`${baseUrl}/metrics`)).text();
-  const line = text.split("\n").find((l) => l.startsWith(`${name} `));
-  if (!line) throw new Error(`/metrics has no ${name}`);
-  return Number(line.slice(name.length + 1));
+  const [, family, selector = ""] = /^([a-zA-Z_:][\w:]*)(?:\{(.*)\})?$/.exec(name) ?? [];
+  const wanted = Object.fromEntries([...selector.matchAll(/(\w+)="([^"]*)"/g)].map(([, k, v]) => [k, v]));
+  const found = (await scrape(baseUrl)).get(family);
+  if (!found) throw new Error(`/metrics has no ${family}`);
+  const samples = found.metrics.filter((m) => Object.entries(wanted).every(([k, v]) => m.labels?.[k] === v));
+  if (!samples.length) throw new Error(`/metrics has no ${name}`);
+  return samples.reduce((sum, m) => sum + Number(m.value ?? m.count), 0);
 }
 
 /** Every stored message of a room, oldest first, paged through the REST API with one session. */
