@@ -3127,7 +3127,7 @@ export class Room {
     this.noteRef(entry);
     if (this.recent.length >= keep * 2) {
       this.coveredFrom = this.recent[this.recent.length - keep - 1].seq;
-      for (const old of this.recent.slice(0, -keep)) if (old.state.ref != null && this.refs.get(refKey(old.state)) === old.state.id) this.refs.delete(refKey(old.state));
+      for (const old of this.recent.slice(0, -keep)) if (old.state.ref && this.refs.get(refKey(old.state)) === old.state.id) this.refs.delete(refKey(old.state));
       this.recent = this.recent.slice(-keep);
     }
     this.plainHistory = null;
@@ -3140,7 +3140,7 @@ export class Room {
   }
 
   private noteRef(entry: Entry) {
-    if (entry.state.ref != null && entry.seq === entry.state.id) this.refs.set(refKey(entry.state), entry.state.id);
+    if (entry.state.ref && entry.seq === entry.state.id) this.refs.set(refKey(entry.state), entry.state.id);
   }
 
   /** The message this user already sent here with this ref, in its current state, if it is among the recent ones. */
@@ -3734,7 +3734,7 @@ export class Chat {
     const refused = this.refuseWrite(ws, msg.room, msg.text);
     if (refused) return sendError(ws, refused.code, refused.message, { room: refused.room, retryAfterMs: refused.retryAfterMs, ref });
     // a resend of a message that was stored (its echo lost with a connection, or a server restart): the stored one
-    const sent = ref === undefined ? undefined : this.units.rooms.get(msg.room)?.sentWithRef(ws.data.user.id, ref);
+    const sent = ref ? this.units.rooms.get(msg.room)?.sentWithRef(ws.data.user.id, ref) : undefined;
     if (sent) return void sendFrame(ws, sent.stateFrame ?? JSON.stringify(sent.state));
     this.units.metrics.messagesReceived++;
     this.units.queue.push({ kind: "say", ws, room: msg.room, user: userOf(ws), text: msg.text, ts: Date.now(), ref, replyTo: msg.replyTo });
@@ -4556,7 +4556,8 @@ class Admin {
       case "close": result = await this.close(by, action.room, action.closed); break;
       default: action satisfies never; throw new Error("unknown action");
     }
-    if (result.ok) this.units.logger.info("moderation", { ...action, by: admin.id });
+    // Auth.ban logs an instance ban itself, however it is asked for
+    if (result.ok && action.action !== "ban") this.units.logger.info("moderation", { ...action, by: admin.id });
     return result;
   }
 

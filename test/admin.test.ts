@@ -148,7 +148,7 @@ describe("admin console", () => {
     const roomAudit = (await (await getAs(chat.url, "/api/rooms/lobby/audit", admin.cookie)).json()) as { action: string }[];
     expect(roomAudit.map((e) => e.action)).toEqual(["reopen", "close", "delete"]);
     const logged = events.filter((e) => e.event === "moderation");
-    expect(logged.map((e) => e.action)).toEqual(["delete", "close", "close", "revoke", "ban", "ban"]);
+    expect(logged.map((e) => e.action)).toEqual(["delete", "close", "close", "revoke", "instance_ban", "instance_unban"]);
     expect(logged.every((e) => e.by === admin.id)).toBe(true);
     expect(JSON.stringify(logged)).not.toContain("a message to delete");
   });

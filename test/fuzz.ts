@@ -100,11 +100,13 @@ function validText(r: Random, long = false): string {
   while (text.length > FUZZ_MAX_TEXT) text = [...text].slice(0, -1).join("");
   return text;
 }
+let refsMade = 0; // a non-empty ref names one message (the server answers a repeat with the first): each is unique
 function validRef(r: Random): string | undefined {
   if (r.chance(0.2)) return undefined;
   if (r.chance(0.1)) return "";
-  let ref = "";
-  const target = r.chance(0.1) ? 64 : 1 + r.int(24);
+  const unique = `${(refsMade++).toString(36)}~`;
+  let ref = unique;
+  const target = r.chance(0.1) ? 64 : unique.length + 1 + r.int(24);
   while (ref.length < target) ref += r.pick([...PIECES.filter((p) => !CONTROL.test(p)), "ref", "-", "1"]);
   while (ref.length > target || !isRef(ref)) ref = [...ref].slice(0, -1).join("");
   return ref;
@@ -304,6 +306,7 @@ function invalidCase(r: Random): Case {
 
 /** The labelled stream: about a third valid says, the rest frames that must be refused. */
 export function generate(seed: number, count: number): Case[] {
+  refsMade = 0;
   const r = prng(seed);
   const cases: Case[] = [];
   for (let i = 0; i < count; i++) {
