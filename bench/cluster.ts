@@ -291,7 +291,7 @@ function record(line: object) {
 function brief(m: Record<string, any>): string {
   const f = (x: number, d = 0) => (Number.isFinite(x) ? x.toFixed(d) : "–");
   const cpu = Object.entries(m.cpu as Record<string, number>).map(([k, v]) => `${k} ${f(v * 100)}%`).join(", ");
-  return `${f(m.copiesPerSec)} copies/s, p50 ${f(m.p50Us / 1000, 2)} ms, p99 ${f(m.p99Us / 1000, 2)} ms (cross-node ${f(m.crossP50Us / 1000, 2)} / ${f(m.crossP99Us / 1000, 2)} ms), lost ${m.lost}, dups ${m.dups}; cpu: ${cpu}`;
+  return `${f(m.copiesPerSec)} copies/s, p50 ${f(m.p50Us / 1000, 2)} ms, p99 ${f(m.p99Us / 1000, 2)} ms (cross-node ${f(m.crossP50Us / 1000, 2)} / ${f(m.crossP99Us / 1000, 2)} ms), lost ${m.lost}, dups ${m.dups}${m.nodesDown ? `, ${m.nodesDown} node(s) died: ${m.nodeErrors[0]}` : ""}; cpu: ${cpu}`;
 }
 
 const plan: { scenario: Scenario; target: Target }[] = [];
@@ -314,6 +314,10 @@ try {
           cluster = await startCluster(target, scenario === "rate-single" ? 1 : CONFIG.nodes);
           if (process.env.BENCH_VERBOSE) console.log(`${target} node pids ${cluster.nodes.map((n) => n.proc.pid).join(" ")}, redis ${redis.pid}, postgres ${pg.pid}`);
           metrics = await traffic(cluster, { mode: scenario === "flood" ? "flood" : "rate", ...(scenario === "flood" ? CONFIG.flood : CONFIG.rate) });
+          // a node that died under the load is part of the result, not a failure of the bench
+          const down = cluster.nodes.filter((n) => n.proc.exitCode !== null || n.proc.signalCode !== null);
+          metrics.nodesDown = down.length;
+          metrics.nodeErrors = down.map((n) => n.lines.filter((l) => l.startsWith("stderr:")).slice(0, 8).join("\n"));
         } catch (e) {
           error = String(e instanceof Error ? e.message : e);
         } finally {

@@ -105,7 +105,9 @@ class Client extends Conn {
       const why = new Error(`connection ${id} closed (${this.closeCode || "no close frame"}${this.error ? `: ${this.error}` : ""})`);
       this.welcomed.reject(why);
       for (const j of this.joins.splice(0)) j.reject(why);
-      if (!stopping) unexpectedCloses++;
+      if (stopping) return;
+      unexpectedCloses++;
+      noteError(why.message);
     });
   }
 
