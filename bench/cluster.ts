@@ -8,14 +8,14 @@
 //
 // The system under test (every node, Redis, Postgres) is pinned to core 0, the load client and this
 // coordinator to core 1. Each repetition is one JSON line in bench/results/cluster.jsonl, with the CPU of
-// each component from /proc/<pid>/stat; --table prints the table of the latest run.
+// each component from /proc/<pid>/task/*/schedstat; --table prints the table of the latest run.
 import { appendFileSync, mkdirSync, readdirSync, readFileSync } from "node:fs";
 import os from "node:os";
 import { dirname, join } from "node:path";
 import { parseArgs } from "node:util";
-import { RedisClient } from "bun";
+import { RedisClient, SQL } from "bun";
 import { PG_BIN, startPostgres, startRedis } from "../test/services.ts";
-import { cpuTimes, Histogram, median, pinned, spawnReady, waitQuiet, watchOthers, type Child } from "./lib.ts";
+import { cpuPreciseMs, Histogram, median, pinned, spawnReady, waitQuiet, watchOthers, type Child } from "./lib.ts";
 import { BENCH_LIMITS_ENV, sessions, withWorkers } from "./workers.ts";
 
 const ROOT = join(import.meta.dir, "..");
@@ -141,7 +141,7 @@ const MACHINE = {
 // ── Nodes ──
 
 type Node = Child & { url: string };
-type Cluster = { target: Target; nodes: Node[]; stop: () => Promise<void> };
+type Cluster = { target: Target; nodes: Node[]; databaseUrl?: string; stop: () => Promise<void> };
 
 /** `count` nodes of a target over the shared Redis (ours: and a fresh Postgres database; alone: no Redis). */
 async function startCluster(target: Target, count: number): Promise<Cluster> {
@@ -149,9 +149,11 @@ async function startCluster(target: Target, count: number): Promise<Cluster> {
   await client.send("FLUSHALL", []);
   client.close();
   const env: Record<string, string> = { PORT: "0", HOST };
+  let databaseUrl: string | undefined;
   let cmd: string[];
   if (target === "chat") {
-    Object.assign(env, BENCH_LIMITS_ENV, { DATABASE_URL: await pg.createDatabase() });
+    databaseUrl = await pg.createDatabase();
+    Object.assign(env, BENCH_LIMITS_ENV, { DATABASE_URL: databaseUrl });
     if (count > 1) env.REDIS_URL = redis.url;
     cmd = [process.execPath, ...SERVER_FLAGS, join(ROOT, "server.ts")];
   } else {
@@ -170,7 +172,28 @@ async function startCluster(target: Target, count: number): Promise<Cluster> {
     await stop();
     throw error;
   }
-  return { target, nodes, stop };
+  return { target, nodes, databaseUrl, stop };
+}
+
+/** Transactions committed so far in our nodes' database (NaN for Socket.IO, which stores nothing). */
+async function pgCommits(cluster: Cluster): Promise<number> {
+  if (cluster.target !== "chat") return NaN;
+  const sql = new SQL(cluster.databaseUrl!);
+  try {
+    const [row] = await sql`SELECT pg_stat_force_next_flush(), xact_commit FROM pg_stat_database WHERE datname = current_database()`;
+    return Number(row.xact_commit);
+  } finally {
+    await sql.close();
+  }
+}
+
+/** Per node of ours, from /metrics: messages heard from other nodes, and gaps filled from Postgres (out-of-order arrivals). */
+async function nodeCounters(cluster: Cluster) {
+  const wanted = ["chat_messages_published_total", "chat_fanout_received_total", "chat_gaps_filled_total"];
+  return Promise.all(cluster.nodes.map(async (n) => {
+    const text = await (await fetch(`${n.url}/metrics`)).text();
+    return Object.fromEntries(wanted.map((name) => [name, Number(new RegExp(`^${name}(?:{[^}]*})? (\\S+)$`, "m").exec(text)?.[1] ?? NaN)]));
+  }));
 }
 
 /** The server's sha1 (first 12 hex digits), as run.ts records it. */
@@ -211,13 +234,13 @@ function components(cluster: Cluster, clientPid: number): Components {
   return parts;
 }
 
-/** ms of CPU (user + system) of each component's processes; processes that started later count from 0. */
+/** ms on CPU of each component's processes (all threads, ns resolution); a process gone or not yet there counts 0. */
 function cpuOf(parts: Components): Record<string, number> {
   const out: Record<string, number> = {};
   for (const [name, pids] of Object.entries(parts)) {
     out[name] = pids.reduce((ms, pid) => {
-      const { user, sys } = cpuTimes(pid);
-      return ms + (Number.isFinite(user) ? user + sys : 0);
+      const used = cpuPreciseMs(pid);
+      return ms + (Number.isFinite(used) ? used : 0);
     }, 0);
   }
   return out;
@@ -241,6 +264,7 @@ async function traffic(cluster: Cluster, t: Traffic) {
     await w.call("start", { mode: t.mode, window, rate: CONFIG.perSecond, senders: clients, sendEvery: CONFIG.nodes });
     await Bun.sleep(t.warmup * 1000);
     const parts = components(cluster, w.pid);
+    const commits0 = await pgCommits(cluster);
     const cpu0 = cpuOf(parts);
     const others = watchOthers([process.pid, ...Object.values(parts).flat()]);
     await w.call("markStart");
@@ -248,6 +272,7 @@ async function traffic(cluster: Cluster, t: Traffic) {
     const mark = await w.call("markEnd");
     const cpu1 = cpuOf(parts);
     const otherCpu = others();
+    const commits = (await pgCommits(cluster)) - commits0;
     const end = await w.call("stop", { expectAll: true, drainMs: 20_000 }, 60_000);
     const hist = new Histogram();
     hist.merge(mark.hist);
@@ -273,6 +298,9 @@ async function traffic(cluster: Cluster, t: Traffic) {
       p99PerSecondUs: mark.p99PerSecondUs,
       sent: totalSent, expectedCopies: totalSent * clients, copies: end.copies, lost, dups: end.dups,
       errorFrames: end.errorFrames, unexpectedCloses: end.unexpectedCloses, firstError: end.firstError,
+      /** Postgres transactions committed in our database during the window (its statistics lag by up to 1 s), per message sent */
+      pgCommitsPerSec: (commits / mark.ms) * 1000,
+      messagesPerCommit: mark.copies / clients / commits,
       /** cores used by each component during the measured window */
       cpu,
       sutCpu: Object.entries(cpu).reduce((n, [k, v]) => n + (k === "client" ? 0 : v), 0),
@@ -317,6 +345,7 @@ try {
           // a node that died under the load is part of the result, not a failure of the bench
           const down = cluster.nodes.filter((n) => n.proc.exitCode !== null || n.proc.signalCode !== null);
           metrics.nodesDown = down.length;
+          if (target === "chat") metrics.nodeCounters = await nodeCounters(cluster);
           metrics.nodeErrors = down.map((n) => n.lines.filter((l) => l.startsWith("stderr:")).slice(0, 8).join("\n"));
         } catch (e) {
           error = String(e instanceof Error ? e.message : e);
