@@ -15,7 +15,7 @@ import { dirname, join } from "node:path";
 import { parseArgs } from "node:util";
 import { RedisClient, SQL } from "bun";
 import { PG_BIN, startPostgres, startRedis } from "../test/services.ts";
-import { cpuPreciseMs, Histogram, median, pinned, spawnReady, waitQuiet, watchOthers, type Child } from "./lib.ts";
+import { cpuPreciseMs, Histogram, machineBusyMs, median, pinned, spawnReady, waitQuiet, type Child } from "./lib.ts";
 import { BENCH_LIMITS_ENV, sessions, withWorkers } from "./workers.ts";
 
 const ROOT = join(import.meta.dir, "..");
@@ -42,18 +42,19 @@ const { values: flags } = parseArgs({
     nodes: { type: "string" },
     out: { type: "string" },
     table: { type: "boolean", default: false },
+    run: { type: "string" },
     help: { type: "boolean", short: "h", default: false },
   },
 });
 const HELP = `Usage: bun bench/cluster.ts [--quick] [--scenario ${SCENARIOS.join("|")}[,…]] [--target ${TARGETS.join("|")}[,…]] [--reps N]
-                            [--duration S] [--warmup S] [--clients N] [--rate N] [--window W] [--nodes N] [--out FILE] [--table]`;
+                            [--duration S] [--warmup S] [--clients N] [--rate N] [--window W] [--nodes N] [--out FILE] [--table [--run ID]]`;
 if (flags.help) {
   console.log(HELP);
   process.exit(0);
 }
 const OUT = flags.out ?? join(ROOT, "bench", "results", "cluster.jsonl");
 if (flags.table) {
-  printTable(OUT);
+  printTable(OUT, flags.run);
   process.exit(0);
 }
 
@@ -234,15 +235,15 @@ function components(cluster: Cluster, clientPid: number): Components {
   return parts;
 }
 
-/** ms on CPU of each component's processes (all threads, ns resolution); a process gone or not yet there counts 0. */
-function cpuOf(parts: Components): Record<string, number> {
+/** ms on CPU of each process of each component (all threads, ns resolution; NaN when gone). */
+function cpuOf(parts: Components): Record<string, number[]> {
+  return Object.fromEntries(Object.entries(parts).map(([name, pids]) => [name, pids.map(cpuPreciseMs)]));
+}
+
+/** ms each component used between two readings; a process that ended meanwhile (an autovacuum worker) counts 0. */
+function cpuBetween(before: Record<string, number[]>, after: Record<string, number[]>): Record<string, number> {
   const out: Record<string, number> = {};
-  for (const [name, pids] of Object.entries(parts)) {
-    out[name] = pids.reduce((ms, pid) => {
-      const used = cpuPreciseMs(pid);
-      return ms + (Number.isFinite(used) ? used : 0);
-    }, 0);
-  }
+  for (const name of Object.keys(before)) out[name] = before[name].reduce((ms, t0, i) => ms + (Number.isFinite(t0 + after[name][i]) ? after[name][i] - t0 : 0), 0);
   return out;
 }
 
@@ -266,12 +267,13 @@ async function traffic(cluster: Cluster, t: Traffic) {
     const parts = components(cluster, w.pid);
     const commits0 = await pgCommits(cluster);
     const cpu0 = cpuOf(parts);
-    const others = watchOthers([process.pid, ...Object.values(parts).flat()]);
+    const busy0 = machineBusyMs() - cpuPreciseMs(process.pid);
     await w.call("markStart");
     await Bun.sleep(t.seconds * 1000);
     const mark = await w.call("markEnd");
-    const cpu1 = cpuOf(parts);
-    const otherCpu = others();
+    const used = cpuBetween(cpu0, cpuOf(parts));
+    // the machine's busy time less ours: what other processes took (clock ticks, so ±10 ms)
+    const otherCpu = Math.max(0, machineBusyMs() - cpuPreciseMs(process.pid) - busy0 - Object.values(used).reduce((a, b) => a + b, 0)) / mark.ms;
     const commits = (await pgCommits(cluster)) - commits0;
     const end = await w.call("stop", { expectAll: true, drainMs: 20_000 }, 60_000);
     const hist = new Histogram();
@@ -285,7 +287,7 @@ async function traffic(cluster: Cluster, t: Traffic) {
     for (const row of end.got as number[][]) for (let s = 0; s < row.length; s++) lost += Math.max(0, (sent.get(s) ?? 0) - row[s]);
     lost += end.gaps;
     const cpu: Record<string, number> = {};
-    for (const name of Object.keys(cpu1)) cpu[name] = (cpu1[name] - cpu0[name]) / mark.ms; // cores
+    for (const name of Object.keys(used)) cpu[name] = used[name] / mark.ms; // cores
     const { p50Us, p99Us, maxUs, meanUs } = hist.summary();
     const c = cross.summary();
     return {
@@ -374,9 +376,9 @@ process.exit(failures ? 1 : 0);
 
 // ── The table of the latest run ──
 
-function printTable(file: string) {
+function printTable(file: string, wanted?: string) {
   const lines = readFileSync(file, "utf8").trim().split("\n").map((l) => JSON.parse(l));
-  const runId = lines.at(-1).runId;
+  const runId = wanted ?? lines.at(-1).runId;
   const run = lines.filter((l) => l.runId === runId && l.metrics && !l.retried);
   const of = (scenario: string, target: string) => run.filter((l) => l.scenario === scenario && l.target === target).map((l) => l.metrics);
   const med = (ms: any[], key: string) => median(ms.map((m) => m[key]));
@@ -398,11 +400,11 @@ function printTable(file: string) {
   }
   const lost = run.reduce((n, l) => n + l.metrics.lost, 0);
   console.log(`\nlost copies over the run: ${lost}; repetitions: ${run.length}`);
-  console.log("\nCPU per component (cores, median over repetitions):");
+  console.log("\nCPU per component (% of one core, median over repetitions):");
   for (const [scenario, target] of [["flood", "chat"], ["flood", "socket.io"], ["rate", "chat"], ["rate", "socket.io"], ["rate-single", "chat"]]) {
     const ms2 = of(scenario, target);
     if (!ms2.length) continue;
     const names = Object.keys(ms2[0].cpu);
-    console.log(`- ${scenario} ${target}: ${names.map((n) => `${n} ${median(ms2.map((m) => m.cpu[n])).toFixed(2)}`).join(", ")}`);
+    console.log(`- ${scenario} ${target}: ${names.map((n) => `${n} ${(median(ms2.map((m) => m.cpu[n])) * 100).toFixed(1)}%`).join(", ")}`);
   }
 }
