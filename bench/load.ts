@@ -8,6 +8,12 @@
 // say frame, so frames are told apart by the byte after `{"type":"`, and the text is found by scanning
 // for `"text":"` (it cannot occur unescaped inside a JSON string, and no earlier key of these frames is
 // named text). No frame is turned into a string or JSON-parsed on the hot path.
+//
+// With `protocol: "socket.io"` (bench/cluster.ts) the same client speaks Socket.IO 4 over a plain WebSocket
+// (`/socket.io/?EIO=4&transport=websocket`): it answers Engine.IO's open packet `0{…}` with `40` (connect to
+// the namespace), pings `2` with `3`, joins with `42["join","<room>"]` (answered `42["joined",…]`) and says
+// `42["say",{"room":"bench","text":"…"}]`, which comes back as `42["message",{…,"text":"…"}]`: the same text,
+// found and accounted the same way, so no socket.io-client is measured.
 import { Conn, nowUs, READS } from "./ws-client.ts";
 import { Histogram } from "./lib.ts";
 
@@ -22,12 +28,23 @@ type JoinResult = { historyUs: number; historyBytes: number; history: string | n
 
 // A say frame rewritten in place for each send (no string, no encoder):
 // {"type":"say","room":"bench","text":"<10-digit µs>:<9-digit sender>:<10-digit seq>","ref":"<10-digit seq>"}
-const SAY_HEAD = '{"type":"say","room":"bench","text":"';
-const SAY = new TextEncoder().encode(`${SAY_HEAD}${"0".repeat(10)}:${"0".repeat(9)}:${"0".repeat(10)}","ref":"${"0".repeat(10)}"}`);
-const US_AT = SAY_HEAD.length;
-const SENDER_AT = US_AT + 11;
-const SEQ_AT = SENDER_AT + 10;
-const REF_AT = SEQ_AT + 10 + '","ref":"'.length;
+// or, for Socket.IO, 42["say",{"room":"bench","text":"<10-digit µs>:<9-digit sender>:<10-digit seq>"}]
+type Protocol = "chat" | "socket.io";
+type Template = { bytes: Uint8Array; usAt: number; senderAt: number; seqAt: number; refAt: number };
+const BENCH_TEXT = `${"0".repeat(10)}:${"0".repeat(9)}:${"0".repeat(10)}`;
+function template(head: string, tail: string, refAt: (textEnd: number) => number): Template {
+  const usAt = head.length;
+  return { bytes: new TextEncoder().encode(head + BENCH_TEXT + tail), usAt, senderAt: usAt + 11, seqAt: usAt + 21, refAt: refAt(usAt + BENCH_TEXT.length) };
+}
+const TEMPLATES: Record<Protocol, Template> = {
+  chat: template('{"type":"say","room":"bench","text":"', `","ref":"${"0".repeat(10)}"}`, (end) => end + '","ref":"'.length),
+  "socket.io": template('42["say",{"room":"bench","text":"', '"}]', () => -1),
+};
+const PATHS: Record<Protocol, string> = { chat: "/chat", "socket.io": "/socket.io/?EIO=4&transport=websocket" };
+/** the protocol of this worker's connections (set by `open`) */
+let protocol: Protocol = "chat";
+/** connections are spread over this many nodes (id % nodes); copies between nodes are timed apart */
+let nodes = 1;
 
 function putDigits(b: Uint8Array, at: number, width: number, v: number) {
   for (let i = at + width - 1; i >= at; i--) {
@@ -72,21 +89,25 @@ function digits(b: Uint8Array, j: number, width: number): number {
 }
 
 class Client extends Conn {
-  say = SAY.slice();
+  tpl = TEMPLATES[protocol];
+  say = this.tpl.bytes.slice();
   welcomed = Promise.withResolvers<void>();
   joins: JoinWaiter[] = [];
   captureHistory = false;
   limit = Infinity;
   constructor(id: number, cookie: string) {
     super(id, cookie);
-    putDigits(this.say, SENDER_AT, 9, id);
-    this.onText = onFrame as never;
+    putDigits(this.say, this.tpl.senderAt, 9, id);
+    this.path = PATHS[protocol];
+    this.onText = (protocol === "chat" ? onFrame : onSocketIoFrame) as never;
     this.welcomed.promise.catch(() => {});
     void this.closed.promise.then(() => {
       const why = new Error(`connection ${id} closed (${this.closeCode || "no close frame"}${this.error ? `: ${this.error}` : ""})`);
       this.welcomed.reject(why);
       for (const j of this.joins.splice(0)) j.reject(why);
-      if (!stopping) unexpectedCloses++;
+      if (stopping) return;
+      unexpectedCloses++;
+      noteError(why.message);
     });
   }
 
@@ -94,7 +115,8 @@ class Client extends Conn {
   join(room: string, since?: number): Promise<JoinResult> {
     const { promise, resolve, reject } = Promise.withResolvers<JoinResult>();
     this.joins.push({ resolve, reject, historyUs: 0, historyBytes: 0, history: null });
-    this.sendText(since === undefined ? `{"type":"join","room":"${room}"}` : `{"type":"join","room":"${room}","since":${since}}`);
+    if (protocol === "socket.io") this.sendText(`42["join","${room}"]`);
+    else this.sendText(since === undefined ? `{"type":"join","room":"${room}"}` : `{"type":"join","room":"${room}","since":${since}}`);
     return promise;
   }
 }
@@ -108,6 +130,8 @@ let mode: "idle" | "flood" | "rate" | "populate" = "idle";
 let window = 1;
 let measuring = false;
 let hist = new Histogram();
+/** latency of the copies that crossed from the sender's node to another (nodes > 1) */
+let crossHist = new Histogram();
 let copies = 0;
 let gaps = 0;
 let dups = 0;
@@ -125,9 +149,10 @@ function sendBench(c: Client) {
   const seq = c.sent++;
   c.inFlight++;
   const b = c.say;
-  putDigits(b, US_AT, 10, sendStamp());
-  putDigits(b, SEQ_AT, 10, seq);
-  putDigits(b, REF_AT, 10, seq);
+  const t = c.tpl;
+  putDigits(b, t.usAt, 10, sendStamp());
+  putDigits(b, t.seqAt, 10, seq);
+  if (t.refAt >= 0) putDigits(b, t.refAt, 10, seq);
   c.queueUtf8(b, b.length);
 }
 
@@ -176,6 +201,27 @@ function onFrame(c: Client, b: Uint8Array, s: number, e: number, now: number) {
   }
 }
 
+/** Socket.IO's packets: Engine.IO open (0), ping (2), and Socket.IO's connect (40), event (42), connect error (44). */
+function onSocketIoFrame(c: Client, b: Uint8Array, s: number, e: number, now: number) {
+  const t = b[s];
+  if (t === 0x32 /* 2 */ && e - s === 1) return c.queueText("3"); // flushed after this read
+  if (t === 0x30 /* 0 */) return c.queueText("40");
+  if (t !== 0x34 /* 4 */ || e - s < 2) return void otherFrames++;
+  switch (b[s + 1]) {
+    case 0x32: // 42["message",…] or 42["joined",…]
+      if (b[s + 4] === 0x6d) return onBenchMessage(c, b, s, e, now);
+      if (b[s + 4] === 0x6a) return void c.joins.shift()?.resolve({ historyUs: now, historyBytes: 0, history: null });
+      return void otherFrames++;
+    case 0x30: // 40{"sid":…}: connected to the namespace
+      return c.welcomed.resolve();
+    case 0x34: // 44{"message":…}: refused
+      errorFrames++;
+      return noteError(decoder.decode(b.subarray(s, e)));
+    default:
+      otherFrames++;
+  }
+}
+
 function onBenchMessage(c: Client, b: Uint8Array, s: number, e: number, now: number) {
   // text: <10-digit µs>:<9-digit sender>:<10-digit seq>"
   const i = findText(b, s, e);
@@ -197,6 +243,7 @@ function onBenchMessage(c: Client, b: Uint8Array, s: number, e: number, now: num
     const latencyUs = now - BASE_US - sendUs;
     hist.record(latencyUs);
     secondHist.record(latencyUs);
+    if (nodes > 1 && sender % nodes !== c.id % nodes) crossHist.record(latencyUs);
   }
   const got = c.got;
   if (got !== null && sender < got.length) {
@@ -238,10 +285,18 @@ async function waitFor(check: () => boolean, ms: number, what: string) {
   }
 }
 
-type OpenArgs = { host: string; port: number; cookies: string[]; firstId: number; count: number; rooms: string[]; groups: number; concurrency: number; timeoutMs: number };
+type OpenArgs = {
+  host: string; port: number; cookies: string[]; firstId: number; count: number; rooms: string[]; groups: number; concurrency: number; timeoutMs: number;
+  /** a cluster's nodes: connection `id` goes to ports[id % ports.length] */
+  ports?: number[];
+  protocol?: Protocol;
+};
 
 /** Opens `count` connections (ids firstId…), each waits for welcome then joins its rooms in turn. */
 async function open(a: OpenArgs) {
+  protocol = a.protocol ?? "chat";
+  const ports = a.ports ?? [a.port];
+  nodes = ports.length;
   const latency = new Histogram();
   let failed = 0;
   let next = 0;
@@ -251,7 +306,7 @@ async function open(a: OpenArgs) {
     const c = new Client(id, a.cookies[id % a.cookies.length]);
     const start = nowUs();
     try {
-      await c.connect(a.host, a.port);
+      await c.connect(a.host, ports[id % ports.length]);
       await c.welcomed.promise;
       for (const room of a.rooms) await c.join(room.replace("{g}", `g${id % a.groups}`));
       latency.record(nowUs() - start);
@@ -274,8 +329,9 @@ async function open(a: OpenArgs) {
   return { opened: a.count - failed, failed, ms: performance.now() - t0, latency: latency.summary(), firstError };
 }
 
-/** Starts flooding (each connection keeps `window` of its own messages in flight) or a fixed total rate. */
-function start(a: { mode: "flood" | "rate"; window: number; rate: number; senders: number }) {
+/** Starts flooding (each connection keeps `window` of its own messages in flight) or a fixed total rate
+ * (from every connection, or only from those whose id is a multiple of `sendEvery`: in a cluster, node 0's). */
+function start(a: { mode: "flood" | "rate"; window: number; rate: number; senders: number; sendEvery?: number }) {
   mode = a.mode;
   window = a.window;
   copies = gaps = dups = foreign = 0;
@@ -296,11 +352,12 @@ function start(a: { mode: "flood" | "rate"; window: number; rate: number; sender
   const t0 = performance.now();
   let total = 0;
   let rr = 0;
+  const from = conns.filter((c) => c.id % (a.sendEvery ?? 1) === 0);
   rateTimer = setInterval(() => {
     const due = Math.floor(((performance.now() - t0) * a.rate) / 1000) - total;
     const touched = new Set<Client>();
     for (let k = 0; k < due; k++) {
-      const c = conns[rr++ % conns.length];
+      const c = from[rr++ % from.length];
       sendBench(c);
       touched.add(c);
     }
@@ -321,6 +378,7 @@ let p99PerSecondUs: number[] = [];
 let timelineTimer: Timer | null = null;
 function markStart() {
   hist = new Histogram();
+  crossHist = new Histogram();
   secondHist = new Histogram();
   p99PerSecondUs = [];
   measuring = true;
@@ -342,7 +400,7 @@ function markEnd() {
   measuring = false;
   clearInterval(timelineTimer!);
   const ms = performance.now() - markAt;
-  return { copies: copies - markCopies, ms, hist: hist.toJSON(), timeline, p99PerSecondUs };
+  return { copies: copies - markCopies, ms, hist: hist.toJSON(), crossHist: crossHist.toJSON(), timeline, p99PerSecondUs };
 }
 
 /** Stops sending, waits until every connection has its own messages back and copies stop arriving. */

@@ -42,6 +42,8 @@ export class Conn {
   private upgraded: PromiseWithResolvers<void> | null = null;
   readonly closed = Promise.withResolvers<void>();
   onText: TextHandler = () => {};
+  /** the upgrade's path: the chat's socket, or Socket.IO's (bench/cluster.ts) */
+  path = "/chat";
   /** per-owner state */
   inFlight = 0;
   sent = 0;
@@ -64,7 +66,7 @@ export class Conn {
     }
     if (this.state === 0 && this.socket) {
       this.socket.write(
-        `GET /chat HTTP/1.1\r\nHost: ${host}:${port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
+        `GET ${this.path} HTTP/1.1\r\nHost: ${host}:${port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
           `Sec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\nCookie: ${this.cookie}\r\n\r\n`,
       );
     }

@@ -60,6 +60,9 @@ export async function startRedis() {
   return {
     url: `redis://127.0.0.1:${port}`,
     port,
+    get pid() {
+      return proc.pid;
+    },
     stop,
     async restart() {
       await stop();
@@ -77,8 +80,8 @@ function asPostgres(cmd: string[]): string[] {
   return process.getuid?.() === 0 ? ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", ...cmd] : cmd;
 }
 
-/** A throwaway Postgres cluster on a free port (trust auth on loopback, fsync off: tests only). */
-export async function startPostgres() {
+/** A throwaway Postgres cluster on a free port (trust auth on loopback; fsync off for tests, the bench sets its own). */
+export async function startPostgres(settings: Record<string, string> = { fsync: "off" }) {
   const dir = mkdtempSync(join(tmpdir(), "chat-pg-"));
   if (process.getuid?.() === 0) {
     const id = async (flag: string) => Number((await Bun.$`id ${flag} postgres`.text()).trim());
@@ -90,7 +93,7 @@ export async function startPostgres() {
   const port = freePort();
   let proc: Bun.Subprocess;
   async function start() {
-    proc = Bun.spawn(asPostgres([join(PG_BIN!, "postgres"), "-D", data, "-p", String(port), "-h", "127.0.0.1", "-k", dir, "-c", "fsync=off", "-c", "max_connections=200"]), { stdout: "ignore", stderr: "ignore" });
+    proc = Bun.spawn(asPostgres([join(PG_BIN!, "postgres"), "-D", data, "-p", String(port), "-h", "127.0.0.1", "-k", dir, ...Object.entries(settings).flatMap(([k, v]) => ["-c", `${k}=${v}`]), "-c", "max_connections=200"]), { stdout: "ignore", stderr: "ignore" });
     await waitFor(() => canConnect(port), 20_000, "postgres");
     // accepting TCP is not yet accepting queries
     await waitFor(async () => {
@@ -107,6 +110,10 @@ export async function startPostgres() {
   let db = 0;
   return {
     port,
+    /** the postmaster's pid (its backends and workers are its children) */
+    get pid() {
+      return proc.pid;
+    },
     /** A fresh database per call, so tests do not share state. */
     async createDatabase() {
       const name = `chat${++db}`;
