@@ -1107,12 +1107,17 @@ class SqliteStore implements Store {
     this.writeLastIds = this.db.transaction((rooms: [string, number][]) => rooms.forEach(([room, id]) => setLast.run(id, room)));
     this.flusher = setInterval(() => void this.flushLastIds().catch(() => {}), LAST_ID_FLUSH_MS);
     this.flusher.unref();
-    const indexDoc = this.db.prepare("INSERT INTO message_docs (room, id) VALUES (?, ?) ON CONFLICT DO NOTHING RETURNING doc");
-    const indexWords = this.db.prepare(`INSERT INTO message_words (rowid, text, scope) SELECT ?, text, ${SEARCH_SCOPE_SQL("room")} FROM messages WHERE room = ? AND id = ?`);
+    // three plain statements: RETURNING, and INSERT INTO an FTS5 table from a SELECT, each go through a temporary
+    // table, and cost 2.8× as much per message (10 µs against 3.5 on this machine)
+    const currentText = this.db.prepare("SELECT text FROM messages WHERE room = ? AND id = ?");
+    const indexDoc = this.db.prepare("INSERT INTO message_docs (room, id) VALUES (?, ?) ON CONFLICT DO NOTHING");
+    const indexWords = this.db.prepare("INSERT INTO message_words (rowid, text, scope) VALUES (?, ?, ?)");
     this.indexRows = this.db.transaction((rows: [string, number][]) => {
       for (const [room, id] of rows) {
-        const made = indexDoc.get(room, id) as { doc: number } | null;
-        if (made) indexWords.run(made.doc, room, id);
+        const message = currentText.get(room, id) as { text: string } | null;
+        if (!message) continue; // expired meanwhile
+        const made = indexDoc.run(room, id);
+        if (made.changes) indexWords.run(made.lastInsertRowid, message.text, searchScope(room));
       }
     });
     this.indexer = setInterval(() => void this.indexNew().catch(() => {}), SEARCH_INDEX_MS);
