@@ -1065,8 +1065,48 @@ function migrateSessions(rows: SessionRowV1[]) {
  * SQLite through bun:sqlite on one connection, every statement prepared once. This process is the only
  * writer of the file, so it hands out message ids itself; a worker thread checkpoints the WAL.
  */
+/** Messages stored but not yet indexed for search, as a range of ids per room (a room's new ids are consecutive):
+ * a flood's backlog costs a few numbers per room, not an array per message for the collector to trace. */
+class Unindexed {
+  private readonly ranges = new Map<string, [first: number, last: number]>();
+  size = 0;
+
+  add(room: string, id: number) {
+    const range = this.ranges.get(room);
+    if (!range) {
+      this.ranges.set(room, [id, id]);
+      this.size++;
+    } else if (id > range[1]) {
+      this.size += id - range[1]; // a gap (never, from the one writer) is taken too, and skipped: no such message
+      range[1] = id;
+    }
+  }
+
+  /** Up to `count` of them, each room's in id order (search relies on docs in id order within a room). */
+  take(count: number): [room: string, id: number][] {
+    const rows: [string, number][] = [];
+    for (const [room, range] of this.ranges) {
+      while (rows.length < count && range[0] <= range[1]) rows.push([room, range[0]++]);
+      if (range[0] > range[1]) this.ranges.delete(room);
+      if (rows.length === count) break;
+    }
+    this.size -= rows.length;
+    return rows;
+  }
+
+  /** Rows taken but not indexed (the transaction failed): waiting again, before what came since. */
+  putBack(rows: [string, number][]) {
+    for (const [room, id] of rows) {
+      const range = this.ranges.get(room);
+      if (!range) this.ranges.set(room, [id, id]);
+      else [range[0], range[1]] = [Math.min(range[0], id), Math.max(range[1], id)];
+    }
+    this.size += rows.length;
+  }
+}
+
 class SqliteStore implements Store {
-  private unindexed: [room: string, id: number][] = []; // stored, not yet searchable (see indexNew)
+  private readonly unindexed = new Unindexed(); // stored, not yet searchable (see indexNew)
   private readonly indexRows: (rows: [string, number][]) => void;
   private readonly indexer: Timer;
   private readonly query: Query = (sql, params = []) => this.retrying(() => this.db.query(sqliteParams(sql)).all(...(params as never[])));
@@ -1314,7 +1354,7 @@ class SqliteStore implements Store {
     for (let i = 0; i < batch.length; i++) {
       this.leaders.offer(batch[i].room, ids[i]);
       this.dirty.set(batch[i].room, ids[i]);
-      this.unindexed.push([batch[i].room, ids[i]]);
+      this.unindexed.add(batch[i].room, ids[i]);
     }
     return ids;
   }
@@ -1414,7 +1454,7 @@ class SqliteStore implements Store {
 
   async search(room: string, words: string[], before: number, limit: number) {
     // what is stored is searchable: a search first indexes what the batches have not (up to SEARCH_CATCH_UP)
-    for (let i = 0; i < SEARCH_CATCH_UP / SEARCH_INDEX_BATCH && this.unindexed.length; i++) await this.indexNew();
+    for (let i = 0; i < SEARCH_CATCH_UP / SEARCH_INDEX_BATCH && this.unindexed.size; i++) await this.indexNew();
     return this.retrying(() => this.db.query(SQLITE_SEARCH).all(ftsQuery(room, words), room, before, limit).map(messageOfRow));
   }
 
@@ -1465,12 +1505,12 @@ class SqliteStore implements Store {
 
   /** Indexes the messages stored since the last run, in one transaction (their current text: an edit meanwhile counts). */
   private async indexNew() {
-    if (!this.unindexed.length) return;
-    const rows = this.unindexed.splice(0, SEARCH_INDEX_BATCH);
+    if (!this.unindexed.size) return;
+    const rows = this.unindexed.take(SEARCH_INDEX_BATCH);
     try {
       await this.retrying(() => this.indexRows(rows));
     } catch (error) {
-      this.unindexed.unshift(...rows);
+      this.unindexed.putBack(rows);
       throw error;
     }
   }
@@ -1481,8 +1521,8 @@ class SqliteStore implements Store {
     try {
       this.flushLastIdsNow();
       // a long backlog (after a flood) is left to the next open, so a graceful stop stays short
-      this.indexRows(this.unindexed.splice(0, SEARCH_CATCH_UP));
-      if (!this.unindexed.length) this.db.run("UPDATE meta SET value = '1' WHERE key = 'search_clean'");
+      this.indexRows(this.unindexed.take(SEARCH_CATCH_UP));
+      if (!this.unindexed.size) this.db.run("UPDATE meta SET value = '1' WHERE key = 'search_clean'");
     } catch {} // a crash, too, leaves the room list's start a little stale (and the index is caught up at the next open)
     this.checkpointer?.terminate();
     this.db.close();
