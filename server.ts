@@ -2756,6 +2756,7 @@ export class Room {
   readonly members = new Map<string, User>();
   /** presence as this node's sockets were last told it; presence_diff frames carry members − published and back */
   private published = new Map<string, User>();
+  private publishedJson: string | null = null; // `published` as JSON array elements, until it changes: each joiner's list
   private changed = new Set<string>(); // user ids whose presence changed since the last presence_diff
   private presenceTimer: Timer | null = null;
   /** the room's head: the last seq delivered here. Every change (a message, an edit, a deletion, a reaction) takes
@@ -2782,6 +2783,7 @@ export class Room {
       await fanout.subscribe(this.name);
       for (const user of await fanout.members(this.name)) this.setMember(user);
       this.published = new Map(this.members); // nobody here has been told anything yet: a joiner gets the list
+      this.publishedJson = null;
       this.rules = await store.access.rules(this.name);
       // before the tail: a message stored between the two reads is in the tail; the tail is empty once all expired
       const stored = await store.lastId(this.name);
@@ -2990,14 +2992,20 @@ export class Room {
   rename(user: User): boolean {
     const here = this.members.has(user.id) || this.published.has(user.id);
     if (this.members.has(user.id)) this.members.set(user.id, user);
-    if (this.published.has(user.id)) this.published.set(user.id, user);
+    if (this.published.has(user.id)) {
+      this.published.set(user.id, user);
+      this.publishedJson = null;
+    }
     return here;
   }
 
-  /** The list a joiner gets: what the others here were told, and the joiner (whom the next diff may name again). */
-  presenceList(joiner: User): User[] {
-    const users = [...this.published.values()];
-    return this.published.has(joiner.id) ? users : [...users, joiner];
+  /** The presence frame a joiner gets: what the others here were told, and the joiner (whom the next diff may name
+   * again). The list is serialized once per presence_diff, not per joiner: in a storm, M joiners of a room each got
+   * a list of up to M users. */
+  presenceFrame(joiner: User): string {
+    const users = (this.publishedJson ??= [...this.published.values()].map((u) => JSON.stringify(u)).join(","));
+    const added = this.published.has(joiner.id) ? "" : `${users ? "," : ""}${JSON.stringify(joiner)}`;
+    return `{"type":"presence","room":${JSON.stringify(this.name)},"users":[${users}${added}]}`;
   }
 
   /** At most one presence_diff per PRESENCE_INTERVAL_MS, and no timer while nothing changes. */
@@ -3025,7 +3033,9 @@ export class Room {
       }
     }
     this.changed.clear();
-    if (joins.length || leaves.length) this.broadcast(JSON.stringify({ type: "presence_diff", room: this.name, joins, leaves } satisfies ServerMessage));
+    if (!joins.length && !leaves.length) return;
+    this.publishedJson = null;
+    this.broadcast(JSON.stringify({ type: "presence_diff", room: this.name, joins, leaves } satisfies ServerMessage));
   }
 
   /** The room is dropped from this node, or the server stops: no more diffs. */
@@ -3346,7 +3356,7 @@ export class Chat {
       const { id } = data.user;
       this.writeList(id, name, () => this.units.store.reading.join(id, name, room.lastId));
     }
-    send(ws, { type: "presence", room: name, users: room.presenceList(userOf(ws)) });
+    sendFrame(ws, room.presenceFrame(userOf(ws)));
   }
 
   /** A join that cannot finish: the socket is not in the room, and hears why. */
