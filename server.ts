@@ -2769,6 +2769,7 @@ export class Room {
   private held: Entry[] = [];
   private settled: Promise<void>; // the load or catch-up under way
   private plainHistory: Page | null = null; // the history frame of a join without since, until the next message
+  private lastPage: { after: number; page: Page } | null = null; // the last page asked for, until the next message: after a restart, a room's clients all ask for the same
   private sampledAt = 0; // when unsent bytes were last sampled after a publish met backpressure
 
   constructor(readonly name: string, private readonly registry: Rooms) {
@@ -2889,6 +2890,7 @@ export class Room {
       this.recent = this.recent.slice(-keep);
     }
     this.plainHistory = null;
+    this.lastPage = null;
     const own = entry.own && !entry.own.ws.data.closed && entry.own.ws.data.rooms.includes(this.name) ? entry.own : undefined;
     this.broadcast(entry.frame, own?.ws);
     if (own) sendFrame(own.ws, own.frame); // the requester's copy, with its ref
@@ -2936,6 +2938,13 @@ export class Room {
    * missing; more when later changes remain.
    */
   page(after: number): Page {
+    if (this.lastPage?.after === after) return this.lastPage.page;
+    const page = this.buildPage(after);
+    this.lastPage = { after, page };
+    return page;
+  }
+
+  private buildPage(after: number): Page {
     const { recent, lastId } = this;
     const { recoveryLimit, historyPageBytes } = this.registry.limits;
     const from = Math.max(after, lastId - recoveryLimit, this.coveredFrom);
