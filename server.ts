@@ -2092,6 +2092,8 @@ export class Reading {
   /** Adds a room to the user's rooms; one new to the list starts read up to `head` (what its join's history showed).
    * Past USER_ROOMS_KEPT the longest joined go, so the list costs a bounded read. */
   async join(userId: string, room: string, head: number) {
+    // a rejoin (every reconnect) only reads: a write, even one that changes nothing, takes the database's write lock
+    if ((await this.q("SELECT 1 AS one FROM user_rooms WHERE user_id = $1 AND room = $2", [userId, room])).length) return;
     const added = await this.q("INSERT INTO user_rooms (user_id, room, joined) VALUES ($1, $2, $3) ON CONFLICT (user_id, room) DO NOTHING RETURNING room", [userId, room, Date.now()]);
     if (!added.length) return;
     await this.markRead(userId, room, head);
