@@ -3926,7 +3926,8 @@ class Sessions {
   /** The session opened a socket: it is kept from now on, and seen now. */
   async opened(session: Session) {
     const now = Date.now();
-    if (session.used && now - session.seen < SEEN_EVERY_MS) return;
+    // the row is fresh: said so, or after a restart the janitor's first pass would write every open session at once
+    if (session.used && now - session.seen < SEEN_EVERY_MS) return void this.touched.set(session.sid, session.seen);
     await this.store.touchSessions([session.sid], now);
     this.touched.set(session.sid, now);
   }
