@@ -3014,8 +3014,8 @@ export class Room {
    * again). The list is serialized once per presence_diff, not per joiner: in a storm, M joiners of a room each got
    * a list of up to M users. */
   presenceFrame(joiner: User): string {
-    const users = (this.publishedJson ??= [...this.published.values()].map((u) => JSON.stringify(u)).join(","));
-    const added = this.published.has(joiner.id) ? "" : `${users ? "," : ""}${JSON.stringify(joiner)}`;
+    const users = (this.publishedJson ??= Array.from(this.published.values(), userJson).join(","));
+    const added = this.published.has(joiner.id) ? "" : `${users ? "," : ""}${userJson(joiner)}`;
     return `{"type":"presence","room":${JSON.stringify(this.name)},"users":[${users}${added}]}`;
   }
 
@@ -3063,6 +3063,15 @@ export class Room {
 }
 
 const NO_ROOMS: ReadonlySet<Room> = new Set();
+
+/** A member's JSON, made once per User object (a rename makes a new one): a room's list is rebuilt after every
+ * presence_diff, of mostly the same users. */
+const userJsons = new WeakMap<User, string>();
+function userJson(user: User): string {
+  let json = userJsons.get(user);
+  if (json === undefined) userJsons.set(user, (json = JSON.stringify(user)));
+  return json;
+}
 
 type RoomUnits = { store: Store; fanout: Fanout; topics: Topics; connections: Connections; metrics: Metrics; logger: Logger };
 
