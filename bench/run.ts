@@ -536,7 +536,7 @@ function repsOf(scenario: string) {
 function brief(m: Record<string, any>): string {
   const f = (x: number, d = 0) => (Number.isFinite(x) ? x.toFixed(d) : "–");
   if ("warm" in m) {
-    const phase = (p: any) => `${f(p.ms)} ms, server ${f(p.serverUsPerClient)} µs/client (${f(p.serverUsPerClientAtLast)} at the last recovery), p99 ${f(p.p99Us / 1000, 1)} ms, ${f(p.historyBytesPerClient)} B history`;
+    const phase = (p: any) => `${f(p.ms)} ms, server ${f(p.serverUsPerClient)} µs/client (main thread ${f(p.mainThreadUsPerClient)}), p99 ${f(p.p99Us / 1000, 1)} ms, ${f(p.historyBytesPerClient)} B history`;
     return `${m.clients} clients in ${m.rooms} rooms: ${m.cold ? `cold ${phase(m.cold)}; ` : ""}warm ${phase(m.warm)}`;
   }
   if ("copiesPerSec" in m) return `${f(m.copiesPerSec)} copies/s${"updatesPerSec" in m ? ` + ${f(m.updatesPerSec)} updated/s (${m.changesSent} changes, ${m.readsSent} reads)` : ""}, p50 ${f(m.p50Us / 1000, 2)} ms, p99 ${f(m.p99Us / 1000, 2)} ms, max ${f(m.maxUs / 1000, 1)} ms, lost ${m.lost}, server cpu ${f(m.serverCpu * 100)}% (sys ${f(m.serverSys * 100)}%), client cpu ${f(m.clientCpu * 100)}% (sys ${f(m.clientSys * 100)}%)`;

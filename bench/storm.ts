@@ -7,6 +7,7 @@
 //   - ours, warm: the same process, every client dropped (so every room was let go) and back;
 //   - the old protocol's floor (bench/floor.ts) and raw Bun (accept + subscribe): warm, like ours.
 import { openStore } from "../server.ts";
+import { readFileSync } from "node:fs";
 import { cpuPreciseMs, watchOthers } from "./lib.ts";
 import type { Server, Worker } from "./run.ts";
 
@@ -61,12 +62,14 @@ async function storm(server: Server, workers: Worker[], reconnect: () => Promise
   const pid = server.proc.pid;
   const others = watchOthers([pid, process.pid, ...workers.map((w) => w.pid)]);
   const cpu0 = cpuPreciseMs(pid);
+  const main0 = mainThreadMs(pid);
   const t0 = performance.now();
   const results = await reconnect();
   const ms = performance.now() - t0;
   const cpuAtLast = cpuPreciseMs(pid);
   await Bun.sleep(SETTLE_MS);
   const cpu1 = cpuPreciseMs(pid);
+  const main1 = mainThreadMs(pid);
   assertAll(results, clients, "reconnect");
   const opened = results.reduce((n, r) => n + r.opened, 0);
   return {
@@ -78,6 +81,8 @@ async function storm(server: Server, workers: Worker[], reconnect: () => Promise
     serverUsPerClient: ((cpu1 - cpu0) * 1000) / opened,
     /** the same, up to the last client's recovery */
     serverUsPerClientAtLast: ((cpuAtLast - cpu0) * 1000) / opened,
+    /** of serverUsPerClient, the main thread's (the rest: JIT compiler threads, the collector's helpers, the checkpointer) */
+    mainThreadUsPerClient: ((main1 - main0) * 1000) / opened,
     p50Us: Math.max(...results.map((r) => r.latency.p50Us)),
     p99Us: Math.max(...results.map((r) => r.latency.p99Us)),
     maxUs: Math.max(...results.map((r) => r.latency.maxUs)),
@@ -89,6 +94,15 @@ async function storm(server: Server, workers: Worker[], reconnect: () => Promise
 function assertAll(results: OpenResult[], clients: number, what: string) {
   const opened = results.reduce((n, r) => n + r.opened, 0);
   if (opened < clients) throw new Error(`${what}: ${clients - opened} of ${clients} clients failed; first error: ${results.find((r) => r.firstError)?.firstError}`);
+}
+
+/** On-CPU time of a process's main thread (the event loop) in ms (schedstat); NaN when unreadable. */
+function mainThreadMs(pid: number): number {
+  try {
+    return Number(readFileSync(`/proc/${pid}/task/${pid}/schedstat`, "utf8").split(" ")[0]) / 1e6;
+  } catch {
+    return NaN;
+  }
 }
 
 /** Waits (at most 10 s) until the server used under 2 ms of CPU in 100 ms: the closes of the last phase are done. */
