@@ -934,8 +934,10 @@ function searchSchema(engine: "sqlite" | "postgres"): string[] {
       tokenize = 'unicode61 remove_diacritics 2')`,
     // new messages are indexed in batches (SqliteStore.indexNew): an FTS5 write per commit would cost 2.5× the insert
     "DROP TRIGGER IF EXISTS messages_search_insert",
-    // a contentless-delete table updates whole rows only
-    `CREATE TRIGGER IF NOT EXISTS messages_search_update AFTER UPDATE OF text ON messages BEGIN
+    // a contentless-delete table updates whole rows only; only a new text (UPDATE OF fires on every change, as every
+    // change sets text: a reaction rewrote the message's words). Dropped first: older databases have it without WHEN.
+    "DROP TRIGGER IF EXISTS messages_search_update",
+    `CREATE TRIGGER messages_search_update AFTER UPDATE OF text ON messages WHEN old.text IS NOT new.text BEGIN
       UPDATE message_words SET text = new.text, scope = ${SEARCH_SCOPE_SQL("new.room")} WHERE rowid = ${doc};
     END`,
     `CREATE TRIGGER IF NOT EXISTS messages_search_delete AFTER DELETE ON messages BEGIN
