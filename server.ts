@@ -771,6 +771,10 @@ export type Change =
   | { kind: "edit"; room: string; id: number; user: string; text: string; mentions: string[] }
   | { kind: "delete"; room: string; id: number; user: string; moderator: boolean }
   | { kind: "react"; room: string; id: number; user: string; emoji: string; on: boolean };
+/** A write of the say queue, and what became of it: the new message's id, the change's outcome, or the error that
+ * kept it from being stored. */
+export type Write = (NewMessage & { kind: "say" }) | Change;
+export type Written = number | Changed | Error;
 /** The message's state after a change (`changed: false`: the change changed nothing and took no seq), or a refusal. */
 export type Changed = { ok: true; message: Message; changed: boolean } | { ok: false; code: "not_found" | "forbidden" | "limit_exceeded"; message: string };
 const MAX_REACTIONS = 20; // distinct emoji on one message
@@ -831,6 +835,9 @@ export interface Store {
   change(c: Change): Promise<Changed>;
   /** Stores a batch atomically and returns the ids: gap-free per room, committed in id order. */
   append(batch: NewMessage[]): Promise<number[]>;
+  /** New messages and changes in arrival order, each taking its room's next seq. SQLite: all in one transaction (or
+   * none); Postgres: each run of new messages, and each change, on its own. */
+  write(items: Write[]): Promise<Written[]>;
   /** The newest `limit` messages of a room, oldest first. */
   tail(room: string, limit: number): Promise<Message[]>;
   /** Messages with after < id < before, oldest first (at most GAP_READ_LIMIT). */
@@ -1118,6 +1125,8 @@ class SqliteStore implements Store {
   private readonly db: Database;
   private readonly checkpointer: Worker | null;
   private readonly insertRows: (rows: Row[]) => void;
+  private readonly insertRow: (row: Row) => void;
+  private readonly writeAll: (items: Write[], last: Map<string, number>) => Written[];
   private readonly lastIds = new Map<string, number>(); // the last id handed out per room, of rooms written since start
   private readonly leaders = new Leaders(ROOM_LIST_LIMIT); // this process is the only writer: it sees every new last id
   private roomCount: number;
@@ -1144,7 +1153,10 @@ class SqliteStore implements Store {
     const insert = this.db.prepare("INSERT INTO messages (room, id, seq, user_id, name, text, ts, ref, reply_to, mentions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
     const insertRow = (r: Row) => void insert.run(r.room, r.id, r.seq, r.user_id, r.name, r.text, r.ts, r.ref, r.reply_to, r.mentions);
     const insertMany = this.db.transaction((rows: Row[]) => rows.forEach(insertRow));
+    this.insertRow = insertRow;
     this.insertRows = (rows) => (rows.length === 1 ? insertRow(rows[0]) : insertMany(rows)); // one row is its own transaction
+    const writeMany = this.db.transaction((items: Write[], last: Map<string, number>) => items.map((w) => this.writeOne(w, last)));
+    this.writeAll = (items, last) => (items.length === 1 ? [this.writeOne(items[0], last)] : writeMany(items, last));
     const setLast = this.db.prepare("UPDATE rooms SET last_id = max(last_id, ?) WHERE name = ?");
     this.writeLastIds = this.db.transaction((rooms: [string, number][]) => rooms.forEach(([room, id]) => setLast.run(id, room)));
     this.flusher = setInterval(() => void this.flushLastIds().catch(() => {}), LAST_ID_FLUSH_MS);
@@ -1371,21 +1383,49 @@ class SqliteStore implements Store {
   }
 
   async change(c: Change): Promise<Changed> {
-    if (!this.lastIds.has(c.room)) await this.retrying(() => this.openRoom(c.room));
-    // synchronous: nothing else on this connection runs between the read and the write
-    const result = await this.retrying(() => {
-      const row = this.db.query("SELECT * FROM messages WHERE room = ? AND id = ?").get(c.room, c.id);
-      if (!row) return { ok: false, code: "not_found", message: `No message ${c.id} in ${c.room}` } satisfies Changed;
-      const seq = this.lastIds.get(c.room)! + 1;
-      const changed = applyChange(messageOfRow(row), c, seq, Date.now());
-      if (!changed.ok || !changed.changed) return changed;
-      this.db.query(sqliteParams(CHANGE_SQL)).run(...changedColumns(changed.message), c.room, c.id);
-      this.lastIds.set(c.room, seq);
-      this.leaders.offer(c.room, seq);
-      this.dirty.set(c.room, seq);
-      return changed;
-    });
-    return result;
+    const [result] = await this.write([c]);
+    if (result instanceof Error) throw result;
+    return result as Changed;
+  }
+
+  /** In one transaction, so a flood with changes among its messages still commits once per flush; the rooms' last
+   * ids move only once it committed. */
+  async write(items: Write[]): Promise<Written[]> {
+    for (const w of items) if (!this.lastIds.has(w.room)) await this.retrying(() => this.openRoom(w.room));
+    const last = new Map<string, number>(); // the rooms' seqs as the transaction hands them out
+    let results: Written[];
+    try {
+      results = await this.retrying(() => {
+        last.clear();
+        return this.writeAll(items, last);
+      });
+    } catch (error) {
+      return items.map(() => error as Error);
+    }
+    for (const [room, seq] of last) {
+      this.lastIds.set(room, seq);
+      this.leaders.offer(room, seq);
+      this.dirty.set(room, seq);
+    }
+    items.forEach((w, i) => w.kind === "say" && this.unindexed.add(w.room, results[i] as number));
+    return results;
+  }
+
+  /** One write: a new row, or a change read and written (synchronous: nothing else on this connection runs between). */
+  private writeOne(w: Write, last: Map<string, number>): Written {
+    const seq = (last.get(w.room) ?? this.lastIds.get(w.room)!) + 1;
+    if (w.kind === "say") {
+      this.insertRow(rowOf(w, seq));
+      last.set(w.room, seq);
+      return seq;
+    }
+    const row = this.db.query("SELECT * FROM messages WHERE room = ? AND id = ?").get(w.room, w.id);
+    if (!row) return { ok: false, code: "not_found", message: `No message ${w.id} in ${w.room}` };
+    const changed = applyChange(messageOfRow(row), w, seq, Date.now());
+    if (!changed.ok || !changed.changed) return changed;
+    this.db.query(sqliteParams(CHANGE_SQL)).run(...changedColumns(changed.message), w.room, w.id);
+    last.set(w.room, seq);
+    return changed;
   }
 
   /** Writes up to LAST_ID_FLUSH_ROOMS rooms' last ids, so one flush never holds the writer long. */
@@ -1712,6 +1752,24 @@ class PostgresStore implements Store {
   }
 
   /** The room's counter row stays locked until commit, so ids are gap-free and commit in order on every node. */
+  /** Runs of new messages and single changes, in order, each stored on its own: a failure fails only its run. */
+  async write(items: Write[]): Promise<Written[]> {
+    const results: Written[] = [];
+    for (let i = 0; i < items.length;) {
+      let j = i;
+      while (j < items.length && items[j].kind === "say") j++;
+      const says = j > i;
+      const run = says ? items.slice(i, j) : [items[i]];
+      i = says ? j : i + 1;
+      try {
+        results.push(...(says ? await this.append(run as NewMessage[]) : [await this.change(run[0] as Change)]));
+      } catch (error) {
+        results.push(...run.map(() => error as Error));
+      }
+    }
+    return results;
+  }
+
   append(batch: NewMessage[]): Promise<number[]> {
     return this.sql.begin(async (tx) => {
       const byRoom = Map.groupBy(batch.keys(), (i) => batch[i].room);
@@ -3203,52 +3261,54 @@ export class SayQueue {
     while (this.flushing || this.pending.length) await this.flush();
   }
 
-  /** In arrival order: runs of new messages are stored together; each change alone (it reads the message first). */
+  /** In arrival order, in one write (one transaction on SQLite): with changes among them, new messages still share a
+   * commit (stored apart, a change every tenth frame made commits of nine messages). */
   private async run() {
     while (this.pending.length) {
-      const batch = this.pending;
+      const taken = this.pending;
       this.pending = [];
-      for (let i = 0; i < batch.length;) {
-        let j = i;
-        while (j < batch.length && batch[j].kind === "say") j++;
-        if (j > i) await this.storeSays(batch.slice(i, j) as Extract<Pending, { kind: "say" }>[]);
-        else await this.change(batch[j++] as Exclude<Pending, { kind: "say" }>);
-        i = j;
-      }
+      const batch = await this.resolve(taken);
+      const results = batch.length ? await this.store.write(batch) : [];
+      const failed = batch.filter((_, i) => results[i] instanceof Error);
+      if (failed.length) this.refuse(failed, results.find((r) => r instanceof Error));
+      batch.forEach((p, i) => {
+        const result = results[i];
+        if (result instanceof Error) return;
+        if (p.kind === "say") this.deliverMessage(p, result as number);
+        else this.deliverChange(p, result as Changed);
+      });
     }
   }
 
-  private async storeSays(says: Extract<Pending, { kind: "say" }>[]) {
-    let ids: number[];
-    try {
-      for (const say of says) {
-        if (say.text.includes("@")) say.mentions = await this.mentions(say.text);
-        // a reply names a message of the room; one that is not there is dropped, not the reply
-        if (say.replyTo !== undefined && !(await this.store.message(say.room, say.replyTo))) say.replyTo = undefined;
+  /** Mentions and replies are read before the write; one whose read fails is refused, the others go on. */
+  private async resolve(batch: Pending[]): Promise<Pending[]> {
+    const ready: Pending[] = [];
+    for (const p of batch) {
+      try {
+        if (p.kind === "say") {
+          if (p.text.includes("@")) p.mentions = await this.mentions(p.text);
+          // a reply names a message of the room; one that is not there is dropped, not the reply
+          if (p.replyTo !== undefined && !(await this.store.message(p.room, p.replyTo))) p.replyTo = undefined;
+        } else if (p.kind === "edit") p.mentions = p.text.includes("@") ? await this.mentions(p.text) : [];
+        ready.push(p);
+      } catch (error) {
+        this.refuse([p], error);
       }
-      ids = await this.store.append(says);
-    } catch (error) {
-      return this.refuse(says, error);
     }
-    for (let i = 0; i < says.length; i++) {
-      const { room, user, text, ts, ref, replyTo, mentions } = says[i];
-      const entry = entryOf(messageOf({ room, id: ids[i], user, text, ts, ref, replyTo, mentions }));
-      this.rooms.get(room)?.receive(entry);
-      this.fanout.publishMessage(room, entry);
-    }
+    return ready;
   }
 
-  /** An edit, deletion or reaction: stored with the room's next seq, then delivered as an updated frame (the
-   * requester's copy carries its ref); a refusal goes to the requester only. */
-  private async change(c: Exclude<Pending, { kind: "say" }>) {
+  private deliverMessage(say: Extract<Pending, { kind: "say" }>, id: number) {
+    const { room, user, text, ts, ref, replyTo, mentions } = say;
+    const entry = entryOf(messageOf({ room, id, user, text, ts, ref, replyTo, mentions }));
+    this.rooms.get(room)?.receive(entry);
+    this.fanout.publishMessage(room, entry);
+  }
+
+  /** An edit, deletion or reaction, stored with the room's next seq: delivered as an updated frame (the requester's
+   * copy carries its ref); a refusal goes to the requester only. */
+  private deliverChange(c: Exclude<Pending, { kind: "say" }>, result: Changed) {
     const { ws, ref } = c;
-    let result: Changed;
-    try {
-      if (c.kind === "edit") c.mentions = c.text.includes("@") ? await this.mentions(c.text) : [];
-      result = await this.store.change(c);
-    } catch (error) {
-      return this.refuse([c], error);
-    }
     if (!result.ok) return void (!ws.data.closed && sendError(ws, result.code, result.message, { ref, room: c.room }));
     const own = JSON.stringify({ type: "updated", room: c.room, seq: result.message.seq, message: result.message, ref } satisfies ServerMessage);
     if (!result.changed) return void (!ws.data.closed && sendFrame(ws, own)); // nothing changed: the state, to the requester
