@@ -1,7 +1,7 @@
 // The benchmark: our server (server.ts) against raw Bun pub/sub and Node + ws, through the same load
 // client (bench/load.ts on bench/ws-client.ts), on loopback, server and client pinned to different cores.
 //
-//   bun bench/run.ts [--quick] [--scenario NAME[,NAME…]] [--target chat,raw-bun,node-ws] [--reps N]
+//   bun bench/run.ts [--quick] [--scenario NAME[,NAME…]] [--target chat,raw-bun,node-ws,floor] [--reps N]
 //                    [--duration S] [--warmup S] [--window W] [--out FILE]
 //
 // Every scenario starts a fresh server per repetition (ours with a fresh temp SQLite file), and every
@@ -546,7 +546,7 @@ function brief(m: Record<string, any>): string {
   return JSON.stringify(m);
 }
 
-console.log(`bench ${RUN_ID}: ${selected.join(", ")} × ${targets.join(", ")}, ${CONFIG.reps} rep(s) (fixed rate: ${repsOf("rate-")}); ${MACHINE.cores} cores, ${MACHINE.pinning}; results → ${OUT}`);
+console.log(`bench ${RUN_ID}: ${selected.map((s) => `${s} × ${runner(s).targets.join(", ")}`).join("; ")}, ${CONFIG.reps} rep(s) (fixed rate: ${repsOf("rate-")}); ${MACHINE.cores} cores, ${MACHINE.pinning}; results → ${OUT}`);
 let failures = 0;
 let quietBudget = CONFIG.quietBudgetMs;
 let retryBudget = CONFIG.retryBudget;

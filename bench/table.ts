@@ -118,6 +118,8 @@ export function makeTable(run: Line[]) {
     }
   }
 
+  if (out.at(-1)!.startsWith("| --- |")) out.splice(-3, 3); // no rows: the run held only the restart storm
+
   // Targets
   const med = (scenario: string, target: string, pick: (m: Record<string, any>) => number) => cell(scenario, target, pick)?.med ?? NaN;
   const checks: string[] = [];
