@@ -775,6 +775,7 @@ export type Change =
  * kept it from being stored. */
 export type Write = (NewMessage & { kind: "say" }) | Change;
 export type Written = number | Changed | Error;
+const asError = (error: unknown): Error => (error instanceof Error ? error : new Error(String(error)));
 /** The message's state after a change (`changed: false`: the change changed nothing and took no seq), or a refusal. */
 export type Changed = { ok: true; message: Message; changed: boolean } | { ok: false; code: "not_found" | "forbidden" | "limit_exceeded"; message: string };
 const MAX_REACTIONS = 20; // distinct emoji on one message
@@ -1391,16 +1392,16 @@ class SqliteStore implements Store {
   /** In one transaction, so a flood with changes among its messages still commits once per flush; the rooms' last
    * ids move only once it committed. */
   async write(items: Write[]): Promise<Written[]> {
-    for (const w of items) if (!this.lastIds.has(w.room)) await this.retrying(() => this.openRoom(w.room));
     const last = new Map<string, number>(); // the rooms' seqs as the transaction hands them out
     let results: Written[];
     try {
+      for (const w of items) if (!this.lastIds.has(w.room)) await this.retrying(() => this.openRoom(w.room));
       results = await this.retrying(() => {
         last.clear();
         return this.writeAll(items, last);
       });
     } catch (error) {
-      return items.map(() => error as Error);
+      return items.map(() => asError(error));
     }
     for (const [room, seq] of last) {
       this.lastIds.set(room, seq);
@@ -1764,7 +1765,7 @@ class PostgresStore implements Store {
       try {
         results.push(...(says ? await this.append(run as NewMessage[]) : [await this.change(run[0] as Change)]));
       } catch (error) {
-        results.push(...run.map(() => error as Error));
+        results.push(...run.map(() => asError(error)));
       }
     }
     return results;
@@ -3268,7 +3269,7 @@ export class SayQueue {
       const taken = this.pending;
       this.pending = [];
       const batch = await this.resolve(taken);
-      const results = batch.length ? await this.store.write(batch) : [];
+      const results = batch.length ? await this.store.write(batch).catch((error) => batch.map(() => asError(error))) : [];
       const failed = batch.filter((_, i) => results[i] instanceof Error);
       if (failed.length) this.refuse(failed, results.find((r) => r instanceof Error));
       batch.forEach((p, i) => {
