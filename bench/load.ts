@@ -95,6 +95,11 @@ class Client extends Conn {
   joins: JoinWaiter[] = [];
   captureHistory = false;
   limit = Infinity;
+  // the mixed flood: the newest own message (what an edit or reaction targets), the newest seq seen and read
+  lastOwnId = 0;
+  lastSeq = 0;
+  readSeq = 0;
+  says = 0;
   constructor(id: number, cookie: string) {
     super(id, cookie);
     putDigits(this.say, this.tpl.senderAt, 9, id);
@@ -139,6 +144,13 @@ let foreign = 0;
 let otherFrames = 0;
 let errorFrames = 0;
 let firstError: string | null = null;
+/** the mixed flood: after every CHANGE_EVERY-th say an edit or reaction of the sender's newest message (so 1 frame
+ * in CHANGE_EVERY + 1 is a change), and a read of the newest seq seen every `readMs` */
+let mixed: { changeEvery: number; readMs: number } | null = null;
+let changes = 0;
+let reads = 0;
+let updates = 0; // updated frames received (each copy of an edit or reaction)
+let readTimer: Timer | null = null;
 const broadcasts = new Map<number, { count: number; firstUs: number; lastUs: number }>();
 
 function noteError(message: string) {
@@ -154,6 +166,29 @@ function sendBench(c: Client) {
   putDigits(b, t.seqAt, 10, seq);
   if (t.refAt >= 0) putDigits(b, t.refAt, 10, seq);
   c.queueUtf8(b, b.length);
+  if (mixed && ++c.says % mixed.changeEvery === 0 && c.lastOwnId > 0) sendChange(c);
+}
+
+/** An edit or a reaction (on, then off) of the sender's newest message, in turn; outside the window. */
+function sendChange(c: Client) {
+  const k = changes++;
+  const id = c.lastOwnId;
+  if (k % 2 === 0) c.queueText(`{"type":"edit","room":"bench","id":${id},"text":"edited ${k}"}`);
+  else c.queueText(`{"type":"react","room":"bench","id":${id},"emoji":"👍","on":${k % 4 === 1}}`);
+}
+
+// {"type":"message","room":"bench","id":<id>,…: where the id of a bench message frame starts
+const ID_AT = '{"type":"message","room":"bench","id":'.length;
+
+/** The id of a bench message frame (its seq too: a new message's seq is its id), or 0. */
+function messageId(b: Uint8Array, s: number, e: number): number {
+  let v = 0;
+  for (let j = s + ID_AT; j < e; j++) {
+    const d = b[j] - 48;
+    if (d >>> 0 > 9) break;
+    v = v * 10 + d;
+  }
+  return v;
 }
 
 /** Every text frame of every connection comes here, as a byte range of the TCP read. */
@@ -164,6 +199,8 @@ function onFrame(c: Client, b: Uint8Array, s: number, e: number, now: number) {
   switch (t) {
     case 0x77: // welcome
       return c.welcomed.resolve();
+    case 0x75: // updated: a copy of an edit or reaction
+      return void updates++;
     case 0x68: {
       // history
       const j = c.joins[0];
@@ -239,6 +276,11 @@ function onBenchMessage(c: Client, b: Uint8Array, s: number, e: number, now: num
     return;
   }
   copies++;
+  if (mixed) {
+    const id = messageId(b, s, e);
+    if (id > c.lastSeq) c.lastSeq = id;
+    if (sender === c.id) c.lastOwnId = id;
+  }
   if (measuring) {
     const latencyUs = now - BASE_US - sendUs;
     hist.record(latencyUs);
@@ -290,15 +332,17 @@ type OpenArgs = {
   /** a cluster's nodes: connection `id` goes to ports[id % ports.length] */
   ports?: number[];
   protocol?: Protocol;
+  since?: number;
 };
 
-/** Opens `count` connections (ids firstId…), each waits for welcome then joins its rooms in turn. */
+/** Opens `count` connections (ids firstId…), each waits for welcome then joins its rooms in turn (with `since`, if given). */
 async function open(a: OpenArgs) {
   protocol = a.protocol ?? "chat";
   const ports = a.ports ?? [a.port];
   nodes = ports.length;
   const latency = new Histogram();
   let failed = 0;
+  let historyBytes = 0;
   let next = 0;
   const t0 = performance.now();
   const one = async (i: number) => {
@@ -308,7 +352,10 @@ async function open(a: OpenArgs) {
     try {
       await c.connect(a.host, ports[id % ports.length]);
       await c.welcomed.promise;
-      for (const room of a.rooms) await c.join(room.replace("{g}", `g${id % a.groups}`));
+      for (const room of a.rooms) {
+        const joined = await c.join(room.replace("{g}", `g${id % a.groups}`), a.since);
+        historyBytes += joined.historyBytes; // after the await: `x += await …` would add to a stale x
+      }
       latency.record(nowUs() - start);
       conns.push(c);
     } catch (error) {
@@ -326,15 +373,19 @@ async function open(a: OpenArgs) {
     failed = a.count - (conns.length - before);
   });
   conns.sort((x, y) => x.id - y.id);
-  return { opened: a.count - failed, failed, ms: performance.now() - t0, latency: latency.summary(), firstError };
+  return { opened: a.count - failed, failed, ms: performance.now() - t0, latency: latency.summary(), historyBytes, firstError };
 }
 
 /** Starts flooding (each connection keeps `window` of its own messages in flight) or a fixed total rate
- * (from every connection, or only from those whose id is a multiple of `sendEvery`: in a cluster, node 0's). */
-function start(a: { mode: "flood" | "rate"; window: number; rate: number; senders: number; sendEvery?: number }) {
+ * (from every connection, or only from those whose id is a multiple of `sendEvery`: in a cluster, node 0's);
+ * `mixed` adds edits, reactions and reads to a flood. */
+function start(a: { mode: "flood" | "rate"; window: number; rate: number; senders: number; sendEvery?: number; mixed?: { changeEvery: number; readMs: number } }) {
   mode = a.mode;
   window = a.window;
   copies = gaps = dups = foreign = 0;
+  changes = reads = updates = 0;
+  mixed = a.mixed ?? null;
+  if (mixed) readTimer = setInterval(sendReads, mixed.readMs);
   for (const c of conns) {
     c.got = new Int32Array(a.senders);
     c.sent = 0;
@@ -368,8 +419,20 @@ function start(a: { mode: "flood" | "rate"; window: number; rate: number; sender
 }
 let rateTimer: Timer | null = null;
 
+/** Each connection that saw new messages since its last read says it read up to the newest. */
+function sendReads() {
+  for (const c of conns) {
+    if (c.lastSeq <= c.readSeq) continue;
+    c.readSeq = c.lastSeq;
+    c.queueText(`{"type":"read","room":"bench","seq":${c.lastSeq}}`);
+    c.flush();
+    reads++;
+  }
+}
+
 let markAt = 0;
 let markCopies = 0;
+let markUpdates = 0;
 /** copies per 100 ms of the measured window: shows stalls that an average hides */
 let timeline: number[] = [];
 /** p99 latency of each second of the measured window: tells a steady tail from periodic stalls */
@@ -384,6 +447,7 @@ function markStart() {
   measuring = true;
   markAt = performance.now();
   markCopies = copies;
+  markUpdates = updates;
   timeline = [];
   let last = copies;
   timelineTimer = setInterval(() => {
@@ -400,13 +464,17 @@ function markEnd() {
   measuring = false;
   clearInterval(timelineTimer!);
   const ms = performance.now() - markAt;
-  return { copies: copies - markCopies, ms, hist: hist.toJSON(), crossHist: crossHist.toJSON(), timeline, p99PerSecondUs };
+  return { copies: copies - markCopies, updates: updates - markUpdates, ms, hist: hist.toJSON(), crossHist: crossHist.toJSON(), timeline, p99PerSecondUs };
 }
 
 /** Stops sending, waits until every connection has its own messages back and copies stop arriving. */
 async function stop(a: { expectAll?: boolean; drainMs: number }) {
   if (rateTimer) clearInterval(rateTimer);
   rateTimer = null;
+  if (readTimer) clearInterval(readTimer);
+  readTimer = null;
+  const wasMixed = mixed !== null;
+  mixed = null;
   const wasMode = mode;
   mode = "idle";
   // every connection is a member of the room, so each one gets every message sent from this process
@@ -438,6 +506,7 @@ async function stop(a: { expectAll?: boolean; drainMs: number }) {
     firstError,
     reads: READS.reads,
     bytesRead: READS.bytes,
+    ...(wasMixed ? { changes, readFrames: reads, updates } : {}),
   };
 }
 

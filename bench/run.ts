@@ -1,7 +1,7 @@
 // The benchmark: our server (server.ts) against raw Bun pub/sub and Node + ws, through the same load
 // client (bench/load.ts on bench/ws-client.ts), on loopback, server and client pinned to different cores.
 //
-//   bun bench/run.ts [--quick] [--scenario NAME[,NAME…]] [--target chat,raw-bun,node-ws] [--reps N]
+//   bun bench/run.ts [--quick] [--scenario NAME[,NAME…]] [--target chat,raw-bun,node-ws,floor] [--reps N]
 //                    [--duration S] [--warmup S] [--window W] [--out FILE]
 //
 // Every scenario starts a fresh server per repetition (ours with a fresh temp SQLite file), and every
@@ -13,10 +13,13 @@ import { dirname, join } from "node:path";
 import { parseArgs } from "node:util";
 import { nowUs } from "./ws-client.ts";
 import { cpuPreciseMs, cpuTimes, Histogram, median, pinned, rssKiB, spawnReady, waitQuiet, watchOthers, type Child } from "./lib.ts";
+import { restartStorm } from "./storm.ts";
 
 const ROOT = join(import.meta.dir, "..");
 const HOST = "127.0.0.1";
-const TARGETS = ["chat", "raw-bun", "node-ws"] as const;
+const TARGETS = ["chat", "raw-bun", "node-ws", "floor"] as const;
+/** the old protocol's floor (bench/floor.ts) runs only where asked, and in the restart storm */
+const DEFAULT_TARGETS: Target[] = ["chat", "raw-bun", "node-ws"];
 type Target = (typeof TARGETS)[number];
 
 // ── Configuration ──
@@ -54,6 +57,12 @@ const CONFIG = {
   /** idle sockets (below `ulimit -n` of one server process, with headroom), split over client processes */
   idle: QUICK ? { sockets: 200, procs: 2, socketsPerUser: 20, groups: 10, broadcasts: 3 } : { sockets: 18_000, procs: 2, socketsPerUser: 100, groups: 100, broadcasts: 5 },
   storm: QUICK ? { joins: 200, users: 10, concurrency: 50, history: 60 } : { joins: 10_000, users: 100, concurrency: 100, history: 200 },
+  /** restart storm: clients (one user each) in rooms of clients / rooms, `stored` messages per room, reconnecting
+   * with since = stored − missed, at most `concurrency` handshakes in flight (over all client processes) */
+  restartStorm: QUICK ? { clients: 400, rooms: 4, stored: 40, missed: 20, procs: 2, concurrency: 40 } : { clients: 10_000, rooms: 100, stored: 40, missed: 20, procs: 2, concurrency: 100 },
+  /** mixed flood: an edit or reaction after every changeEvery-th say (1 frame in changeEvery + 1), a read every readMs
+   * (Chat's read limit is 30 per 10 s per user) */
+  mixed: { changeEvery: 9, readMs: 400 },
   /** a repetition during which other processes used more than this many cores is repeated */
   maxOtherCpu: 0.2,
   retries: QUICK ? 0 : 2,
@@ -64,7 +73,8 @@ const CONFIG = {
   retryBudget: QUICK ? 0 : 12,
   recovery: QUICK ? { missed: 500, stored: 600, reps: 20 } : { missed: 500, stored: 1000, reps: 1000 },
 };
-const SCENARIOS = [...CONFIG.floodClients.map((n) => `flood-${n}`), `rate-${CONFIG.rate.clients}`, "idle", "storm", "recovery"];
+const MIXED_CLIENTS = QUICK ? 8 : 64;
+const SCENARIOS = [...CONFIG.floodClients.map((n) => `flood-${n}`), `mixed-${MIXED_CLIENTS}`, `rate-${CONFIG.rate.clients}`, "idle", "storm", "recovery", "restart-storm"];
 const HELP = `Usage: bun bench/run.ts [--quick] [--scenario ${SCENARIOS.join("|")}[,…]] [--target ${TARGETS.join("|")}[,…]]
                         [--reps N] [--duration S] [--warmup S] [--window W] [--out FILE]`;
 if (flags.help) {
@@ -78,7 +88,7 @@ for (const s of selected) {
     process.exit(2);
   }
 }
-const targets = (flags.target ? flags.target.split(",") : [...TARGETS]) as Target[];
+const targets = (flags.target ? flags.target.split(",") : [...DEFAULT_TARGETS]) as Target[];
 for (const t of targets) {
   if (!TARGETS.includes(t)) {
     console.error(`Cannot parse --target ${t}: expected one of ${TARGETS.join(", ")}`);
@@ -126,20 +136,26 @@ const SERVER_FLAGS = (process.env.BENCH_SERVER_FLAGS ?? "").split(" ").filter(Bo
 const WORKER_FLAGS = (process.env.BENCH_WORKER_FLAGS ?? "").split(" ").filter(Boolean);
 /** Where our server's SQLite file goes (a fresh folder per repetition); BENCH_DB_DIR=/dev/shm takes the disk out */
 const DB_DIR = process.env.BENCH_DB_DIR ?? os.tmpdir();
+/** Our server: server.ts here, or another version's (BENCH_SERVER=/tmp/old/server.ts, a `git worktree` of an old commit) */
+const SERVER_TS = process.env.BENCH_SERVER ?? join(ROOT, "server.ts");
 
 // ── Servers ──
 
-type Server = Child & { target: Target; url: string; cleanup: () => void };
+/** A server under test; `restart` stops it and starts it again (ours: on the same SQLite file, `dbFile`), `between` run
+ * while it is down. */
+export type Server = Child & { target: Target; url: string; cleanup: () => void; dbFile?: string; restart: (between?: () => Promise<void>) => Promise<void> };
 
 async function startTarget(target: Target): Promise<Server> {
   const env: Record<string, string> = { PORT: "0", HOST };
   let cmd: string[];
   let cleanup = () => {};
+  let dbFile: string | undefined;
   if (target === "chat") {
     const dir = mkdtempSync(join(DB_DIR, "chat-bench-"));
     cleanup = () => rmSync(dir, { recursive: true, force: true });
+    dbFile = join(dir, "chat.db");
     Object.assign(env, {
-      DATABASE_URL: `sqlite://${join(dir, "chat.db")}`,
+      DATABASE_URL: `sqlite://${dbFile}`,
       RATE_LIMIT: "1000000/1s",
       JOIN_LIMIT: "1000000/1s", // the recovery scenario joins 2,000 times on one socket
       HISTORY_BYTES: "100000000000/1s", // and receives ~100 KB of history each time
@@ -154,23 +170,33 @@ async function startTarget(target: Target): Promise<Server> {
       RENAME_LIMIT_PER_ADDRESS: "1000000/1s",
       REQUESTS_PER_ADDRESS: "1000000/1s",
     });
-    cmd = [process.execPath, ...SERVER_FLAGS, join(ROOT, "server.ts")];
-  } else if (target === "raw-bun") {
-    cmd = [process.execPath, ...SERVER_FLAGS, join(ROOT, "bench", "raw-bun.ts")];
+    cmd = [process.execPath, ...SERVER_FLAGS, SERVER_TS];
+  } else if (target === "raw-bun" || target === "floor") {
+    cmd = [process.execPath, ...SERVER_FLAGS, join(ROOT, "bench", `${target}.ts`)];
   } else {
     cmd = ["node", join(ROOT, "bench", "node-ws.mjs")];
   }
-  const child = await spawnReady(pinned(SERVER_CPU, cmd), { env, cwd: ROOT });
-  const stop = async () => {
-    await child.stop();
-    cleanup();
+  const spawn = () => spawnReady(pinned(SERVER_CPU, cmd), { env, cwd: ROOT });
+  let child = await spawn();
+  const server: Server = {
+    ...child, target, url: `http://${HOST}:${child.port}`, cleanup, dbFile,
+    stop: async () => {
+      await child.stop();
+      cleanup();
+    },
+    restart: async (between) => {
+      await child.stop();
+      await between?.();
+      child = await spawn();
+      Object.assign(server, { proc: child.proc, port: child.port, lines: child.lines, url: `http://${HOST}:${child.port}` });
+    },
   };
-  return { ...child, stop, target, url: `http://${HOST}:${child.port}`, cleanup };
+  return server;
 }
 
 /** The version of server.ts measured (it may change between runs): sha1 of the file, first 12 hex digits. */
 function serverSha(): string {
-  return new Bun.CryptoHasher("sha1").update(readFileSync(join(ROOT, "server.ts"))).digest("hex").slice(0, 12);
+  return new Bun.CryptoHasher("sha1").update(readFileSync(SERVER_TS)).digest("hex").slice(0, 12);
 }
 
 /** New sessions the way a browser gets them: GET /api/me, keep the `sid` cookie. */
@@ -194,7 +220,7 @@ async function sessions(url: string, count: number): Promise<string[]> {
 
 // ── Load-client workers ──
 
-class Worker {
+export class Worker {
   private pending = new Map<number, PromiseWithResolvers<any>>();
   private nextId = 0;
   private ready = Promise.withResolvers<void>();
@@ -260,7 +286,7 @@ async function withWorkers<T>(count: number, fn: (workers: Worker[]) => Promise<
 
 type OpenResult = { opened: number; failed: number; ms: number; latency: { p50Us: number; p99Us: number; maxUs: number }; firstError: string | null };
 
-function openArgs(server: Server, cookies: string[], extra: { firstId: number; count: number; rooms: string[]; groups?: number; concurrency?: number }) {
+function openArgs(server: Server, cookies: string[], extra: { firstId: number; count: number; rooms: string[]; groups?: number; concurrency?: number; since?: number }) {
   return { host: HOST, port: server.port, cookies, groups: 1, concurrency: 64, timeoutMs: 300_000, ...extra };
 }
 
@@ -271,18 +297,18 @@ function assertOpened(r: OpenResult, what: string) {
 // ── Scenarios: each runs once against a fresh server and returns its metrics ──
 
 /** Flood or fixed rate: N clients in room "bench"; counts every copy per sender per receiver. */
-async function traffic(server: Server, opts: { clients: number; mode: "flood" | "rate"; perSecond?: number; warmup: number; seconds: number }) {
+async function traffic(server: Server, opts: { clients: number; mode: "flood" | "rate"; perSecond?: number; warmup: number; seconds: number; mixed?: boolean }) {
   const cookies = await sessions(server.url, opts.clients);
   const window = CONFIG.window ?? Math.max(1, Math.floor(CONFIG.inFlight / opts.clients));
   return withWorkers(1, async ([w]) => {
     assertOpened(await w.call<OpenResult>("open", openArgs(server, cookies, { firstId: 0, count: opts.clients, rooms: ["bench"] })), "open");
-    await w.call("start", { mode: opts.mode, window, rate: opts.perSecond ?? 0, senders: opts.clients });
+    await w.call("start", { mode: opts.mode, window, rate: opts.perSecond ?? 0, senders: opts.clients, mixed: opts.mixed ? CONFIG.mixed : undefined });
     await Bun.sleep(opts.warmup * 1000);
     const cpu0 = { server: cpuTimes(server.proc.pid), client: cpuTimes(w.pid) };
     const others = watchOthers([server.proc.pid, w.pid, process.pid]);
     await w.call("markStart");
     await Bun.sleep(opts.seconds * 1000);
-    const mark = await w.call<{ copies: number; ms: number; hist: any; timeline: number[]; p99PerSecondUs: number[] }>("markEnd");
+    const mark = await w.call<{ copies: number; updates: number; ms: number; hist: any; timeline: number[]; p99PerSecondUs: number[] }>("markEnd");
     const cpu1 = { server: cpuTimes(server.proc.pid), client: cpuTimes(w.pid) };
     const otherCpu = others();
     const end = await w.call("stop", { expectAll: true, drainMs: 20_000 }, 60_000);
@@ -300,6 +326,7 @@ async function traffic(server: Server, opts: { clients: number; mode: "flood" | 
       clients: opts.clients,
       ...(opts.mode === "flood" ? { window } : { offeredPerSecond: opts.perSecond, offeredCopiesPerSec: (opts.perSecond ?? 0) * opts.clients }),
       copiesPerSec: (mark.copies / mark.ms) * 1000,
+      ...(opts.mixed ? { updatesPerSec: (mark.updates / mark.ms) * 1000, changesSent: end.changes, readsSent: end.readFrames } : {}),
       messagesPerSec: (mark.copies / opts.clients / mark.ms) * 1000,
       p50Us, p99Us, maxUs, meanUs,
       samples: hist.count,
@@ -475,6 +502,13 @@ function runner(scenario: string): { targets: Target[]; run: (s: Server) => Prom
   const flood = /^flood-(\d+)$/.exec(scenario);
   const times = { warmup: CONFIG.warmup, seconds: CONFIG.duration };
   if (flood) return { targets, run: (s) => traffic(s, { clients: Number(flood[1]), mode: "flood", ...times }) };
+  // edits, reactions and reads: only our server has them; the plain flood of the same size is its baseline
+  const mixed = /^mixed-(\d+)$/.exec(scenario);
+  if (mixed) return { targets: targets.filter((t) => t === "chat"), run: (s) => traffic(s, { clients: Number(mixed[1]), mode: "flood", mixed: true, ...times }) };
+  if (scenario === "restart-storm") {
+    const stormTargets: Target[] = flags.target ? targets : ["chat", "floor", "raw-bun"];
+    return { targets: stormTargets.filter((t) => t !== "node-ws"), run: (s) => restartStorm(s, CONFIG.restartStorm, { sessions, withWorkers, openArgs }) };
+  }
   if (scenario.startsWith("rate-")) {
     // --warmup and --duration apply here too when given
     const { clients, perSecond, warmup, seconds } = CONFIG.rate;
@@ -501,14 +535,18 @@ function repsOf(scenario: string) {
 
 function brief(m: Record<string, any>): string {
   const f = (x: number, d = 0) => (Number.isFinite(x) ? x.toFixed(d) : "–");
-  if ("copiesPerSec" in m) return `${f(m.copiesPerSec)} copies/s, p50 ${f(m.p50Us / 1000, 2)} ms, p99 ${f(m.p99Us / 1000, 2)} ms, max ${f(m.maxUs / 1000, 1)} ms, lost ${m.lost}, server cpu ${f(m.serverCpu * 100)}% (sys ${f(m.serverSys * 100)}%), client cpu ${f(m.clientCpu * 100)}% (sys ${f(m.clientSys * 100)}%)`;
+  if ("warm" in m) {
+    const phase = (p: any) => `${f(p.ms)} ms, server ${f(p.serverUsPerClient)} µs/client (main thread ${f(p.mainThreadUsPerClient)}), p99 ${f(p.p99Us / 1000, 1)} ms, ${f(p.historyBytesPerClient)} B history`;
+    return `${m.clients} clients in ${m.rooms} rooms: ${m.cold ? `cold ${phase(m.cold)}; ` : ""}warm ${phase(m.warm)}`;
+  }
+  if ("copiesPerSec" in m) return `${f(m.copiesPerSec)} copies/s${"updatesPerSec" in m ? ` + ${f(m.updatesPerSec)} updated/s (${m.changesSent} changes, ${m.readsSent} reads)` : ""}, p50 ${f(m.p50Us / 1000, 2)} ms, p99 ${f(m.p99Us / 1000, 2)} ms, max ${f(m.maxUs / 1000, 1)} ms, lost ${m.lost}, server cpu ${f(m.serverCpu * 100)}% (sys ${f(m.serverSys * 100)}%), client cpu ${f(m.clientCpu * 100)}% (sys ${f(m.clientSys * 100)}%)`;
   if ("kibPerConn" in m) return `${m.opened} sockets, ${f(m.kibPerConn, 2)} KiB/conn, broadcast to all ${f(m.broadcastMs, 1)} ms, lost ${m.broadcastLost}`;
   if ("joinsPerSec" in m) return `${m.ok}/${m.joins} joins in ${f(m.ms)} ms (${f(m.joinsPerSec)}/s), server ${f(m.serverUsPerJoin)} µs/join, p99 ${f(m.p99Us / 1000, 1)} ms`;
   if ("missed" in m) return `since-join ${m.missed} msgs: p50 ${f(m.p50Us)} µs, server ${f(m.serverUsPerJoin)} µs/join; plain join: p50 ${f(m.plainP50Us)} µs, server ${f(m.plainServerUsPerJoin)} µs/join; valid ${m.valid}`;
   return JSON.stringify(m);
 }
 
-console.log(`bench ${RUN_ID}: ${selected.join(", ")} × ${targets.join(", ")}, ${CONFIG.reps} rep(s) (fixed rate: ${repsOf("rate-")}); ${MACHINE.cores} cores, ${MACHINE.pinning}; results → ${OUT}`);
+console.log(`bench ${RUN_ID}: ${selected.map((s) => `${s} × ${runner(s).targets.join(", ")}`).join("; ")}, ${CONFIG.reps} rep(s) (fixed rate: ${repsOf("rate-")}); ${MACHINE.cores} cores, ${MACHINE.pinning}; results → ${OUT}`);
 let failures = 0;
 let quietBudget = CONFIG.quietBudgetMs;
 let retryBudget = CONFIG.retryBudget;

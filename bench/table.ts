@@ -78,7 +78,13 @@ export function makeTable(run: Line[]) {
 
   for (const s of scenarios) {
     const sample = run.find((l) => l.scenario === s && l.metrics)?.metrics ?? {};
-    if (s.startsWith("flood-")) {
+    if (s.startsWith("mixed-")) {
+      const label = `mixed flood, ${sample.clients} clients: 1 frame in ${CHANGE_SHARE} an edit or reaction, reads`;
+      row(s, label, "delivered message copies/s", (x) => x.copiesPerSec, MILLIONS, true);
+      row(s, label, "delivered updated copies/s", (x) => x.updatesPerSec, MILLIONS, true);
+      row(s, label, "latency p99 (ms)", (x) => x.p99Us, MS, false);
+      row(s, label, "lost copies", (x) => x.lost, COUNT, false);
+    } else if (s.startsWith("flood-")) {
       const label = `flood, ${sample.clients} clients × ${sample.window} in flight`;
       row(s, label, "delivered copies/s", (x) => x.copiesPerSec, MILLIONS, true);
       row(s, label, "latency p50 (ms)", (x) => x.p50Us, MS, false);
@@ -112,6 +118,8 @@ export function makeTable(run: Line[]) {
     }
   }
 
+  if (out.at(-1)!.startsWith("| --- |")) out.splice(-3, 3); // no rows: the run held only the restart storm
+
   // Targets
   const med = (scenario: string, target: string, pick: (m: Record<string, any>) => number) => cell(scenario, target, pick)?.med ?? NaN;
   const checks: string[] = [];
@@ -119,7 +127,12 @@ export function makeTable(run: Line[]) {
   const flood = scenarios.find((s) => s === "flood-64") ?? scenarios.find((s) => s.startsWith("flood-"));
   if (flood) {
     const ours = med(flood, "chat", (x) => x.copiesPerSec), raw = med(flood, "raw-bun", (x) => x.copiesPerSec), node = med(flood, "node-ws", (x) => x.copiesPerSec);
-    checks.push(`- ${flood}: ours ≥ 50% of raw Bun — ${(100 * ours / raw).toFixed(0)}%: ${verdict(Number.isFinite(ours / raw) ? ours >= 0.5 * raw : null)}; ours ≥ 10× Node + ws — ${(ours / node).toFixed(1)}×: ${verdict(Number.isFinite(ours / node) ? ours >= 10 * node : null)}`);
+    checks.push(`- ${flood}: ours ≥ 85% of raw Bun — ${(100 * ours / raw).toFixed(0)}%: ${verdict(Number.isFinite(ours / raw) ? ours >= 0.85 * raw : null)}; ours ≥ 10× Node + ws — ${(ours / node).toFixed(1)}×: ${verdict(Number.isFinite(ours / node) ? ours >= 10 * node : null)}`);
+  }
+  for (const mixed of scenarios.filter((s) => s.startsWith("mixed-"))) {
+    const plain = `flood-${mixed.slice("mixed-".length)}`;
+    const ours = med(mixed, "chat", (x) => x.copiesPerSec), updates = med(mixed, "chat", (x) => x.updatesPerSec), base = med(plain, "chat", (x) => x.copiesPerSec);
+    if (Number.isFinite(base)) checks.push(`- ${mixed} against ${plain} (no target): message copies/s ${(ours / base).toFixed(2)}×, all copies (messages and updates) ${((ours + updates) / base).toFixed(2)}×`);
   }
   const rate = scenarios.find((s) => s.startsWith("rate-"));
   if (rate) {
@@ -142,11 +155,45 @@ export function makeTable(run: Line[]) {
     const since = med("recovery", "chat", (x) => x.serverUsPerJoin), plain = med("recovery", "chat", (x) => x.plainServerUsPerJoin);
     checks.push(`- recovery of 500 missed messages < 1 ms server time — ${since.toFixed(0)} µs: ${verdict(Number.isFinite(since) ? since < 1000 : null)}; join with history < 1 ms — ${plain.toFixed(0)} µs: ${verdict(Number.isFinite(plain) ? plain < 1000 : null)}`);
   }
+  if (scenarios.includes("restart-storm")) out.push("", ...stormTable(run, verdict));
   if (checks.length) out.push("", "Targets:", ...checks);
   const errors = run.filter((l) => l.error);
   if (errors.length) out.push("", "Failed repetitions:", ...errors.map((l) => `- ${l.scenario} ${l.target} rep ${l.rep}: ${l.error}`));
   return out.join("\n");
 }
+
+/** The restart storm has its own rows: ours cold and warm, the old protocol's floor, raw Bun; and its targets. */
+function stormTable(run: Line[], verdict: (ok: boolean | null) => string): string[] {
+  const reps = (target: string) => run.filter((l) => l.scenario === "restart-storm" && l.target === target && l.metrics);
+  const sample = reps("chat")[0]?.metrics ?? reps("floor")[0]?.metrics ?? reps("raw-bun")[0]?.metrics;
+  if (!sample) return [];
+  const cell = (target: string, phase: "cold" | "warm", pick: (p: Record<string, any>) => number) => {
+    const lines = reps(target).filter((l) => l.metrics![phase]);
+    const values = lines.map((l) => pick(l.metrics![phase])).filter(Number.isFinite);
+    if (!values.length) return null;
+    return { med: median(values), min: Math.min(...values), max: Math.max(...values), contended: lines.some((l) => l.contended) };
+  };
+  const fmt = (c: ReturnType<typeof cell>, digits = 0) =>
+    !c ? "–" : `${c.med.toFixed(digits)}${c.min === c.max ? "" : ` (${c.min.toFixed(digits)}–${c.max.toFixed(digits)})`}${c.contended ? "*" : ""}`;
+  const rows: [string, string, "cold" | "warm"][] = [["ours, restarted (cold)", "chat", "cold"], ["ours, warm", "chat", "warm"], ["old protocol's floor", "floor", "warm"], ["raw Bun", "raw-bun", "warm"]];
+  const out = [
+    `Restart storm: ${sample.clients} clients in ${sample.rooms} rooms reconnect with since (${sample.missed} of ${sample.stored} messages missed), at most ${sample.concurrency} handshakes in flight:`,
+    "",
+    "| server | time to the last recovery (ms) | server CPU per client (µs) | of it, the main thread (µs) | history per client (bytes) |",
+    "| --- | ---: | ---: | ---: | ---: |",
+  ];
+  for (const [name, target, phase] of rows) {
+    if (!cell(target, phase, (p) => p.ms)) continue;
+    out.push(`| ${name} | ${fmt(cell(target, phase, (p) => p.ms))} | ${fmt(cell(target, phase, (p) => p.serverUsPerClient))} | ${fmt(cell(target, phase, (p) => p.mainThreadUsPerClient))} | ${fmt(cell(target, phase, (p) => p.historyBytesPerClient))} |`);
+  }
+  const us = (target: string, phase: "cold" | "warm") => cell(target, phase, (p) => p.serverUsPerClient)?.med ?? NaN;
+  const [cold, warm, floor] = [us("chat", "cold"), us("chat", "warm"), us("floor", "warm")];
+  out.push("", `Restart storm targets: ours warm ≤ 0.6× the floor's CPU per client — ${(warm / floor).toFixed(2)}×: ${verdict(Number.isFinite(warm / floor) ? warm <= 0.6 * floor : null)}; cold ≤ 1.2× warm — ${(cold / warm).toFixed(2)}×: ${verdict(Number.isFinite(cold / warm) ? cold <= 1.2 * warm : null)}`);
+  return out;
+}
+
+/** 1 frame in this many of the mixed flood is a change (bench/run.ts: a change after every 9th say) */
+const CHANGE_SHARE = 10;
 
 type Unit = { f: (v: number) => string };
 const MILLIONS: Unit = { f: (v) => `${(v / 1e6).toFixed(2)}M` };

@@ -19,22 +19,31 @@ test("the quick bench runs every scenario against every server and loses nothing
     for (const target of ["chat", "raw-bun", "node-ws"]) expect(runs.has(`${scenario} ${target}`)).toBe(true);
   }
   expect(runs.has("recovery chat")).toBe(true);
+  expect(runs.has("mixed-8 chat")).toBe(true);
+  for (const target of ["chat", "floor", "raw-bun"]) expect(runs.has(`restart-storm ${target}`)).toBe(true);
 
   for (const { scenario, target, error, metrics: m } of lines) {
     const what = `${scenario} ${target}`;
     expect(error, what).toBeNull();
-    if (scenario.startsWith("flood-") || scenario.startsWith("rate-")) {
+    if (scenario.startsWith("flood-") || scenario.startsWith("rate-") || scenario.startsWith("mixed-")) {
       expect(m.sent, what).toBeGreaterThan(0);
       expect(m.lost, what).toBe(0);
       expect(m.dups, what).toBe(0);
       expect(m.copies, what).toBe(m.expectedCopies);
       expect(m.unexpectedCloses, what).toBe(0);
       expect(m.p99Us, what).toBeGreaterThan(0);
+      if (scenario.startsWith("mixed-")) expect(m.changesSent, what).toBeGreaterThan(0);
     } else if (scenario === "idle") {
       expect(m.failed, what).toBe(0);
       expect(m.broadcastLost, what).toBe(0);
       // 200 sockets are too few to weigh: GC can make the difference negative, so only check it was measured
       expect(Number.isFinite(m.kibPerConn), what).toBe(true);
+    } else if (scenario === "restart-storm") {
+      // every client back with its recovery: 20 missed messages for ours and the floor (raw Bun sends none)
+      for (const phase of target === "chat" ? [m.cold, m.warm] : [m.warm]) {
+        expect(phase.opened, what).toBe(m.clients);
+        if (target !== "raw-bun") expect(phase.historyBytesPerClient, what).toBeGreaterThan(1000);
+      }
     } else if (scenario === "storm") {
       expect(m.ok, what).toBe(m.joins);
     } else if (scenario === "recovery") {
