@@ -524,7 +524,6 @@ export function messageOf(m: MessageFields): Message {
  * its ref, sent instead of the broadcast to that socket. `committedAt`: when this node's store committed it (chat_delivery_seconds).
  */
 export type Entry = { seq: number; frame: string; state: Message; stateFrame?: string; bytes?: number; own?: { ws: ChatSocket; frame: string }; committedAt?: number };
-const refKey = (m: Message) => `${m.user.id} ${m.ref}`;
 const entryOf = (m: Message): Entry => {
   const frame = JSON.stringify(m);
   return { seq: m.seq, frame, state: m, stateFrame: frame };
@@ -3115,7 +3114,7 @@ export class Room {
   /** who may join, who moderates, who is banned or muted: read with the room, re-read when a node changes them */
   rules!: RoomRules;
   private recent: Entry[] = []; // the newest changes in seq order, enough for any join or recovery
-  private refs = new Map<string, number>(); // `${user id} ${ref}` → message id, for the messages in recent: say's dedupe
+  private refs = new Map<string, Map<string, number>>(); // user id → ref → message id, for the messages in recent: say's dedupe
   private coveredFrom = 0; // recent holds the latest state of every message changed after this seq
   private held: Entry[] = [];
   private settled: Promise<void>; // the load or catch-up under way
@@ -3240,7 +3239,7 @@ export class Room {
     this.noteRef(entry);
     if (this.recent.length >= keep * 2) {
       this.coveredFrom = this.recent[this.recent.length - keep - 1].seq;
-      for (const old of this.recent.slice(0, -keep)) if (old.state.ref && this.refs.get(refKey(old.state)) === old.state.id) this.refs.delete(refKey(old.state));
+      for (const old of this.recent.slice(0, -keep)) this.forgetRef(old.state);
       this.recent = this.recent.slice(-keep);
     }
     this.plainHistory = null;
@@ -3253,13 +3252,25 @@ export class Room {
     if (entry.committedAt !== undefined) metrics.delivery.observe((performance.now() - entry.committedAt) / 1000);
   }
 
+  // nested maps rather than one keyed by user and ref: no key string is built per message
   private noteRef(entry: Entry) {
-    if (entry.state.ref && entry.seq === entry.state.id) this.refs.set(refKey(entry.state), entry.state.id);
+    const { ref, user, id } = entry.state;
+    if (!ref || entry.seq !== id) return;
+    let mine = this.refs.get(user.id);
+    if (!mine) this.refs.set(user.id, (mine = new Map()));
+    mine.set(ref, id);
+  }
+
+  private forgetRef({ ref, user, id }: Message) {
+    const mine = ref ? this.refs.get(user.id) : undefined;
+    if (!mine || mine.get(ref!) !== id) return;
+    mine.delete(ref!);
+    if (!mine.size) this.refs.delete(user.id);
   }
 
   /** The message this user already sent here with this ref, in its current state, if it is among the recent ones. */
   sentWithRef(userId: string, ref: string): Entry | undefined {
-    const id = this.refs.get(`${userId} ${ref}`);
+    const id = this.refs.get(userId)?.get(ref);
     if (id === undefined) return;
     for (let i = this.recent.length - 1; i >= 0; i--) if (this.recent[i].state.id === id) return this.recent[i];
   }
