@@ -11,9 +11,9 @@ import { appendFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "no
 import os from "node:os";
 import { dirname, join } from "node:path";
 import { parseArgs } from "node:util";
-import { nowUs } from "./ws-client.ts";
 import { cpuPreciseMs, cpuTimes, Histogram, median, pinned, rssKiB, spawnReady, waitQuiet, watchOthers, type Child } from "./lib.ts";
 import { restartStorm } from "./storm.ts";
+import { BENCH_LIMITS_ENV, sessions, withWorkers as runWorkers, type Worker } from "./workers.ts";
 
 const ROOT = join(import.meta.dir, "..");
 const HOST = "127.0.0.1";
@@ -156,19 +156,7 @@ async function startTarget(target: Target): Promise<Server> {
     dbFile = join(dir, "chat.db");
     Object.assign(env, {
       DATABASE_URL: `sqlite://${dbFile}`,
-      RATE_LIMIT: "1000000/1s",
-      JOIN_LIMIT: "1000000/1s", // the recovery scenario joins 2,000 times on one socket
-      HISTORY_BYTES: "100000000000/1s", // and receives ~100 KB of history each time
-      HISTORY_BYTES_PER_ADDRESS: "100000000000/1s", // every bench client is on loopback
-      MAX_CONNECTIONS: "100000",
-      MAX_CONNECTIONS_PER_USER: "10000",
-      // the per-address limits too: the bench's clients are many users on one address
-      SESSIONS_PER_ADDRESS: "1000000/1s",
-      UPGRADES_PER_ADDRESS: "1000000/1s",
-      MAX_CONNECTIONS_PER_ADDRESS: "1000000",
-      RATE_LIMIT_PER_ADDRESS: "1000000/1s",
-      RENAME_LIMIT_PER_ADDRESS: "1000000/1s",
-      REQUESTS_PER_ADDRESS: "1000000/1s",
+      ...BENCH_LIMITS_ENV, // every bench client is one of many users on one loopback address
     });
     cmd = [process.execPath, ...SERVER_FLAGS, SERVER_TS];
   } else if (target === "raw-bun" || target === "floor") {
@@ -199,89 +187,13 @@ function serverSha(): string {
   return new Bun.CryptoHasher("sha1").update(readFileSync(SERVER_TS)).digest("hex").slice(0, 12);
 }
 
-/** New sessions the way a browser gets them: GET /api/me, keep the `sid` cookie. */
-async function sessions(url: string, count: number): Promise<string[]> {
-  const cookies: string[] = [];
-  let next = 0;
-  await Promise.all(
-    Array.from({ length: Math.min(16, count) }, async () => {
-      while (next < count) {
-        next++;
-        const res = await fetch(`${url}/api/me`);
-        const cookie = res.headers.get("set-cookie")?.split(";")[0];
-        await res.arrayBuffer();
-        if (res.status !== 200 || !cookie) throw new Error(`GET /api/me answered ${res.status} without a cookie`);
-        cookies.push(cookie);
-      }
-    }),
-  );
-  return cookies;
-}
+// ── Load-client workers (bench/workers.ts) ──
 
-// ── Load-client workers ──
+export type { Worker } from "./workers.ts";
 
-export class Worker {
-  private pending = new Map<number, PromiseWithResolvers<any>>();
-  private nextId = 0;
-  private ready = Promise.withResolvers<void>();
-  readonly proc: ReturnType<typeof Bun.spawn>;
-  constructor(baseUs: number) {
-    this.proc = Bun.spawn(pinned(CLIENT_CPU, [process.execPath, ...WORKER_FLAGS, join(ROOT, "bench", "load.ts")]), {
-      cwd: ROOT,
-      env: { ...process.env, BENCH_BASE_US: String(Math.floor(baseUs)) },
-      stdout: "inherit",
-      stderr: "inherit",
-      serialization: "json",
-      ipc: (msg: any) => {
-        if (msg.ready) return this.ready.resolve();
-        const p = this.pending.get(msg.id);
-        if (!p) return;
-        this.pending.delete(msg.id);
-        msg.error ? p.reject(new Error(`worker: ${msg.error}`)) : p.resolve(msg.result);
-      },
-    });
-    void this.proc.exited.then((code) => {
-      const error = new Error(`load worker exited with ${code}`);
-      this.ready.reject(error);
-      for (const p of this.pending.values()) p.reject(error);
-      this.pending.clear();
-    });
-  }
-  get pid() {
-    return this.proc.pid;
-  }
-  async call<T = any>(cmd: string, args: object = {}, timeoutMs = 120_000): Promise<T> {
-    await this.ready.promise;
-    const id = this.nextId++;
-    const p = Promise.withResolvers<T>();
-    this.pending.set(id, p);
-    this.proc.send({ id, cmd, args });
-    const timer = setTimeout(() => p.reject(new Error(`worker ${cmd}: no answer after ${timeoutMs} ms`)), timeoutMs);
-    try {
-      return await p.promise;
-    } finally {
-      clearTimeout(timer);
-      this.pending.delete(id);
-    }
-  }
-  async stop() {
-    if (this.proc.exitCode !== null) return;
-    this.proc.send({ id: -1, cmd: "exit" }); // a clean exit lets `--cpu-prof` write its profile
-    const exited = await Promise.race([this.proc.exited.then(() => true), Bun.sleep(5000).then(() => false)]);
-    if (!exited) this.proc.kill("SIGKILL");
-    await this.proc.exited;
-  }
-}
-
-/** Runs `fn` with `count` fresh load workers, always stopping them. */
-async function withWorkers<T>(count: number, fn: (workers: Worker[]) => Promise<T>): Promise<T> {
-  const baseUs = nowUs(); // send times are counted from here, the same in every worker
-  const workers = Array.from({ length: count }, () => new Worker(baseUs));
-  try {
-    return await fn(workers);
-  } finally {
-    await Promise.all(workers.map((w) => w.stop()));
-  }
+/** Runs `fn` with `count` fresh load workers on the client's core, always stopping them. */
+function withWorkers<T>(count: number, fn: (workers: Worker[]) => Promise<T>): Promise<T> {
+  return runWorkers(count, CLIENT_CPU, WORKER_FLAGS, fn);
 }
 
 type OpenResult = { opened: number; failed: number; ms: number; latency: { p50Us: number; p99Us: number; maxUs: number }; firstError: string | null };
