@@ -2142,9 +2142,13 @@ export class RoomAccess {
     else await this.q("INSERT INTO mutes (room, user_id, until) VALUES ($1, $2, $3) ON CONFLICT (room, user_id) DO UPDATE SET until = excluded.until", [room, userId, until]);
   }
 
+  private lastAudit = 0;
+
   async record(room: string, action: AuditAction, user: User, by: User, until?: number | null) {
+    // the log reads newest first by `at`: two actions of one millisecond (a ban and its lift) keep their order
+    const at = (this.lastAudit = Math.max(Date.now(), this.lastAudit + 1));
     await this.q("INSERT INTO audit (room, at, action, user_id, user_name, by_id, by_name, until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-      [room, Date.now(), action, user.id, user.name, by.id, by.name, until ?? null]);
+      [room, at, action, user.id, user.name, by.id, by.name, until ?? null]);
   }
 
   /** Every room's moderation actions and the instance's (room ""), newest first. */
