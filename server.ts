@@ -5256,6 +5256,19 @@ function janitor({ chat, sessions, connections, store, retention, logger }: Jani
   retention.run().catch((error) => logger.error("retention", error));
 }
 
+const hostPort = (host: string | undefined, port: number | undefined) => `${host?.includes(":") ? `[${host}]` : host}:${port}`;
+
+/** The start line: the address really listened on and what this process runs with. Returns a URL to open here. */
+function announceStart(logger: Logger, config: Config, nodeId: string, server: Server<unknown>, metricsServer: Server<unknown> | null): string {
+  const url = `http://${hostPort(/^(0\.0\.0\.0|::)$/.test(config.host) ? "127.0.0.1" : config.host, server.port)}`;
+  logger.info("start", {
+    listen: hostPort(server.hostname, server.port), port: server.port, url, version: VERSION, bun: Bun.version, pid: process.pid,
+    database: describeDatabase(config.databaseUrl), node: nodeId, cluster: config.redisUrl ? redactUrl(config.redisUrl) : null,
+    ...(metricsServer && { metrics: hostPort(metricsServer.hostname, metricsServer.port) }),
+  });
+  return url;
+}
+
 /** Starts a chat server; resolves once it listens. */
 export async function startServer(options: ServerOptions = {}) {
   const { log = () => {}, ...input } = options;
@@ -5306,8 +5319,8 @@ export async function startServer(options: ServerOptions = {}) {
   for (const timer of timers) timer.unref();
 
   let stopped = false;
-  /** Graceful stop: health 503, accepted messages stored and broadcast, then sockets close with 1001. */
   const started = performance.now();
+  /** Graceful stop: health 503, accepted messages stored and broadcast, then sockets close with 1001. */
   async function stop() {
     if (stopped) return;
     stopped = lifecycle.shuttingDown = true;
@@ -5324,12 +5337,7 @@ export async function startServer(options: ServerOptions = {}) {
     logger.info("stop", { durationMs: Math.round(performance.now() - stopping), uptimeS: Math.round((performance.now() - started) / 1000) });
   }
 
-  const url = `http://${/^(0\.0\.0\.0|::)$/.test(config.host) ? "127.0.0.1" : config.host.includes(":") ? `[${config.host}]` : config.host}:${server.port}`;
-  logger.info("start", {
-    listen: `${server.hostname?.includes(":") ? `[${server.hostname}]` : server.hostname}:${server.port}`, port: server.port, url, version: VERSION, bun: Bun.version, pid: process.pid,
-    database: describeDatabase(config.databaseUrl), node: nodeId, cluster: config.redisUrl ? redactUrl(config.redisUrl) : null,
-    ...(metricsServer && { metrics: `${metricsServer.hostname}:${metricsServer.port}` }),
-  });
+  const url = announceStart(logger, config, nodeId, server, metricsServer);
   return {
     server, port: server.port!, url, config, store, metrics, stop,
     metricsPort: metricsServer?.port,
