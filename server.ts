@@ -1117,10 +1117,6 @@ function migrateSessions(rows: SessionRowV1[]) {
   return { users, sessions, renamed };
 }
 
-/**
- * SQLite through bun:sqlite on one connection, every statement prepared once. This process is the only
- * writer of the file, so it hands out message ids itself; a worker thread checkpoints the WAL.
- */
 /** Messages stored but not yet indexed for search, as a range of ids per room (a room's new ids are consecutive):
  * a flood's backlog costs a few numbers per room, not an array per message for the collector to trace. */
 class Unindexed {
@@ -1161,6 +1157,10 @@ class Unindexed {
   }
 }
 
+/**
+ * SQLite through bun:sqlite on one connection, every statement prepared once. This process is the only
+ * writer of the file, so it hands out message ids itself; a worker thread checkpoints the WAL.
+ */
 class SqliteStore implements Store {
   private readonly unindexed = new Unindexed(); // stored, not yet searchable (see indexNew)
   private readonly indexRows: (rows: [string, number][]) => void;
@@ -1171,7 +1171,6 @@ class SqliteStore implements Store {
   readonly reading = new Reading(this.query);
   private readonly db: Database;
   private readonly checkpointer: Worker | null;
-  private readonly insertRows: (rows: Row[]) => void;
   private readonly insertRow: (row: Row) => void;
   private readonly writeAll: (items: Write[], last: Map<string, number>) => Written[];
   private readonly lastIds = new Map<string, number>(); // the last id handed out per room, of rooms written since start
@@ -1198,10 +1197,7 @@ class SqliteStore implements Store {
     }).immediate();
     this.db.run("PRAGMA busy_timeout = 0");
     const insert = this.db.prepare("INSERT INTO messages (room, id, seq, user_id, name, text, ts, ref, reply_to, mentions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
-    const insertRow = (r: Row) => void insert.run(r.room, r.id, r.seq, r.user_id, r.name, r.text, r.ts, r.ref, r.reply_to, r.mentions);
-    const insertMany = this.db.transaction((rows: Row[]) => rows.forEach(insertRow));
-    this.insertRow = insertRow;
-    this.insertRows = (rows) => (rows.length === 1 ? insertRow(rows[0]) : insertMany(rows)); // one row is its own transaction
+    this.insertRow = (r: Row) => void insert.run(r.room, r.id, r.seq, r.user_id, r.name, r.text, r.ts, r.ref, r.reply_to, r.mentions);
     const writeMany = this.db.transaction((items: Write[], last: Map<string, number>) => items.map((w) => this.writeOne(w, last)));
     this.writeAll = (items, last) => (items.length === 1 ? [this.writeOne(items[0], last)] : writeMany(items, last));
     const setLast = this.db.prepare("UPDATE rooms SET last_id = max(last_id, ?) WHERE name = ?");
@@ -1400,27 +1396,12 @@ class SqliteStore implements Store {
     await this.retrying(() => this.db.query(PROBE_SQL).run(String(Date.now())));
   }
 
+  /** The say queue's write, for new messages alone (one transaction: all stored, or the error). */
   async append(batch: NewMessage[]) {
-    for (const m of batch) if (!this.lastIds.has(m.room)) await this.retrying(() => this.openRoom(m.room));
-    const ids = batch.map((m) => {
-      const id = this.lastIds.get(m.room)! + 1;
-      this.lastIds.set(m.room, id);
-      return id;
-    });
-    const rows = batch.map((m, i) => rowOf(m, ids[i]));
-    try {
-      await this.retrying(() => this.insertRows(rows));
-    } catch (error) {
-      // nothing was stored: hand the ids out again (backwards, so each room ends at its first id - 1)
-      for (let i = batch.length - 1; i >= 0; i--) this.lastIds.set(batch[i].room, ids[i] - 1);
-      throw error;
-    }
-    for (let i = 0; i < batch.length; i++) {
-      this.leaders.offer(batch[i].room, ids[i]);
-      this.dirty.set(batch[i].room, ids[i]);
-      this.unindexed.add(batch[i].room, ids[i]);
-    }
-    return ids;
+    const results = await this.write(batch.map((m) => ({ ...m, kind: "say" as const })));
+    const failed = results.find((r) => r instanceof Error);
+    if (failed) throw failed;
+    return results as number[];
   }
 
   message(room: string, id: number) {
@@ -1800,7 +1781,6 @@ class PostgresStore implements Store {
     await this.sql.unsafe(PROBE_SQL.replace("?", "$1"), [String(Date.now())]);
   }
 
-  /** The room's counter row stays locked until commit, so ids are gap-free and commit in order on every node. */
   /** Runs of new messages and single changes, in order, each stored on its own: a failure fails only its run. */
   async write(items: Write[]): Promise<Written[]> {
     const results: Written[] = [];
@@ -1819,6 +1799,7 @@ class PostgresStore implements Store {
     return results;
   }
 
+  /** The room's counter row stays locked until commit, so ids are gap-free and commit in order on every node. */
   append(batch: NewMessage[]): Promise<number[]> {
     return this.sql.begin(async (tx) => {
       const byRoom = Map.groupBy(batch.keys(), (i) => batch[i].room);
@@ -5269,16 +5250,8 @@ function announceStart(logger: Logger, config: Config, nodeId: string, server: S
   return url;
 }
 
-/** Starts a chat server; resolves once it listens. */
-export async function startServer(options: ServerOptions = {}) {
-  const { log = () => {}, ...input } = options;
-  const config = Config.parse(input);
-  const logger = new Logger(log, config.logLevel);
-  config.maxConnections = connectionLimit(config.maxConnections, openFileLimit(), logger);
-  const nodeId = config.nodeId ?? randomId(NODE_SUFFIX_BYTES);
-  const store = await openStoreRetrying(config, logger);
-  const secret = config.sessionSecret ?? (await store.secret(randomId(SECRET_BYTES)));
-  const fanout = config.redisUrl ? await RedisFanout.open(config.redisUrl, nodeId, logger) : new LocalFanout(nodeId);
+/** The units, made in the order data flows, each given the ones it uses. */
+function wire(config: Config, { nodeId, store, fanout, secret, logger }: { nodeId: string; store: Store; fanout: Fanout; secret: string; logger: Logger }) {
   const metrics = new Metrics();
   const topics = new Topics();
   const connections = new Connections(config, metrics);
@@ -5293,7 +5266,21 @@ export async function startServer(options: ServerOptions = {}) {
   const admin = new Admin({ store, auth, chat, rooms, fanout, logger });
   const stats = new StatsSampler(nodeId, { metrics, connections, rooms, fanout, logger });
   const lifecycle = { shuttingDown: false };
-  const units = { config, store, sessions, auth, moderation, admin, stats, chat, connections, fanout, rooms, metrics, logger, lifecycle };
+  return { config, store, sessions, auth, moderation, admin, stats, chat, connections, fanout, rooms, metrics, logger, lifecycle, topics, queue, retention };
+}
+
+/** Starts a chat server; resolves once it listens. */
+export async function startServer(options: ServerOptions = {}) {
+  const { log = () => {}, ...input } = options;
+  const config = Config.parse(input);
+  const logger = new Logger(log, config.logLevel);
+  config.maxConnections = connectionLimit(config.maxConnections, openFileLimit(), logger);
+  const nodeId = config.nodeId ?? randomId(NODE_SUFFIX_BYTES);
+  const store = await openStoreRetrying(config, logger);
+  const secret = config.sessionSecret ?? (await store.secret(randomId(SECRET_BYTES)));
+  const fanout = config.redisUrl ? await RedisFanout.open(config.redisUrl, nodeId, logger) : new LocalFanout(nodeId);
+  const units = wire(config, { nodeId, store, fanout, secret, logger });
+  const { metrics, topics, connections, rooms, queue, retention, chat, sessions, stats, lifecycle } = units;
   const app = createApp(units);
   const server = listen(config, () => Bun.serve<SocketData>({
     port: config.port,
