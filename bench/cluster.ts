@@ -16,7 +16,7 @@ import { parseArgs } from "node:util";
 import { RedisClient, SQL } from "bun";
 import { PG_BIN, startPostgres, startRedis } from "../test/services.ts";
 import { cpuPreciseMs, Histogram, machineBusyMs, median, pinned, spawnReady, waitQuiet, type Child } from "./lib.ts";
-import { BENCH_LIMITS_ENV, sessions, withWorkers } from "./workers.ts";
+import { BENCH_LIMITS_ENV, serverEnv, sessions, withWorkers } from "./workers.ts";
 
 const ROOT = join(import.meta.dir, "..");
 const HOST = "127.0.0.1";
@@ -154,7 +154,7 @@ async function startCluster(target: Target, count: number): Promise<Cluster> {
   let cmd: string[];
   if (target === "chat") {
     databaseUrl = await pg.createDatabase();
-    Object.assign(env, BENCH_LIMITS_ENV, { DATABASE_URL: databaseUrl });
+    Object.assign(env, BENCH_LIMITS_ENV, serverEnv(), { DATABASE_URL: databaseUrl });
     if (count > 1) env.REDIS_URL = redis.url;
     cmd = [process.execPath, ...SERVER_FLAGS, join(ROOT, "server.ts")];
   } else {
@@ -359,7 +359,7 @@ try {
         const retry = (contended || error !== null) && attempt <= CONFIG.retries && retryBudget > 0;
         if (retry) retryBudget--;
         if (error && !retry) failures++;
-        record({ runId: RUN_ID, date: new Date().toISOString(), scenario, target, rep, attempt, serverSha: target === "chat" ? serverSha() : undefined, contended, retried: retry, waitedMs, seconds, quick: QUICK, machine: MACHINE, config: CONFIG, metrics, error });
+        record({ runId: RUN_ID, date: new Date().toISOString(), scenario, target, rep, attempt, serverSha: target === "chat" ? serverSha() : undefined, serverEnv: target === "chat" ? serverEnv() : undefined, contended, retried: retry, waitedMs, seconds, quick: QUICK, machine: MACHINE, config: CONFIG, metrics, error });
         const note = contended ? ` [others used ${metrics!.otherCpu.toFixed(2)} cores${retry ? ": repeating" : ""}]` : error && retry ? " [repeating]" : "";
         console.log(`${scenario.padEnd(11)} ${target.padEnd(9)} rep ${rep}: ${error ? `FAILED: ${error}` : brief(metrics!)} (${seconds.toFixed(1)} s, others ${metrics ? Number(metrics.otherCpu).toFixed(2) : "–"} cores)${note}`);
         if (error && cluster) for (const n of cluster.nodes) console.log(n.lines.slice(-10).join("\n"));

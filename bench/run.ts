@@ -13,7 +13,7 @@ import { dirname, join } from "node:path";
 import { parseArgs } from "node:util";
 import { cpuPreciseMs, cpuTimes, Histogram, median, pinned, rssKiB, spawnReady, waitQuiet, watchOthers, type Child } from "./lib.ts";
 import { restartStorm } from "./storm.ts";
-import { BENCH_LIMITS_ENV, sessions, withWorkers as runWorkers, type Worker } from "./workers.ts";
+import { BENCH_LIMITS_ENV, serverEnv, sessions, withWorkers as runWorkers, type Worker } from "./workers.ts";
 
 const ROOT = join(import.meta.dir, "..");
 const HOST = "127.0.0.1";
@@ -133,6 +133,8 @@ const MACHINE = {
 const RUN_ID = new Date().toISOString();
 /** Extra `bun` flags for profiling, e.g. BENCH_SERVER_FLAGS="--cpu-prof-md --cpu-prof-dir=/tmp/prof" */
 const SERVER_FLAGS = (process.env.BENCH_SERVER_FLAGS ?? "").split(" ").filter(Boolean);
+/** Our server's environment: RUNTIME_ENV, then BENCH_SERVER_ENV="K=V …" (ours alone, not the load client's) */
+const SERVER_ENV = serverEnv();
 const WORKER_FLAGS = (process.env.BENCH_WORKER_FLAGS ?? "").split(" ").filter(Boolean);
 /** Where our server's SQLite file goes (a fresh folder per repetition); BENCH_DB_DIR=/dev/shm takes the disk out */
 const DB_DIR = process.env.BENCH_DB_DIR ?? os.tmpdir();
@@ -157,6 +159,7 @@ async function startTarget(target: Target): Promise<Server> {
     Object.assign(env, {
       DATABASE_URL: `sqlite://${dbFile}`,
       ...BENCH_LIMITS_ENV, // every bench client is one of many users on one loopback address
+      ...SERVER_ENV,
     });
     cmd = [process.execPath, ...SERVER_FLAGS, SERVER_TS];
   } else if (target === "raw-bun" || target === "floor") {
@@ -488,7 +491,7 @@ for (const scenario of selected) {
         const retry = (contended || error !== null) && attempt <= CONFIG.retries && retryBudget > 0;
         if (retry) retryBudget--;
         if (error && !retry) failures++;
-        record({ runId: RUN_ID, date: new Date().toISOString(), scenario, target, rep, attempt, serverSha: target === "chat" ? serverSha() : undefined, contended, retried: retry, waitedMs, seconds, quick: QUICK, machine: MACHINE, config: CONFIG, metrics, error });
+        record({ runId: RUN_ID, date: new Date().toISOString(), scenario, target, rep, attempt, serverSha: target === "chat" ? serverSha() : undefined, serverEnv: target === "chat" ? SERVER_ENV : undefined, contended, retried: retry, waitedMs, seconds, quick: QUICK, machine: MACHINE, config: CONFIG, metrics, error });
         const note = contended ? ` [other processes used ${metrics!.otherCpu.toFixed(2)} cores${retry ? ": repeating" : ""}]` : error && retry ? " [repeating]" : "";
         const others = metrics ? `, others ${Number(metrics.otherCpu).toFixed(2)} cores` : "";
         console.log(`${scenario.padEnd(9)} ${target.padEnd(7)} rep ${rep}: ${error ? `FAILED: ${error}` : brief(metrics!)} (${seconds.toFixed(1)} s${others})${note}`);

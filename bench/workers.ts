@@ -22,6 +22,20 @@ export const BENCH_LIMITS_ENV: Record<string, string> = {
   REQUESTS_PER_ADDRESS: "1000000/1s",
 };
 
+/** The runtime's environment as `npm start` and deploy/chat.service set it (README, "Deploying"): our server runs with it
+ * in every bench; BENCH_SERVER_ENV="BUN_JSC_useFTLJIT=1" measures Bun's default instead. */
+export const RUNTIME_ENV: Record<string, string> = { BUN_JSC_useFTLJIT: "0" };
+
+/** RUNTIME_ENV, then BENCH_SERVER_ENV="K=V …" on top: the environment of our server alone, not of the load client. */
+export function serverEnv(): Record<string, string> {
+  const extra = (process.env.BENCH_SERVER_ENV ?? "").split(" ").filter(Boolean).map((kv) => {
+    const eq = kv.indexOf("=");
+    if (eq < 1) throw new Error(`Cannot parse BENCH_SERVER_ENV: "${kv}" is not NAME=value`);
+    return [kv.slice(0, eq), kv.slice(eq + 1)];
+  });
+  return { ...RUNTIME_ENV, ...Object.fromEntries(extra) };
+}
+
 /** New sessions the way a browser gets them: GET /api/me, keep the `sid` cookie. */
 export async function sessions(url: string, count: number): Promise<string[]> {
   const cookies: string[] = [];

@@ -77,7 +77,7 @@ describe.skipIf(!Bun.which("systemd-analyze"))("the systemd unit", () => {
   test("deploy/chat.service verifies, and is hardened as the README says", async () => {
     using tmp = tempDir("chat-unit-");
     const unit = await Bun.file(join(ROOT, "deploy", "chat.service")).text();
-    for (const line of ["DynamicUser=yes", "StateDirectory=chat", "NoNewPrivileges=yes", "ProtectSystem=strict", "KillSignal=SIGTERM"]) expect(unit).toContain(`\n${line}\n`);
+    for (const line of ["DynamicUser=yes", "StateDirectory=chat", "NoNewPrivileges=yes", "ProtectSystem=strict", "KillSignal=SIGTERM", "Environment=BUN_JSC_useFTLJIT=0"]) expect(unit).toContain(`\n${line}\n`);
     // the binary is not installed here: verify the unit with a program that exists
     await Bun.write(join(tmp.dir, "chat.service"), unit.replace("ExecStart=/usr/local/bin/chat", `ExecStart=${Bun.which("true")}`));
     const verify = Bun.spawnSync(["systemd-analyze", "verify", "--man=no", join(tmp.dir, "chat.service")]);

@@ -2,7 +2,7 @@
 // settings, the backup and check commands, and the log lines of a session of chatting. Real processes throughout.
 import { describe, expect, test } from "bun:test";
 import { Database } from "bun:sqlite";
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import { SETTINGS } from "../server.ts";
 import { BUN, Client, newSession, putName, ROOT, spawnServer, tempDir, until, usersInRoom, type Session, type Spawned } from "./helpers.ts";
@@ -36,13 +36,15 @@ function alive(pid: number): boolean {
 }
 
 describe("starts and stops", () => {
-  test("npm start stops when npm is sent SIGTERM: the server it started exits too and frees its port", async () => {
+  test("npm start runs the server with the FTL JIT off, and stops when npm is sent SIGTERM: the server it started exits too and frees its port", async () => {
     using tmp = tempDir();
     const npm = Bun.which("npm");
     expect(npm).toBeTruthy();
     await using child = await spawnServer({ DATABASE_URL: `sqlite://${tmp.dir}/chat.db` }, [npm!, "start", "--silent"]);
     const start = seen(child, "start")!;
     expect(start.pid).not.toBe(child.proc.pid); // the server is npm's child, not npm itself
+    // JavaScriptCore reads its options from the environment it starts with (README, "Deploying")
+    expect(readFileSync(`/proc/${start.pid}/environ`, "utf8").split("\0")).toContain("BUN_JSC_useFTLJIT=0");
     expect((await fetch(`${child.url}/healthz`)).status).toBe(200);
     child.proc.kill("SIGTERM");
     await child.proc.exited;
