@@ -5269,6 +5269,19 @@ function wire(config: Config, { nodeId, store, fanout, secret, logger }: { nodeI
   return { config, store, sessions, auth, moderation, admin, stats, chat, connections, fanout, rooms, metrics, logger, lifecycle, topics, queue, retention };
 }
 
+/** The periodic work of a running server (none of it keeps the process alive): cleared by stop(). */
+function startTimers({ chat, sessions, connections, store, retention, logger, metrics, stats }: ReturnType<typeof wire>) {
+  const timers = [
+    setInterval(() => connections.sampleBuffered(), BUFFER_SAMPLE_MS),
+    setInterval(() => janitor({ chat, sessions, connections, store, retention, logger }), JANITOR_MS),
+    setInterval(() => logger.flush(LOG_SUMMARY_MS), LOG_SUMMARY_MS),
+    watchLoopLag(metrics),
+    stats.start(),
+  ];
+  for (const timer of timers) timer.unref();
+  return timers;
+}
+
 /** Starts a chat server; resolves once it listens. */
 export async function startServer(options: ServerOptions = {}) {
   const { log = () => {}, ...input } = options;
@@ -5280,7 +5293,7 @@ export async function startServer(options: ServerOptions = {}) {
   const secret = config.sessionSecret ?? (await store.secret(randomId(SECRET_BYTES)));
   const fanout = config.redisUrl ? await RedisFanout.open(config.redisUrl, nodeId, logger) : new LocalFanout(nodeId);
   const units = wire(config, { nodeId, store, fanout, secret, logger });
-  const { metrics, topics, connections, rooms, queue, retention, chat, sessions, stats, lifecycle } = units;
+  const { metrics, topics, connections, rooms, queue, retention, chat, sessions, lifecycle } = units;
   const app = createApp(units);
   const server = listen(config, () => Bun.serve<SocketData>({
     port: config.port,
@@ -5296,14 +5309,7 @@ export async function startServer(options: ServerOptions = {}) {
     hostname: config.metricsHost,
     fetch: new Hono<Env>().get("/metrics", (c) => metricsAnswer(c, units)).fetch,
   });
-  const timers = [
-    setInterval(() => connections.sampleBuffered(), BUFFER_SAMPLE_MS),
-    setInterval(() => janitor({ chat, sessions, connections, store, retention, logger }), JANITOR_MS),
-    setInterval(() => logger.flush(LOG_SUMMARY_MS), LOG_SUMMARY_MS),
-    watchLoopLag(metrics),
-    stats.start(),
-  ];
-  for (const timer of timers) timer.unref();
+  const timers = startTimers(units);
 
   let stopped = false;
   const started = performance.now();

@@ -9,13 +9,13 @@
 // The system under test (every node, Redis, Postgres) is pinned to core 0, the load client and this
 // coordinator to core 1. Each repetition is one JSON line in bench/results/cluster.jsonl, with the CPU of
 // each component from /proc/<pid>/task/*/schedstat; --table prints the table of the latest run.
-import { appendFileSync, mkdirSync, readdirSync, readFileSync } from "node:fs";
+import { readdirSync, readFileSync } from "node:fs";
 import os from "node:os";
-import { dirname, join } from "node:path";
+import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { RedisClient, SQL } from "bun";
 import { PG_BIN, startPostgres, startRedis } from "../test/services.ts";
-import { cpuPreciseMs, Histogram, machineBusyMs, median, pinned, spawnReady, waitQuiet, type Child } from "./lib.ts";
+import { appendLine, attemptNote, attempts, cpuPreciseMs, Histogram, machineBusyMs, median, pinned, shaOf, spawnReady, waitQuiet, type Child } from "./lib.ts";
 import { BENCH_LIMITS_ENV, serverEnv, sessions, withWorkers } from "./workers.ts";
 
 const ROOT = join(import.meta.dir, "..");
@@ -96,6 +96,8 @@ const SUT_CPU = CORES >= 2 ? 0 : null;
 const CLIENT_CPU = CORES >= 2 ? 1 : null;
 const RUN_ID = new Date().toISOString();
 const SERVER_FLAGS = (process.env.BENCH_SERVER_FLAGS ?? "").split(" ").filter(Boolean);
+/** Our nodes' environment: RUNTIME_ENV, then BENCH_SERVER_ENV (bench/workers.ts) */
+const SERVER_ENV = serverEnv();
 const WORKER_FLAGS = (process.env.BENCH_WORKER_FLAGS ?? "").split(" ").filter(Boolean);
 
 function pinSelf(cpu: number | null) {
@@ -154,7 +156,7 @@ async function startCluster(target: Target, count: number): Promise<Cluster> {
   let cmd: string[];
   if (target === "chat") {
     databaseUrl = await pg.createDatabase();
-    Object.assign(env, BENCH_LIMITS_ENV, serverEnv(), { DATABASE_URL: databaseUrl });
+    Object.assign(env, BENCH_LIMITS_ENV, SERVER_ENV, { DATABASE_URL: databaseUrl });
     if (count > 1) env.REDIS_URL = redis.url;
     cmd = [process.execPath, ...SERVER_FLAGS, join(ROOT, "server.ts")];
   } else {
@@ -195,11 +197,6 @@ async function nodeCounters(cluster: Cluster) {
     const text = await (await fetch(`${n.url}/metrics`)).text();
     return Object.fromEntries(wanted.map((name) => [name, Number(new RegExp(`^${name}(?:{[^}]*})? (\\S+)$`, "m").exec(text)?.[1] ?? NaN)]));
   }));
-}
-
-/** The server's sha1 (first 12 hex digits), as run.ts records it. */
-function serverSha(): string {
-  return new Bun.CryptoHasher("sha1").update(readFileSync(join(ROOT, "server.ts"))).digest("hex").slice(0, 12);
 }
 
 // ── CPU per component, from /proc/<pid>/stat ──
@@ -313,11 +310,6 @@ async function traffic(cluster: Cluster, t: Traffic) {
 
 // ── Main ──
 
-function record(line: object) {
-  mkdirSync(dirname(OUT), { recursive: true });
-  appendFileSync(OUT, JSON.stringify(line) + "\n");
-}
-
 function brief(m: Record<string, any>): string {
   const f = (x: number, d = 0) => (Number.isFinite(x) ? x.toFixed(d) : "–");
   const cpu = Object.entries(m.cpu as Record<string, number>).map(([k, v]) => `${k} ${f(v * 100)}%`).join(", ");
@@ -329,43 +321,40 @@ for (const scenario of selected) for (const target of targets) if (!(scenario ==
 
 console.log(`cluster bench ${RUN_ID}: ${plan.map((p) => `${p.scenario}×${p.target}`).join(", ")}, ${CONFIG.reps} rep(s), ${CONFIG.clients} clients; ${MACHINE.pinning}; results → ${OUT}`);
 let failures = 0;
-let retryBudget = QUICK ? 0 : 8;
+const budget = { retries: QUICK ? 0 : 8 };
 try {
   for (let rep = 1; rep <= CONFIG.reps; rep++) {
     // alternating within a repetition, so a slow spell of the machine hits both
     for (const { scenario, target } of plan) {
-      for (let attempt = 1; ; attempt++) {
-        const waitedMs = CONFIG.quietWaitMs ? await waitQuiet(CONFIG.maxOtherCpu, CONFIG.quietWaitMs) : 0;
-        const t0 = performance.now();
-        let cluster: Cluster | null = null;
-        let metrics: Record<string, any> | null = null;
-        let error: string | null = null;
-        try {
-          cluster = await startCluster(target, scenario === "rate-single" ? 1 : CONFIG.nodes);
-          if (process.env.BENCH_VERBOSE) console.log(`${target} node pids ${cluster.nodes.map((n) => n.proc.pid).join(" ")}, redis ${redis.pid}, postgres ${pg.pid}`);
-          metrics = await traffic(cluster, { mode: scenario === "flood" ? "flood" : "rate", ...(scenario === "flood" ? CONFIG.flood : CONFIG.rate) });
-          // a node that died under the load is part of the result, not a failure of the bench
-          const down = cluster.nodes.filter((n) => n.proc.exitCode !== null || n.proc.signalCode !== null);
-          metrics.nodesDown = down.length;
-          if (target === "chat") metrics.nodeCounters = await nodeCounters(cluster);
-          metrics.nodeErrors = down.map((n) => n.lines.filter((l) => l.startsWith("stderr:")).slice(0, 8).join("\n"));
-        } catch (e) {
-          error = String(e instanceof Error ? e.message : e);
-        } finally {
-          await cluster?.stop();
-        }
-        const seconds = (performance.now() - t0) / 1000;
-        const contended = metrics !== null && metrics.otherCpu > CONFIG.maxOtherCpu;
-        const retry = (contended || error !== null) && attempt <= CONFIG.retries && retryBudget > 0;
-        if (retry) retryBudget--;
-        if (error && !retry) failures++;
-        record({ runId: RUN_ID, date: new Date().toISOString(), scenario, target, rep, attempt, serverSha: target === "chat" ? serverSha() : undefined, serverEnv: target === "chat" ? serverEnv() : undefined, contended, retried: retry, waitedMs, seconds, quick: QUICK, machine: MACHINE, config: CONFIG, metrics, error });
-        const note = contended ? ` [others used ${metrics!.otherCpu.toFixed(2)} cores${retry ? ": repeating" : ""}]` : error && retry ? " [repeating]" : "";
-        console.log(`${scenario.padEnd(11)} ${target.padEnd(9)} rep ${rep}: ${error ? `FAILED: ${error}` : brief(metrics!)} (${seconds.toFixed(1)} s, others ${metrics ? Number(metrics.otherCpu).toFixed(2) : "–"} cores)${note}`);
-        if (error && cluster) for (const n of cluster.nodes) console.log(n.lines.slice(-10).join("\n"));
-        if (process.env.BENCH_VERBOSE && metrics) console.log(`  p99 of each second: ${(metrics.p99PerSecondUs as number[]).map((us) => (us / 1000).toFixed(1)).join(" ")} ms`);
-        if (!retry) break;
-      }
+      let cluster = null as Cluster | null; // the last attempt's, for its nodes' lines when it failed
+      const failed = await attempts({
+        maxOtherCpu: CONFIG.maxOtherCpu, retries: CONFIG.retries, budget,
+        quiet: async () => (CONFIG.quietWaitMs ? await waitQuiet(CONFIG.maxOtherCpu, CONFIG.quietWaitMs) : 0),
+        measure: async () => {
+          cluster = null;
+          try {
+            cluster = await startCluster(target, scenario === "rate-single" ? 1 : CONFIG.nodes);
+            if (process.env.BENCH_VERBOSE) console.log(`${target} node pids ${cluster.nodes.map((n) => n.proc.pid).join(" ")}, redis ${redis.pid}, postgres ${pg.pid}`);
+            const metrics: Record<string, any> = await traffic(cluster, { mode: scenario === "flood" ? "flood" : "rate", ...(scenario === "flood" ? CONFIG.flood : CONFIG.rate) });
+            // a node that died under the load is part of the result, not a failure of the bench
+            const down = cluster.nodes.filter((n) => n.proc.exitCode !== null || n.proc.signalCode !== null);
+            metrics.nodesDown = down.length;
+            if (target === "chat") metrics.nodeCounters = await nodeCounters(cluster);
+            metrics.nodeErrors = down.map((n) => n.lines.filter((l) => l.startsWith("stderr:")).slice(0, 8).join("\n"));
+            return metrics;
+          } finally {
+            await cluster?.stop();
+          }
+        },
+        done: (a) => {
+          const { metrics, error, seconds } = a;
+          appendLine(OUT, { runId: RUN_ID, date: new Date().toISOString(), scenario, target, rep, ...a, serverSha: target === "chat" ? shaOf(join(ROOT, "server.ts")) : undefined, serverEnv: target === "chat" ? SERVER_ENV : undefined, quick: QUICK, machine: MACHINE, config: CONFIG });
+          console.log(`${scenario.padEnd(11)} ${target.padEnd(9)} rep ${rep}: ${error ? `FAILED: ${error}` : brief(metrics!)} (${seconds.toFixed(1)} s, others ${metrics ? Number(metrics.otherCpu).toFixed(2) : "–"} cores)${attemptNote(a)}`);
+          if (error && cluster) for (const n of cluster.nodes) console.log(n.lines.slice(-10).join("\n"));
+          if (process.env.BENCH_VERBOSE && metrics) console.log(`  p99 of each second: ${(metrics.p99PerSecondUs as number[]).map((us) => (us / 1000).toFixed(1)).join(" ")} ms`);
+        },
+      });
+      if (failed) failures++;
     }
   }
 } finally {

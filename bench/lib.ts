@@ -1,5 +1,7 @@
-// Shared bench helpers: a mergeable latency histogram, medians, /proc readers and child processes.
-import { readdirSync, readFileSync } from "node:fs";
+// Shared bench helpers: a mergeable latency histogram, medians, /proc readers, child processes, and the repeated,
+// recorded attempts of a measurement.
+import { appendFileSync, mkdirSync, readdirSync, readFileSync } from "node:fs";
+import { dirname } from "node:path";
 
 // ── Latency histogram: integer microseconds, exact below 256 µs, then 128 buckets per power of two (<1% error) ──
 
@@ -235,4 +237,51 @@ export async function spawnReady(cmd: string[], options: { env?: Record<string, 
 /** `taskset -c <cpu>` in front of a command when the machine has more than one core. */
 export function pinned(cpu: number | null, cmd: string[]): string[] {
   return cpu === null ? cmd : ["taskset", "-c", String(cpu), ...cmd];
+}
+
+// ── Results: one JSON line per attempt ──
+
+/** The first 12 hex digits of a file's sha1: which version of server.ts a line measured (it may change between runs). */
+export function shaOf(file: string): string {
+  return new Bun.CryptoHasher("sha1").update(readFileSync(file)).digest("hex").slice(0, 12);
+}
+
+export function appendLine(file: string, line: object) {
+  mkdirSync(dirname(file), { recursive: true });
+  appendFileSync(file, JSON.stringify(line) + "\n");
+}
+
+/** What one attempt of a measurement gave; `retried`: it is run again. */
+export type Attempt = { attempt: number; metrics: Record<string, any> | null; error: string | null; contended: boolean; retried: boolean; waitedMs: number; seconds: number };
+
+/** What a printed attempt ends with: that other processes shared the machine, that it is repeated. */
+export function attemptNote({ metrics, error, contended, retried }: Attempt): string {
+  return contended ? ` [other processes used ${metrics!.otherCpu.toFixed(2)} cores${retried ? ": repeating" : ""}]` : error && retried ? " [repeating]" : "";
+}
+
+/**
+ * Runs a measurement until it neither failed nor shared the machine (other processes above `maxOtherCpu` cores), at
+ * most `retries` times more and while `budget.retries` lasts; `quiet` waits for a quiet machine first (ms waited).
+ * `measure` must clean up after itself; `done` hears every attempt. Resolves whether the last attempt failed.
+ */
+export async function attempts(o: {
+  maxOtherCpu: number; retries: number; budget: { retries: number };
+  quiet: () => Promise<number>; measure: () => Promise<Record<string, any>>; done: (a: Attempt) => void;
+}): Promise<boolean> {
+  for (let attempt = 1; ; attempt++) {
+    const waitedMs = await o.quiet();
+    const t0 = performance.now();
+    let metrics: Record<string, any> | null = null;
+    let error: string | null = null;
+    try {
+      metrics = await o.measure();
+    } catch (e) {
+      error = String(e instanceof Error ? e.message : e);
+    }
+    const contended = metrics !== null && metrics.otherCpu > o.maxOtherCpu;
+    const retried = (contended || error !== null) && attempt <= o.retries && o.budget.retries > 0;
+    if (retried) o.budget.retries--;
+    o.done({ attempt, metrics, error, contended, retried, waitedMs, seconds: (performance.now() - t0) / 1000 });
+    if (!retried) return error !== null;
+  }
 }

@@ -7,11 +7,11 @@
 // Every scenario starts a fresh server per repetition (ours with a fresh temp SQLite file), and every
 // repetition is appended as one JSON line to bench/results/results.jsonl; bench/table.ts prints the
 // table of the latest run.
-import { appendFileSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync } from "node:fs";
 import os from "node:os";
-import { dirname, join } from "node:path";
+import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { cpuPreciseMs, cpuTimes, Histogram, median, pinned, rssKiB, spawnReady, waitQuiet, watchOthers, type Child } from "./lib.ts";
+import { appendLine, attemptNote, attempts, cpuPreciseMs, cpuTimes, Histogram, median, pinned, rssKiB, shaOf, spawnReady, waitQuiet, watchOthers, type Child } from "./lib.ts";
 import { restartStorm } from "./storm.ts";
 import { BENCH_LIMITS_ENV, serverEnv, sessions, withWorkers as runWorkers, type Worker } from "./workers.ts";
 
@@ -183,11 +183,6 @@ async function startTarget(target: Target): Promise<Server> {
     },
   };
   return server;
-}
-
-/** The version of server.ts measured (it may change between runs): sha1 of the file, first 12 hex digits. */
-function serverSha(): string {
-  return new Bun.CryptoHasher("sha1").update(readFileSync(SERVER_TS)).digest("hex").slice(0, 12);
 }
 
 // ── Load-client workers (bench/workers.ts) ──
@@ -438,11 +433,6 @@ function runner(scenario: string): { targets: Target[]; run: (s: Server) => Prom
 
 // ── Main ──
 
-function record(line: object) {
-  mkdirSync(dirname(OUT), { recursive: true });
-  appendFileSync(OUT, JSON.stringify(line) + "\n");
-}
-
 /** --reps N applies to every scenario when given */
 function repsOf(scenario: string) {
   return scenario.startsWith("rate-") && !flags.reps ? CONFIG.rate.reps : CONFIG.reps;
@@ -464,42 +454,41 @@ function brief(m: Record<string, any>): string {
 console.log(`bench ${RUN_ID}: ${selected.map((s) => `${s} × ${runner(s).targets.join(", ")}`).join("; ")}, ${CONFIG.reps} rep(s) (fixed rate: ${repsOf("rate-")}); ${MACHINE.cores} cores, ${MACHINE.pinning}; results → ${OUT}`);
 let failures = 0;
 let quietBudget = CONFIG.quietBudgetMs;
-let retryBudget = CONFIG.retryBudget;
+const budget = { retries: CONFIG.retryBudget };
 const started = performance.now();
 for (const scenario of selected) {
   const { targets: scenarioTargets, run } = runner(scenario);
   for (let rep = 1; rep <= repsOf(scenario); rep++) {
     for (const target of scenarioTargets) {
-      for (let attempt = 1; ; attempt++) {
-        const waitedMs = quietBudget > 0 ? await waitQuiet(CONFIG.maxOtherCpu, Math.min(CONFIG.quietWaitMs, quietBudget)) : 0;
-        quietBudget -= waitedMs;
-        const t0 = performance.now();
-        let server: Server | null = null;
-        let metrics: Record<string, any> | null = null;
-        let error: string | null = null;
-        try {
-          server = await startTarget(target);
-          if (process.env.BENCH_VERBOSE) console.log(`${target} server pid ${server.proc.pid} port ${server.port}`); // e.g. to attach perf
-          metrics = await run(server);
-        } catch (e) {
-          error = String(e instanceof Error ? e.message : e);
-        } finally {
-          await server?.stop();
-        }
-        const seconds = (performance.now() - t0) / 1000;
-        const contended = metrics !== null && metrics.otherCpu > CONFIG.maxOtherCpu;
-        const retry = (contended || error !== null) && attempt <= CONFIG.retries && retryBudget > 0;
-        if (retry) retryBudget--;
-        if (error && !retry) failures++;
-        record({ runId: RUN_ID, date: new Date().toISOString(), scenario, target, rep, attempt, serverSha: target === "chat" ? serverSha() : undefined, serverEnv: target === "chat" ? SERVER_ENV : undefined, contended, retried: retry, waitedMs, seconds, quick: QUICK, machine: MACHINE, config: CONFIG, metrics, error });
-        const note = contended ? ` [other processes used ${metrics!.otherCpu.toFixed(2)} cores${retry ? ": repeating" : ""}]` : error && retry ? " [repeating]" : "";
-        const others = metrics ? `, others ${Number(metrics.otherCpu).toFixed(2)} cores` : "";
-        console.log(`${scenario.padEnd(9)} ${target.padEnd(7)} rep ${rep}: ${error ? `FAILED: ${error}` : brief(metrics!)} (${seconds.toFixed(1)} s${others})${note}`);
-        const perSecond = metrics?.p99PerSecondUs as number[] | undefined;
-        if (perSecond && process.env.BENCH_VERBOSE) console.log(`  p99 of each second: ${perSecond.map((us) => (us / 1000).toFixed(1)).join(" ")} ms`);
-        if (error && server) console.log(server.lines.slice(-10).join("\n"));
-        if (!retry) break;
-      }
+      let server = null as Server | null; // the last attempt's, for its lines when it failed
+      const failed = await attempts({
+        maxOtherCpu: CONFIG.maxOtherCpu, retries: CONFIG.retries, budget,
+        quiet: async () => {
+          const waited = quietBudget > 0 ? await waitQuiet(CONFIG.maxOtherCpu, Math.min(CONFIG.quietWaitMs, quietBudget)) : 0;
+          quietBudget -= waited;
+          return waited;
+        },
+        measure: async () => {
+          server = null;
+          try {
+            server = await startTarget(target);
+            if (process.env.BENCH_VERBOSE) console.log(`${target} server pid ${server.proc.pid} port ${server.port}`); // e.g. to attach perf
+            return await run(server);
+          } finally {
+            await server?.stop();
+          }
+        },
+        done: (a) => {
+          const { metrics, error, seconds } = a;
+          appendLine(OUT, { runId: RUN_ID, date: new Date().toISOString(), scenario, target, rep, ...a, serverSha: target === "chat" ? shaOf(SERVER_TS) : undefined, serverEnv: target === "chat" ? SERVER_ENV : undefined, quick: QUICK, machine: MACHINE, config: CONFIG });
+          const others = metrics ? `, others ${Number(metrics.otherCpu).toFixed(2)} cores` : "";
+          console.log(`${scenario.padEnd(9)} ${target.padEnd(7)} rep ${rep}: ${error ? `FAILED: ${error}` : brief(metrics!)} (${seconds.toFixed(1)} s${others})${attemptNote(a)}`);
+          const perSecond = metrics?.p99PerSecondUs as number[] | undefined;
+          if (perSecond && process.env.BENCH_VERBOSE) console.log(`  p99 of each second: ${perSecond.map((us) => (us / 1000).toFixed(1)).join(" ")} ms`);
+          if (error && server) console.log(server.lines.slice(-10).join("\n"));
+        },
+      });
+      if (failed) failures++;
     }
   }
 }
