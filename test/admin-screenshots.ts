@@ -3,12 +3,10 @@
 // Run: bun test/admin-screenshots.ts (needs /usr/bin/chromium, redis-server and postgresql; takes about 70 s).
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
-import { chromium } from "playwright-core";
+import { launchChromium } from "./chromium.ts";
 import { Client, newSession, putName, ROOT, serve, type Session } from "./helpers.ts";
 import { startPostgres, startRedis } from "./services.ts";
 
-const CHROMIUM = "/usr/bin/chromium";
-const CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"];
 const OUT = join(ROOT, "docs", "screenshots");
 const TRAFFIC_S = 60;
 
@@ -52,7 +50,7 @@ if (import.meta.main) {
   }
   await post(a.url, adminCookie, "/api/admin/actions", { action: "close", room: "ops", closed: true });
 
-  const browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
+  const browser = await launchChromium("screenshots");
   try {
     const context = await browser.newContext({ viewport: { width: 1280, height: 1180 }, colorScheme: "light" });
     const [name, value] = adminCookie.split("=");

@@ -2,16 +2,13 @@
 // tables and the actions (each audited and logged), in headless Chromium as an admin and as a non-admin,
 // and in a real cluster where one node's console shows the other, and marks it down once it is gone.
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync } from "node:fs";
-import { chromium, type Browser } from "playwright-core";
+import type { Browser } from "playwright-core";
 import { StatsSample } from "../server.ts";
+import { launchChromium, skipWithoutChromium } from "./chromium.ts";
 import { Client, newSession, putName, serve, type Session, spawnCluster, until, usersInRoom } from "./helpers.ts";
 import { describeWithServices } from "./services.ts";
 
-const CHROMIUM = "/usr/bin/chromium";
-const CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"];
-const SKIP_BROWSER = !existsSync(CHROMIUM) && process.env.CHAT_TEST_REQUIRE_ALL !== "1";
-if (SKIP_BROWSER) console.log(`admin browser tests skipped: ${CHROMIUM} not found (apt-get install chromium)`);
+const SKIP_BROWSER = skipWithoutChromium("admin browser tests");
 const json = { "content-type": "application/json" };
 
 type Stats = { now: number; nodes: { node: string; self: boolean; up: boolean; samples: StatsSample[] }[] };
@@ -176,8 +173,7 @@ describe("admin console", () => {
 describe.skipIf(SKIP_BROWSER)("admin console in Chromium", () => {
   let browser: Browser;
   beforeAll(async () => {
-    if (!existsSync(CHROMIUM)) throw new Error(`admin browser tests cannot run: ${CHROMIUM} not found, and CHAT_TEST_REQUIRE_ALL=1`);
-    browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
+    browser = await launchChromium("admin browser tests");
   });
   afterAll(async () => {
     await browser?.close();

@@ -1,34 +1,24 @@
 // The browser client (client.html) in headless Chromium: real servers, real pages, real sockets.
 // Skips with one line when /usr/bin/chromium is missing, unless CHAT_TEST_REQUIRE_ALL=1 (then it fails).
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, readFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { chromium, type Browser, type Page, type WebSocketRoute } from "playwright-core";
+import type { Browser, Page, WebSocketRoute } from "playwright-core";
 import { ServerMessage, type ServerOptions } from "../server.ts";
+import { launchChromium, shown, shownText, skipWithoutChromium, texts } from "./chromium.ts";
 import { Client, newSession, ROOT, serve, tempDir, until } from "./helpers.ts";
 import { metric } from "./probes.ts";
 
-const CHROMIUM = "/usr/bin/chromium";
-const CHROMIUM_ARGS = [
-  "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-  "--disable-component-update", "--disable-sync", "--no-first-run",
-];
 const WAIT_MS = 5_000; // any one wait on the page
 const TEST_MS = 20_000; // a whole test (bun's default is 5 s; a timeout also kills the shared browser)
-const SKIP = !existsSync(CHROMIUM) && process.env.CHAT_TEST_REQUIRE_ALL !== "1";
-if (SKIP) console.log(`browser tests skipped: ${CHROMIUM} not found (apt-get install chromium)`);
+const SKIP = skipWithoutChromium("browser tests");
 
-/** Messages shown in the open room, oldest first (pending ones included). */
-const shown = (page: Page) => page.locator(".log:not([hidden]) > .msg");
-const shownText = (page: Page, text: string | RegExp) => shown(page).filter({ has: page.locator(".text", { hasText: text }) });
-const texts = (page: Page) => page.locator(".log:not([hidden]) > .msg .text").allTextContents();
 
 describe.skipIf(SKIP)("browser client", () => {
   let browser: Browser;
 
   beforeAll(async () => {
-    if (!existsSync(CHROMIUM)) throw new Error(`browser tests cannot run: ${CHROMIUM} not found (apt-get install chromium), and CHAT_TEST_REQUIRE_ALL=1`);
-    browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
+    browser = await launchChromium("browser tests");
   });
   afterAll(async () => {
     await browser?.close();

@@ -2,26 +2,18 @@
 // rooms and the directory, tabs that agree, the phone layout, attention and the keyboard.
 // Skips with one line when /usr/bin/chromium is missing, unless CHAT_TEST_REQUIRE_ALL=1 (then it fails).
 import { afterAll, beforeAll, describe, expect, test } from "bun:test";
-import { existsSync, readFileSync } from "node:fs";
+import { readFileSync } from "node:fs";
 import { join } from "node:path";
-import { chromium, type Browser, type BrowserContextOptions, type Page } from "playwright-core";
+import type { Browser, BrowserContextOptions, Page } from "playwright-core";
+import { launchChromium, shown, shownText, skipWithoutChromium, texts } from "./chromium.ts";
 import { Client, newSession, putName, ROOT, serve, tempDir, until } from "./helpers.ts";
 
-const CHROMIUM = "/usr/bin/chromium";
-const CHROMIUM_ARGS = [
-  "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
-  "--disable-component-update", "--disable-sync", "--no-first-run",
-];
 const WAIT_MS = 5_000; // any one wait on the page
 const SEND_MS = 15_000; // a wait that spans rate limits or a restart
 const TEST_MS = 30_000;
-const SKIP = !existsSync(CHROMIUM) && process.env.CHAT_TEST_REQUIRE_ALL !== "1";
-if (SKIP) console.log(`page tests skipped: ${CHROMIUM} not found (apt-get install chromium)`);
+const SKIP = skipWithoutChromium("page tests");
 const PHONE = { viewport: { width: 360, height: 740 }, hasTouch: true, isMobile: true } satisfies BrowserContextOptions;
 
-const shown = (page: Page) => page.locator(".log:not([hidden]) > .msg");
-const shownText = (page: Page, text: string | RegExp) => shown(page).filter({ has: page.locator(".text", { hasText: text }) });
-const texts = (page: Page) => page.locator(".log:not([hidden]) > .msg .text").allTextContents();
 const confirmed = (page: Page) => page.locator(".log:not([hidden]) > .msg[data-id]");
 
 /** The texts of a room's stored messages, oldest first, as the HTTP API has them. */
@@ -34,8 +26,7 @@ describe.skipIf(SKIP)("the page, used every day", () => {
   let browser: Browser;
 
   beforeAll(async () => {
-    if (!existsSync(CHROMIUM)) throw new Error(`page tests cannot run: ${CHROMIUM} not found (apt-get install chromium), and CHAT_TEST_REQUIRE_ALL=1`);
-    browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
+    browser = await launchChromium("page tests");
   });
   afterAll(async () => {
     await browser?.close();

@@ -3,11 +3,9 @@
 // Run: bun test/screenshots.ts (needs /usr/bin/chromium).
 import { mkdirSync } from "node:fs";
 import { join } from "node:path";
-import { chromium } from "playwright-core";
+import { launchChromium } from "./chromium.ts";
 import { Client, newSession, ROOT, serve, type Session } from "./helpers.ts";
 
-const CHROMIUM = "/usr/bin/chromium";
-const CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run"];
 const OUT = join(ROOT, "docs", "screenshots");
 const SHOTS = [
   { file: "desktop-light.png", width: 1280, height: 800, colorScheme: "light" },
@@ -50,7 +48,7 @@ if (import.meta.main) {
   for (const c of [g, l]) for (const room of ["general", "random", "design"]) await c.join(room);
   await s.join("arabic");
 
-  const browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS });
+  const browser = await launchChromium("screenshots");
   try {
     const context = await browser.newContext({ viewport: { width: 1280, height: 800 } });
     const [name, value] = ada.cookie.split("=");
